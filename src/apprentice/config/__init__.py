@@ -1,0 +1,37 @@
+"""Config: pydantic sections (DESIGN.md section 3), TOML + dotted CLI loading, cross-section mode rules."""
+
+from apprentice.config.inference import InferenceConfig
+from apprentice.config.load import ConfigError, dump_config, load_config, write_atomic, write_resolved
+from apprentice.config.model import ModelConfig
+from apprentice.config.orchestrator import EndpointConfig, EnvConfig, OrchestratorConfig, SamplingConfig
+from apprentice.config.root import Config, LogConfig
+from apprentice.config.trainer import (
+    CkptConfig,
+    LossConfig,
+    OptimConfig,
+    RLLossConfig,
+    SFTLossConfig,
+    TrainerConfig,
+)
+
+__all__ = [
+    "CkptConfig",
+    "Config",
+    "ConfigError",
+    "EndpointConfig",
+    "EnvConfig",
+    "InferenceConfig",
+    "LogConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OrchestratorConfig",
+    "RLLossConfig",
+    "SFTLossConfig",
+    "SamplingConfig",
+    "TrainerConfig",
+    "dump_config",
+    "load_config",
+    "write_atomic",
+    "write_resolved",
+]

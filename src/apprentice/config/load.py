@@ -1,0 +1,251 @@
+"""Loading: TOML files merged left to right, then dotted CLI overrides, then validation with readable errors.
+
+    cfg = load_config(["base.toml", "run.toml"], ["--trainer.optim.lr", "3e-6"])
+
+Tables merge key by key; any other value (arrays included, so `[[orchestrator.env]]`) is replaced whole by
+the later file. Every error is a `ConfigError` whose message names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ValidationError
+
+from apprentice.config.root import Config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Origins = dict[tuple[str, ...], str]
+"""Where each leaf key came from (a file path or "command line"), for error messages."""
+
+
+class ConfigError(Exception):
+    """A config that cannot be loaded or validated; the message is meant for the user as is."""
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path; it is relative to {Path.cwd()})")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], origin: str, origins: Origins, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Merge `update` into a copy of `base`: tables recursively, everything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, origin, origins, path)
+        else:
+            out[key] = value
+            for known in [p for p in origins if p[: len(path)] == path]:
+                del origins[known]
+            _record(origins, path, value, origin)
+    return out
+
+
+def _record(origins: Origins, path: tuple[str, ...], value: Any, origin: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _record(origins, (*path, k), v, origin)
+    else:
+        origins[path] = origin
+
+
+def parse_value(raw: str) -> Any:
+    """A CLI value as TOML (`3e-6`, `false`, `[1, 2]`, `{a = 1}`, `"text"`), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
+    """`["--a.b", "1", "--c=x"]` -> `[("a.b", 1), ("c", "x")]`."""
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value: write --{key} VALUE")
+            raw = args[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_"), parse_value(raw)))
+    return pairs
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any, origins: Origins) -> None:
+    """Set `data[a][b]... = value` for `dotted = "a.b..."`; numeric parts index into arrays of tables."""
+    parts = dotted.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            node = node[_index(node, part, where)]
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, (dict, list)):
+                raise ConfigError(f"--{dotted}: {where} is a value, not a table, so it has no key {parts[depth + 1]!r}")
+            node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, dotted)] = value
+    else:
+        node[last] = value
+    _record(origins, tuple(parts), value, "command line")
+
+
+def _index(items: list[Any], part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--{where}: {where.rsplit('.', 1)[0]} is an array of {len(items)} entries; use an index 0..{len(items) - 1}")
+    return int(part)
+
+
+def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> Config:
+    """Read, merge, override and validate. Raises `ConfigError` with a user-facing message."""
+    if not paths:
+        raise ConfigError("no config file given: pass at least one CONFIG.toml (see configs/ for examples)")
+    data: dict[str, Any] = {}
+    origins: Origins = {}
+    for path in paths:
+        data = merge(data, read_toml(path), str(path), origins)
+    for dotted, value in parse_overrides(overrides):
+        apply_override(data, dotted, value, origins)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, origins)) from None
+
+
+# Fields whose values are never echoed in errors: a user may have pasted a secret there by mistake.
+_NEVER_ECHO = {"api_key_var", "headers"}
+
+
+def format_errors(error: ValidationError, origins: Origins) -> str:
+    lines = [f"invalid config ({error.error_count()} problem{'s' if error.error_count() > 1 else ''}):"]
+    for err in error.errors():
+        loc, model = _resolve(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        origin = _origin_of(loc, origins)
+        if err["type"] == "extra_forbidden":
+            section, name = ".".join(str(p) for p in loc[:-1]) or "top level", str(loc[-1])
+            valid = sorted(model.model_fields) if model is not None else []
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"  - unknown key {name!r} in [{section}]{origin}{hint} Valid keys: {', '.join(valid)}")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:
+            lines.append(f"  - {msg}")
+            continue
+        if err["type"] == "missing":
+            lines.append(f"  - {key}: missing; this key is required{origin}")
+            continue
+        shown = "" if _NEVER_ECHO & {str(p) for p in loc} else f" (got {err.get('input')!r})"
+        lines.append(f"  - {key}: {msg}{shown}{origin}")
+    return "\n".join(lines)
+
+
+def _resolve(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], type[BaseModel] | None]:
+    """Drop pydantic's union tags from an error location; also return the model class that owns its last key."""
+    model: type[BaseModel] | None = Config
+    owner: type[BaseModel] | None = Config
+    clean: list[int | str] = []
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        i += 1
+        clean.append(part)
+        if isinstance(part, int) or model is None:
+            continue
+        owner = model
+        field = model.model_fields.get(part)
+        candidates = _models_in(field.annotation) if field is not None else []
+        nxt = loc[i] if i < len(loc) else None
+        tagged = [c for c in candidates if len(candidates) > 1 and _tag(c) == nxt]
+        if tagged:
+            i += 1  # "trainer.loss.sft.x": the "sft" is pydantic's union tag, not a config key
+        model = tagged[0] if tagged else (candidates[0] if candidates else None)
+    return tuple(clean), owner
+
+
+def _tag(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("type")
+    return field.default if field is not None else None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """BaseModel classes inside an annotation (Optional, unions, list[...], Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType, list, tuple) or origin is not None:
+        for arg in typing.get_args(annotation):
+            found.extend(_models_in(arg))
+    return found
+
+
+def _origin_of(loc: tuple[int | str, ...], origins: Origins) -> str:
+    key = tuple(str(p) for p in loc)
+    for path, origin in origins.items():
+        if path == key or path[: len(key)] == key:
+            return f" [from {origin}]"
+    return ""
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as TOML. Secrets cannot appear: the config only ever holds env-var names."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    return tomli_w.dumps(data)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_resolved(cfg: Config) -> Path:
+    """Write OUTPUT/config.toml (the fully resolved config) atomically."""
+    path = Path(cfg.output_dir) / "config.toml"
+    write_atomic(path, dump_config(cfg))
+    return path

@@ -1,0 +1,88 @@
+"""The whole run: every section plus the cross-section mode rules of DESIGN.md section 2.
+
+Validators here only check; they never rewrite another section. Each rule's message names the keys involved
+and says how to fix the config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from apprentice.config.base import Section
+from apprentice.config.inference import InferenceConfig
+from apprentice.config.model import ModelConfig
+from apprentice.config.orchestrator import OrchestratorConfig
+from apprentice.config.trainer import TrainerConfig
+
+
+class LogConfig(Section):
+    level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    """Console log level."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs the `wandb` extra); None logs JSONL only."""
+    wandb_name: str | None = None
+    """Run name in Weights & Biases."""
+    progress: bool = True
+    """Show progress bars on the console."""
+
+
+class Config(Section):
+    output_dir: Path = Path("runs/default")
+    """Where the run writes everything (config.toml, rollouts, checkpoints, final model, metrics, caches)."""
+    seed: int = 0
+    """Global seed (model init where relevant, data order, sampling)."""
+    model: ModelConfig
+    """The student."""
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
+    """Rollouts: environments, sampling, the teacher endpoint in distill mode."""
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    """Training: loss, optimizer, checkpoints, parallelism."""
+    inference: InferenceConfig | None = None
+    """Local inference server (rl mode only); leave out in distill mode."""
+    log: LogConfig = Field(default_factory=LogConfig)
+    """Logging and metrics."""
+
+    @property
+    def mode(self) -> str:
+        """"distill" when a teacher endpoint samples the rollouts, else "rl"."""
+        return "distill" if self.orchestrator.rollout_model is not None else "rl"
+
+    @model_validator(mode="after")
+    def _mode_rules(self) -> Config:
+        orch = self.orchestrator
+        if orch.rollout_model is not None:
+            if self.inference is not None:
+                raise ValueError(
+                    "orchestrator.rollout_model is set (distill mode: a teacher endpoint samples the rollouts), "
+                    "so there must be no [inference] section: the student is never served in distill mode. "
+                    "Remove the [inference] section, or remove [orchestrator.rollout_model] for rl mode."
+                )
+            if orch.use_token_client:
+                raise ValueError(
+                    "orchestrator.rollout_model is set (distill mode), so orchestrator.use_token_client must be "
+                    "false: a teacher endpoint returns text, and token ids/logprobs fields must never be sent "
+                    "to it. Set `use_token_client = false` under [orchestrator] "
+                    "(or pass --orchestrator.use_token_client false)."
+                )
+            if self.trainer.loss.type != "sft":
+                raise ValueError(
+                    f'orchestrator.rollout_model is set (distill mode), so trainer.loss.type must be "sft", '
+                    f'got "{self.trainer.loss.type}": teacher rollouts carry no logprobs of the student, so the '
+                    f"rl loss's importance ratios exp(trainer_lp - inference_lp) would be meaningless. "
+                    f'Add [trainer.loss] type = "sft" (or pass --trainer.loss.type sft).'
+                )
+            if orch.student_endpoint is not None:
+                raise ValueError(
+                    "orchestrator.rollout_model and orchestrator.student_endpoint are both set: distill mode "
+                    "samples from the teacher only. Remove [orchestrator.student_endpoint]."
+                )
+        elif self.inference is None and orch.student_endpoint is None:
+            raise ValueError(
+                "rl mode (orchestrator.rollout_model is not set) needs somewhere to sample the student: add an "
+                "[inference] section (a local server apprentice starts) or [orchestrator.student_endpoint] "
+                "(a server already running). To distill from a teacher instead, set "
+                "[orchestrator.rollout_model] with use_token_client = false and trainer.loss.type = \"sft\"."
+            )
+        return self

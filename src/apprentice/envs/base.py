@@ -1,0 +1,47 @@
+"""The Environment interface the orchestrator runs. Built-ins and user environments implement it.
+
+A rollout returns a trajectory dict (DESIGN.md section 4):
+    {"steps": [{"prompt": [...], "completion": [...], "tokens": {...} optional}, ...],
+     "tools": [...] or None, "reward": float, "metrics": {name: float}, "error": str | None}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from apprentice.clients.base import ChatClient
+
+Split = Literal["train", "eval"]
+
+
+@dataclass
+class Task:
+    """One prompt of an environment's dataset."""
+
+    id: str
+    """Stable identifier (used in cache keys and resumable ordering)."""
+    prompt: list[dict[str, Any]]
+    """The opening chat messages (system/user)."""
+    answer: Any = None
+    """Reference answer for the reward function, if any."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Anything else the environment needs at scoring time."""
+
+
+class Environment(Protocol):
+    name: str
+    """Short name used in metric names (`rollout/{name}/reward`)."""
+    tools: list[dict[str, Any]] | None
+    """OpenAI tool schemas offered to the model, or None."""
+
+    def tasks(self, split: Split) -> list[Task]:
+        """All tasks of a split, in a fixed order (the orchestrator samples from them with its own seed)."""
+        ...
+
+    async def rollout(self, task: Task, client: ChatClient, key: str) -> dict[str, Any]:
+        """Run one episode with `client` and return its scored trajectory. `key` prefixes the client keys.
+
+        Client failures (`ClientError`) propagate: the orchestrator counts and drops the rollout.
+        """
+        ...
