@@ -97,7 +97,9 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"override --{key} has no value: write --{key} VALUE")
             raw = args[i + 1]
             i += 2
-        pairs.append((key.replace("-", "_"), parse_value(raw)))
+        # `--a.use-token-client` means `use_token_client`; a negative array index stays as written for the error
+        key = ".".join(p if p.lstrip("-").isdigit() else p.replace("-", "_") for p in key.split("."))
+        pairs.append((key, parse_value(raw)))
     return pairs
 
 
@@ -108,9 +110,14 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any, origins: Origi
     for depth, part in enumerate(parts[:-1]):
         where = ".".join(parts[: depth + 1])
         if isinstance(node, list):
-            node = node[_index(node, part, where)]
+            node = node[_index(node, part, dotted, ".".join(parts[:depth]))]
         else:
             child = node.get(part)
+            if child is None and parts[depth + 1].isdigit():
+                raise ConfigError(
+                    f"--{dotted}: no config file sets {where}, so there is no entry {parts[depth + 1]} to override; "
+                    f"write the array in a TOML file (e.g. [[{where}]] tables) and override its entries from there"
+                )
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, (dict, list)):
@@ -118,15 +125,21 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any, origins: Origi
             node = child
     last = parts[-1]
     if isinstance(node, list):
-        node[_index(node, last, dotted)] = value
+        node[_index(node, last, dotted, ".".join(parts[:-1]))] = value
     else:
         node[last] = value
-    _record(origins, tuple(parts), value, "command line")
+    path = tuple(parts)
+    for known in [p for p in origins if p[: len(path)] == path]:
+        del origins[known]
+    _record(origins, path, value, "command line")
 
 
-def _index(items: list[Any], part: str, where: str) -> int:
+def _index(items: list[Any], part: str, dotted: str, array: str) -> int:
     if not part.isdigit() or int(part) >= len(items):
-        raise ConfigError(f"--{where}: {where.rsplit('.', 1)[0]} is an array of {len(items)} entries; use an index 0..{len(items) - 1}")
+        raise ConfigError(
+            f"--{dotted}: {part!r} is not an index of {array}, an array of {len(items)} entries; "
+            f"use an index 0..{len(items) - 1}"
+        )
     return int(part)
 
 
@@ -148,6 +161,8 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> C
 
 # Fields whose values are never echoed in errors: a user may have pasted a secret there by mistake.
 _NEVER_ECHO = {"api_key_var", "headers"}
+# ... nor a value given where one of these whole sections belongs (`--orchestrator.rollout_model sk-...`).
+_NEVER_ECHO_WHOLE = {"rollout_model", "student_endpoint"}
 
 
 def format_errors(error: ValidationError, origins: Origins) -> str:
@@ -160,17 +175,22 @@ def format_errors(error: ValidationError, origins: Origins) -> str:
             section, name = ".".join(str(p) for p in loc[:-1]) or "top level", str(loc[-1])
             valid = sorted(model.model_fields) if model is not None else []
             close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            lines.append(f"  - unknown key {name!r} in [{section}]{origin}{hint} Valid keys: {', '.join(valid)}")
+            hint = f"Did you mean {close[0]!r}? " if close else ""
+            lines.append(f"  - unknown key {name!r} in [{section}]{origin}. {hint}Valid keys: {', '.join(valid)}")
             continue
         msg = err["msg"].removeprefix("Value error, ")
         if not loc:
             lines.append(f"  - {msg}")
             continue
         if err["type"] == "missing":
-            lines.append(f"  - {key}: missing; this key is required{origin}")
+            field = model.model_fields.get(str(loc[-1])) if model is not None else None
+            is_table = field is not None and bool(_models_in(field.annotation))
+            section = ".".join(str(p) for p in loc[:-1])
+            fix = f"add a [{key}] section" if is_table else f"set {loc[-1]} = ... under [{section or 'top level'}]"
+            lines.append(f"  - {key}: missing; this key is required: {fix}{origin}")
             continue
-        shown = "" if _NEVER_ECHO & {str(p) for p in loc} else f" (got {err.get('input')!r})"
+        hidden = _NEVER_ECHO & {str(p) for p in loc} or str(loc[-1]) in _NEVER_ECHO_WHOLE or isinstance(err.get("input"), dict)
+        shown = "" if hidden else f" (got {err.get('input')!r})"
         lines.append(f"  - {key}: {msg}{shown}{origin}")
     return "\n".join(lines)
 
@@ -219,16 +239,34 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 def _origin_of(loc: tuple[int | str, ...], origins: Origins) -> str:
     key = tuple(str(p) for p in loc)
-    for path, origin in origins.items():
-        if path == key or path[: len(key)] == key:
-            return f" [from {origin}]"
-    return ""
+    found = list(dict.fromkeys(origin for path, origin in origins.items() if path[: len(key)] == key))
+    # A key inside an array of tables: the array was set whole, by the file (or override) that wrote it last.
+    enclosing = [key[:n] for n in range(len(key) - 1, 0, -1) if key[:n] in origins]
+    if not found and enclosing:
+        found = [origins[enclosing[0]]]
+    return f" [from {', '.join(found)}]" if found else ""
 
 
 def dump_config(cfg: Config) -> str:
     """The fully resolved config as TOML. Secrets cannot appear: the config only ever holds env-var names."""
-    data = cfg.model_dump(mode="json", exclude_none=True)
-    return tomli_w.dumps(data)
+    return tomli_w.dumps(_prune(cfg, cfg.model_dump(mode="json", exclude_none=True)))
+
+
+def _prune(section: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """Drop empty free-form tables (e.g. `headers = {}`): they are the defaults and only add noise to the dump.
+
+    Only a section's own fields are pruned; inside a free-form table (`extra_body = {a = {}}`) an empty table
+    is the user's value and is kept.
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        child = getattr(section, key, None)
+        if isinstance(child, BaseModel) and isinstance(value, dict):
+            value = _prune(child, value)
+        elif value == {}:
+            continue
+        out[key] = value
+    return out
 
 
 def write_atomic(path: Path, text: str) -> None:

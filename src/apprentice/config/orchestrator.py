@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from apprentice.config.base import Section
 
@@ -36,6 +36,20 @@ class EndpointConfig(Section):
         if not re.match(r"^https?://[^/\s]+", url):
             raise ValueError("base_url must be an http(s) URL like 'http://127.0.0.1:8000/v1'")
         return url.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _no_secret_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Headers are written to OUTPUT/config.toml; a credential there would leak. Values are never echoed.
+        for name in headers:
+            lowered = name.lower()
+            if lowered in ("authorization", "cookie", "proxy-authorization") or any(w in lowered for w in ("key", "token", "secret")):
+                raise ValueError(
+                    f"header {name!r} looks like a credential; headers are written to OUTPUT/config.toml, so "
+                    "secrets must not go there. Put the key in an environment variable and name it with "
+                    "api_key_var (sent as 'Authorization: Bearer ...')"
+                )
+        return headers
 
     @field_validator("api_key_var")
     @classmethod
@@ -103,3 +117,16 @@ class OrchestratorConfig(Section):
     """Sampling arguments."""
     env: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(id="reverse-text")], min_length=1)
     """Environments, as [[orchestrator.env]] tables."""
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> OrchestratorConfig:
+        if self.batch_size % self.rollouts_per_prompt:
+            raise ValueError(
+                f"orchestrator.batch_size ({self.batch_size}) must be a multiple of orchestrator.rollouts_per_prompt "
+                f"({self.rollouts_per_prompt}): each step holds whole groups of samples of the same task"
+            )
+        return self
+
+    @property
+    def tasks_per_step(self) -> int:
+        return self.batch_size // self.rollouts_per_prompt

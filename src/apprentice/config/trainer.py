@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator
 
 from apprentice.config.base import Section
 
@@ -29,7 +29,19 @@ class RLLossConfig(Section):
     """Weight of the penalty on the squared log ratio (0 disables it)."""
 
 
-LossConfig = Annotated[RLLossConfig | SFTLossConfig, Field(discriminator="type")]
+def _loss_type(value: Any) -> Any:
+    """The union tag. A `[trainer.loss]` table without `type` is the default "rl" loss (DESIGN.md section 3)."""
+    return value.get("type", "rl") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+LossConfig = Annotated[
+    Annotated[RLLossConfig, Tag("rl")] | Annotated[SFTLossConfig, Tag("sft")],
+    Discriminator(
+        _loss_type,
+        custom_error_type="loss_type",
+        custom_error_message='trainer.loss.type must be "rl" (rl mode) or "sft" (distill mode): set it under [trainer.loss]',
+    ),
+]
 
 
 class OptimConfig(Section):

@@ -1,8 +1,12 @@
 """The Environment interface the orchestrator runs. Built-ins and user environments implement it.
 
-A rollout returns a trajectory dict (DESIGN.md section 4):
+A rollout returns a trajectory dict (DESIGN.md section 4; built by `envs.trajectory`):
     {"steps": [{"prompt": [...], "completion": [...], "tokens": {...} optional}, ...],
-     "tools": [...] or None, "reward": float, "metrics": {name: float}, "error": str | None}
+     "tools": [...] or None, "reward": float, "metrics": {name: float}, "error": str | None,
+     "task_id": str, "env": str, "truncated": bool}
+Each step's prompt is the whole conversation before that turn, so step k+1's prompt extends step k's
+prompt + completion (+ tool/user messages). Metric names are bare ("num_turns"); the orchestrator prefixes them
+with `rollout/{env}/`.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from typing import Any, Literal, Protocol
 from apprentice.clients.base import ChatClient
 
 Split = Literal["train", "eval"]
+
+
+class EnvError(ValueError):
+    """An environment that cannot be built: unknown id, bad args, unreadable dataset. The message names the
+    environment, file or argument at fault and says how to fix it."""
 
 
 @dataclass

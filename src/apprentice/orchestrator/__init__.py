@@ -1,0 +1,1 @@
+"""Orchestrator: task scheduling, concurrent rollouts, rendering, packing per rank, hand-off to the trainer."""
