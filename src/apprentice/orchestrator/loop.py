@@ -101,7 +101,6 @@ async def run(cfg: Config) -> None:
     first = latest_step_batch(output_dir) + 1
     if first > 1:
         log.info("resuming: steps 1..%d are already written, continuing at step %d", first - 1, first)
-    previous_client_metrics = client.metrics()
     bar = progress_bar(range(first, cfg.trainer.max_steps + 1), cfg.log, desc="orchestrator", unit="step")
     for step in bar:
         waited = await wait_for_trainer(output_dir, step, orch.max_async_level)
@@ -120,22 +119,23 @@ async def run(cfg: Config) -> None:
         samples, render_stats = render_many(kept, tokenizer, reasoning=orch.reasoning)
         write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
 
-        client_metrics = client.metrics()
-        metrics = {"step": step}
+        metrics: dict[str, float] = {"step": step}
         metrics.update(rollout_metrics(trajectories, dropped))
         metrics.update(render_stats.metrics())
-        metrics.update({k: v - previous_client_metrics.get(k, 0.0) if not k.endswith("_s") else v for k, v in client_metrics.items()})
-        previous_client_metrics = client_metrics
+        metrics.update(client.metrics(reset=True))
         metrics["perf/step_time_s"] = time.monotonic() - started
         metrics["perf/backpressure_wait_s"] = waited
         metrics_log.write(metrics)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(reward=f"{metrics.get('rollout/reward', 0.0):.3f}", samples=len(samples), dropped=sum(dropped.values()))
     metrics_log.close()
+    await client.aclose()
 
 
 def main(cfg: Config) -> None:
     logging.basicConfig(level=cfg.log.level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the step log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     asyncio.run(run(cfg))
 
 

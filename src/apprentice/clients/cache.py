@@ -1,0 +1,70 @@
+"""On-disk teacher response cache: a repeated or resumed run never pays twice for the same request.
+
+Layout (sharded so no directory holds more than a few thousand files):
+
+    cache_dir/ab/cd/abcd...64 hex....json
+
+The name is sha256 of the canonical JSON of {"endpoint", "request", "key"}: the endpoint's base_url, the exact
+request body sent (model, messages, tools, sampling; never headers, where credentials live) and the caller's
+rollout key, so two samples of one prompt (different keys) stay distinct while a resumed run finds each again.
+Each file holds {"key", "request", "response"}; the request is kept for debugging and to detect hash collisions.
+Writes are atomic (temp file in the same directory + os.replace): a run killed mid-write leaves no partial entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def cache_digest(base_url: str, request: dict[str, Any], key: str) -> str:
+    """Stable hex digest of one request (dict key order does not matter)."""
+    canonical = json.dumps(
+        {"endpoint": base_url, "request": request, "key": key},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """Maps (endpoint, request body, key) -> a stored response dict."""
+
+    def __init__(self, cache_dir: Path, base_url: str) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.base_url = base_url
+
+    def path_for(self, request: dict[str, Any], key: str) -> Path:
+        digest = cache_digest(self.base_url, request, key)
+        return self.cache_dir / digest[:2] / digest[2:4] / f"{digest}.json"
+
+    def get(self, request: dict[str, Any], key: str) -> dict[str, Any] | None:
+        path = self.path_for(request, key)
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        # A sha256 collision is not a practical concern, but a hand-edited or foreign file must not be trusted.
+        if entry.get("key") != key or entry.get("request") != json.loads(json.dumps(request)):
+            return None
+        response: dict[str, Any] = entry["response"]
+        return response
+
+    def put(self, request: dict[str, Any], key: str, response: dict[str, Any]) -> Path:
+        path = self.path_for(request, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"key": key, "request": request, "response": response}, ensure_ascii=False)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path

@@ -1,0 +1,1 @@
+"""Inference: the built-in OpenAI-compatible server (`apprentice serve`) and its batching engine."""

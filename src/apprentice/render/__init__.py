@@ -1,0 +1,65 @@
+"""trajectory -> TrainingSample: exact token ids and loss masks, from server tokens or from chat messages.
+
+`render_trajectory` is the fixed entry point (DESIGN.md section 4); `render_many` renders a batch, setting
+aside (and counting) trajectories that cannot be rendered faithfully.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apprentice.render.errors import RenderError
+from apprentice.render.messages import render_messages
+from apprentice.render.reasoning import Reasoning
+from apprentice.render.stats import RenderStats
+from apprentice.render.tokens import render_tokens
+from apprentice.types import TrainingSample
+
+__all__ = ["RenderError", "RenderStats", "render_many", "render_trajectory"]
+
+
+def render_trajectory(
+    trajectory: dict[str, Any],
+    tokenizer: Any,
+    *,
+    tools: list[dict] | None = None,
+    reasoning: Reasoning = "keep",
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[TrainingSample]:
+    """Samples for one trajectory; raises RenderError (with `.kind`) if it cannot be rendered faithfully.
+
+    Token path when every step carries server `tokens` (ids used as returned, logprobs carried, advantage from
+    `trajectory["advantage"]`, default 1.0); otherwise the message path through the tokenizer's chat template
+    (logprobs 0.0, advantage 1.0). `tools` defaults to `trajectory["tools"]`; `reasoning` ("keep" | "drop",
+    message path only) is the teacher-reasoning policy; `template_kwargs` go to the chat template (e.g.
+    `{"enable_thinking": True}`).
+    """
+    steps = list(trajectory.get("steps") or [])
+    if steps and all(step.get("tokens") for step in steps):
+        return render_tokens(steps, float(trajectory.get("advantage", 1.0)))
+    tools = tools if tools is not None else trajectory.get("tools")
+    return render_messages(steps, tokenizer, tools, reasoning, template_kwargs)
+
+
+def render_many(
+    trajectories: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    tools: list[dict] | None = None,
+    reasoning: Reasoning = "keep",
+    template_kwargs: dict[str, Any] | None = None,
+) -> tuple[list[TrainingSample], RenderStats]:
+    """Render a batch; a RenderError sets that trajectory aside and is counted in the stats, never raised."""
+    stats = RenderStats()
+    samples: list[TrainingSample] = []
+    for trajectory in trajectories:
+        try:
+            out = render_trajectory(
+                trajectory, tokenizer, tools=tools, reasoning=reasoning, template_kwargs=template_kwargs
+            )
+        except RenderError as err:
+            stats.add_error(err)
+            continue
+        stats.add(out)
+        samples.extend(out)
+    return samples, stats

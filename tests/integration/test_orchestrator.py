@@ -1,0 +1,165 @@
+"""The orchestrator against a real, fault-injecting teacher on loopback, with the tiny student's tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_teacher import Fault, FaultTeacher
+
+from apprentice.config import Config
+from apprentice.metrics import read_metrics
+from apprentice.orchestrator.loop import run
+from apprentice.testing.tiny import save_tiny_student
+from apprentice.transport import latest_step_batch, read_step_batch, read_step_marker, write_trainer_progress
+
+SECRET = "sk-orchestrator-test-4f1c9a"
+
+
+def reverse(body: dict[str, Any]) -> str:
+    """A perfect reverse-text teacher."""
+    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"][::-1]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_student(tmp_path_factory.mktemp("student") / "tiny")
+
+
+def make_config(output: Path, student: Path, base_url: str, **orchestrator: Any) -> Config:
+    orch = {
+        "batch_size": 6, "use_token_client": False, "max_async_level": 100, "max_concurrency": 4,
+        "rollout_model": {"base_url": base_url, "model": "teacher", "api_key_var": "TEACHER_KEY", "timeout_s": 2.0, "max_retries": 3},
+        "sampling": {"max_tokens": 32},
+        "env": [{"id": "reverse-text", "args": {"num_tasks": 40}}],
+    }  # fmt: skip
+    orch.update(orchestrator)
+    return Config.model_validate({
+        "output_dir": str(output), "model": {"name": str(student)}, "orchestrator": orch,
+        "trainer": {"max_steps": 3, "loss": {"type": "sft"}, "num_processes": 2}, "log": {"progress": False},
+    })  # fmt: skip
+
+
+def all_bytes_under(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file())
+
+
+def test_faults_lose_no_task_and_send_no_unknown_field(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+    attempts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def rule(index: int, body: dict[str, Any]) -> Fault | None:
+        """Transient faults on each prompt's first attempt; a few prompts fail for good (empty / truncated)."""
+        text = body["messages"][-1]["content"]
+        bucket = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 8
+        with lock:
+            attempts[text] = attempts.get(text, 0) + 1
+            first = attempts[text] == 1
+        transient = {0: Fault.rate_limit(retry_after=0.05), 1: Fault.server_error(), 2: Fault.drop(), 3: Fault.malformed(), 4: Fault.slow(3.0)}
+        if first and bucket in transient:
+            return transient[bucket]
+        if bucket == 5:
+            return Fault.empty()
+        if bucket == 6:
+            return Fault.truncated()
+        return None
+
+    output = tmp_path / "out"
+    with FaultTeacher(api_key=SECRET, respond=reverse, rule=rule) as teacher:
+        cfg = make_config(output, student, teacher.base_url)
+        asyncio.run(run(cfg))
+        assert teacher.unknown_fields() == []
+        assert teacher.token_fields() == []
+        assert all(r.headers.get("authorization") == f"Bearer {SECRET}" for r in teacher.chat_requests())
+
+    rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        # Every task of the step is either rendered into samples or counted as set aside, with a reason.
+        assert row["rollout/trajectories"] == 6
+        assert row["render/trajectories"] + row["rollout/set_aside"] == 6
+        reasons = {k: v for k, v in row.items() if k.startswith("rollout/set_aside/")}
+        assert sum(reasons.values()) == row["rollout/set_aside"]
+        assert set(reasons) <= {"rollout/set_aside/client/empty", "rollout/set_aside/truncated"}
+    totals = {k: sum(r.get(k, 0.0) for r in rows) for k in ("teacher/retries", "teacher/truncated", "rollout/set_aside")}
+    assert totals["teacher/retries"] > 0 and totals["rollout/set_aside"] > 0
+    # Batches are split over the two trainer ranks; together they hold every kept trajectory's sample.
+    for step in (1, 2, 3):
+        samples = read_step_batch(output, step, 0) + read_step_batch(output, step, 1)
+        assert len(samples) == rows[step - 1]["render/samples"]
+        assert all(any(s.loss_mask) for s in samples)
+    assert SECRET.encode() not in all_bytes_under(output)
+
+
+def test_resume_reuses_cached_teacher_answers(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+    output = tmp_path / "out"
+    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+        cfg = make_config(output, student, teacher.base_url)
+        asyncio.run(run(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": 2})})))
+        paid = len(teacher.chat_requests())
+        assert paid == 12
+        # A crash after step 2's requests were answered but before its batch was written.
+        import shutil
+
+        shutil.rmtree(output / "rollouts" / "step_2")
+        assert latest_step_batch(output) == 1
+        asyncio.run(run(cfg))
+        assert len(teacher.chat_requests()) == paid + 6, "step 2 must come from the cache; only step 3 is paid"
+    rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 2, 3]
+    assert rows[2]["teacher/cache_hits"] == 6 and rows[2].get("teacher/requests", 0) == 0
+    marker = read_step_marker(output, 2)
+    assert marker is not None
+
+
+def test_backpressure_waits_for_the_trainer(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+    output = tmp_path / "out"
+    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+        cfg = make_config(output, student, teacher.base_url, max_async_level=0)
+
+        async def drive() -> list[int]:
+            task = asyncio.create_task(run(cfg))
+            seen = []
+            for trainer_step in range(3):
+                await asyncio.sleep(1.0)
+                # With max_async_level 0, step n is only produced once the trainer finished step n-1.
+                seen.append(latest_step_batch(output))
+                assert seen[-1] == trainer_step + 1
+                write_trainer_progress(output, trainer_step + 1)
+            await asyncio.wait_for(task, timeout=30)
+            return seen
+
+        assert asyncio.run(drive()) == [1, 2, 3]
+
+
+def test_no_teacher_request_carries_logprob_or_token_fields_with_tools(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tool-calculator through the endpoint: tool calls come back, are executed, and the episode renders."""
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+
+    def rule(index: int, body: dict[str, Any]) -> Fault | None:
+        if body["messages"][-1]["role"] == "user":
+            expression = re.search(r"[-\d(][\d\s+\-*/().]*\d\)?", body["messages"][-1]["content"])
+            assert expression is not None
+            return Fault.call_tool("calculator", {"expression": expression.group(0).strip()})
+        return None
+
+    def answer(body: dict[str, Any]) -> str:
+        return f"The answer is {body['messages'][-1]['content']}."
+
+    output = tmp_path / "out"
+    with FaultTeacher(api_key=SECRET, respond=answer, rule=rule) as teacher:
+        cfg = make_config(output, student, teacher.base_url, env=[{"id": "tool-calculator", "args": {"num_tasks": 20}}], batch_size=4)
+        asyncio.run(run(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": 1})})))
+        assert teacher.unknown_fields() == [] and teacher.token_fields() == []
+        assert any(r.body and r.body.get("tools") for r in teacher.chat_requests())
+    row = read_metrics(output / "orchestrator" / "metrics.jsonl")[0]
+    assert row["render/samples"] >= 1
+    assert row["rollout/tool-calculator/num_tool_calls"] >= 1
