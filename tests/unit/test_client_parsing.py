@@ -95,10 +95,10 @@ def test_retry_after_seconds_and_http_date() -> None:
 def test_cache_keys_separate_samples_and_ignore_dict_order(tmp_path: Path) -> None:
     request = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0}
     reordered = dict(reversed(list(request.items())))
-    assert cache_digest("u", request, "k") == cache_digest("u", reordered, "k")
-    assert cache_digest("u", request, "k") != cache_digest("u", request, "k2")
-    assert cache_digest("u", request, "k") != cache_digest("other", request, "k")
-    cache = ResponseCache(tmp_path, "u")
+    assert cache_digest(request, "k") == cache_digest(reordered, "k")
+    assert cache_digest(request, "k") != cache_digest(request, "k2")
+    assert cache_digest(request, "k") != cache_digest({**request, "model": "other-teacher"}, "k")
+    cache = ResponseCache(tmp_path)
     cache.put(request, "k", {"message": {"content": "x"}})
     assert cache.get(reordered, "k") == {"message": {"content": "x"}} and cache.get(request, "k2") is None
     assert not list(tmp_path.rglob("*.tmp"))

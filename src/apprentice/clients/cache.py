@@ -4,9 +4,10 @@ Layout (sharded so no directory holds more than a few thousand files):
 
     cache_dir/ab/cd/abcd...64 hex....json
 
-The name is sha256 of the canonical JSON of {"endpoint", "request", "key"}: the endpoint's base_url, the exact
-request body sent (model, messages, tools, sampling; never headers, where credentials live) and the caller's
-rollout key, so two samples of one prompt (different keys) stay distinct while a resumed run finds each again.
+The name is sha256 of the canonical JSON of {"request", "key"}: the exact request body sent (model, messages,
+tools, sampling; never headers, where credentials live) and the caller's rollout key, so two samples of one
+prompt (different keys) stay distinct while a resumed run finds each again. The endpoint URL is deliberately
+not part of the key: a teacher restarted on another port (or host) serving the same model name still hits.
 Each file holds {"key", "request", "response"}; the request is kept for debugging and to detect hash collisions.
 Writes are atomic (temp file in the same directory + os.replace): a run killed mid-write leaves no partial entry.
 """
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 
-def cache_digest(base_url: str, request: dict[str, Any], key: str) -> str:
+def cache_digest(request: dict[str, Any], key: str) -> str:
     """Stable hex digest of one request (dict key order does not matter)."""
     canonical = json.dumps(
-        {"endpoint": base_url, "request": request, "key": key},
+        {"request": request, "key": key},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -35,12 +36,11 @@ def cache_digest(base_url: str, request: dict[str, Any], key: str) -> str:
 class ResponseCache:
     """Maps (endpoint, request body, key) -> a stored response dict."""
 
-    def __init__(self, cache_dir: Path, base_url: str) -> None:
+    def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = Path(cache_dir)
-        self.base_url = base_url
 
     def path_for(self, request: dict[str, Any], key: str) -> Path:
-        digest = cache_digest(self.base_url, request, key)
+        digest = cache_digest(request, key)
         return self.cache_dir / digest[:2] / digest[2:4] / f"{digest}.json"
 
     def get(self, request: dict[str, Any], key: str) -> dict[str, Any] | None:

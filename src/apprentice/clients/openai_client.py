@@ -87,7 +87,7 @@ class OpenAIChatClient:
         self._rng = random.Random(jitter_seed)
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._limiter = RateLimiter(endpoint.max_requests_per_s)
-        self._cache = ResponseCache(cache_dir, endpoint.base_url) if cache_dir is not None else None
+        self._cache = ResponseCache(cache_dir) if cache_dir is not None else None
         self._openai = openai.AsyncOpenAI(
             api_key=_PLACEHOLDER_KEY,
             base_url=endpoint.base_url,

@@ -1,0 +1,186 @@
+"""The trainer process: read step batches, compute the loss, step the optimizer, checkpoint, export.
+
+    python -m apprentice.trainer.train CONFIG.toml [--key value ...]                      # one process
+    torchrun --nproc-per-node 2 -m apprentice.trainer.train CONFIG.toml [...]            # FSDP2 over 2 ranks
+
+Optimizer step n consumes OUTPUT/rollouts/step_{n}/; OUTPUT/checkpoints/step_{n}/ is the state after it; its
+metrics line carries "step": n. A restarted run resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+from apprentice.config import Config, load_config
+from apprentice.trainer import ckpt
+from apprentice.trainer.export import export_hf
+from apprentice.trainer.losses import LossFn, LossInputs, build_loss, finalize_metrics, target_logprobs
+from apprentice.trainer.metrics import MetricsLogger
+from apprentice.trainer.model import load_model, load_tokenizer
+from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_scheduler, clip_grad_norm
+from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
+from apprentice.trainer.world import (
+    World,
+    all_reduce_max,
+    all_reduce_sum,
+    init_distributed,
+    pick_device,
+    shard_model,
+    shutdown,
+)
+from apprentice.transport import BatchError, read_step_marker, wait_for_step_batch, write_trainer_progress
+from apprentice.types import TrainingSample
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    """Summed over micro-batches and ranks, finalised (loss/*), plus loss/total."""
+    grad_norm: float
+    tokens: int
+    """Real (non-pad) tokens processed by all ranks."""
+    pad_tokens: int
+
+
+def main(cfg: Config) -> None:
+    world = World.from_env()
+    device = pick_device(cfg.trainer.device, world)
+    mesh = init_distributed(world, device)
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    try:
+        # Model, sharding, optimizer.
+        model = load_model(cfg.model, device)
+        tokenizer = load_tokenizer(cfg.model)
+        if mesh is not None:
+            shard_model(model, mesh)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, cfg.trainer.optim)
+        scheduler = build_scheduler(optimizer, cfg.trainer.optim, cfg.trainer.max_steps)
+        loss_fn = build_loss(cfg.trainer.loss)
+
+        # Resume from the newest complete checkpoint, if any.
+        ckpt.remove_partial(output_dir, world)
+        start_step = 0
+        latest = ckpt.latest_checkpoint(output_dir)
+        if latest is not None:
+            start_step = ckpt.load_checkpoint(latest, model, optimizer, scheduler, world).step
+        logger = MetricsLogger(
+            output_dir, cfg.log, enabled=world.is_main, start_step=start_step, max_steps=cfg.trainer.max_steps,
+            run_config=cfg.model_dump(mode="json"),
+        )
+
+        # The step loop.
+        for step in range(start_step + 1, cfg.trainer.max_steps + 1):
+            t_wait = time.perf_counter()
+            samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
+            t_start = time.perf_counter()
+            result = train_step(model, samples, loss_fn, cfg.trainer.micro_batch_tokens, params, cfg.trainer.grad_clip,
+                                world, device)
+            check_finite(step, result, output_dir)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - t_start
+            logger.log(step, {
+                **result.metrics,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                "perf/tokens_per_s": result.tokens / elapsed,
+                "perf/padding_fraction": result.pad_tokens / max(1, result.tokens + result.pad_tokens),
+                "perf/step_s": elapsed,
+                "perf/wait_s": t_start - t_wait,
+            })
+            if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
+                ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
+            if world.is_main:
+                write_trainer_progress(output_dir, step)
+
+        export_hf(model, tokenizer, output_dir / "final")
+        logger.close()
+    finally:
+        shutdown(world)
+
+
+def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float) -> list[TrainingSample]:
+    """This rank's samples of step `step`, after checking the batch was split for this many ranks."""
+    samples = wait_for_step_batch(output_dir, step, world.rank, timeout_s)
+    marker = read_step_marker(output_dir, step)
+    if marker is not None and marker["world_size"] != world.world_size:
+        raise BatchError(
+            f"{output_dir}/rollouts/step_{step} was split for {marker['world_size']} rank(s) but the trainer runs "
+            f"{world.world_size}; set trainer.num_processes = {world.world_size} for the orchestrator too"
+        )
+    return samples
+
+
+def train_step(
+    model: torch.nn.Module,
+    samples: list[TrainingSample],
+    loss_fn: LossFn,
+    micro_batch_tokens: int,
+    params: list[torch.nn.Parameter],
+    grad_clip: float,
+    world: World,
+    device: torch.device,
+) -> StepResult:
+    """Forward/backward over this rank's packed micro-batches, then clip. Does not step the optimizer.
+
+    Every rank runs the same number of micro-batches (padding with a one-token placeholder) so that FSDP2's
+    collectives line up, and runs backward even when it has no loss tokens.
+    """
+    micro_batches: list[MicroBatch] = pack_samples(samples, micro_batch_tokens)
+    num_micro = all_reduce_max(max(1, len(micro_batches)), device, world)
+    micro_batches += [placeholder_batch() for _ in range(num_micro - len(micro_batches))]
+    local_loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
+    (global_loss_tokens,) = all_reduce_sum([float(local_loss_tokens)], device, world)
+    normaliser = max(1, int(global_loss_tokens))
+
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    for i, mb in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(i == num_micro - 1)  # reduce-scatter once, after the last one
+        mb = mb.to(device)
+        logits = model(**mb.model_kwargs()).logits  # [1, T, V]
+        lp = target_logprobs(logits[0], mb.target_ids[0])
+        inputs = LossInputs(lp, mb.inference_logprobs[0], mb.loss_mask[0], mb.advantages[0], normaliser)
+        loss, metrics = loss_fn(inputs)
+        loss.backward()
+        loss_total += float(loss.detach())
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+
+    grad_norm = clip_grad_norm(params, grad_clip)
+    names = sorted(sums)
+    real = sum(mb.num_tokens - mb.num_pad_tokens for mb in micro_batches)
+    pad = sum(mb.num_pad_tokens for mb in micro_batches)
+    reduced = all_reduce_sum([sums[n] for n in names] + [loss_total, float(real), float(pad)], device, world)
+    step_metrics = finalize_metrics(dict(zip(names, reduced[: len(names)], strict=True)))
+    step_metrics["loss/total"] = reduced[len(names)]
+    return StepResult(step_metrics, grad_norm, int(reduced[-2]), int(reduced[-1]))
+
+
+def check_finite(step: int, result: StepResult, output_dir: Path) -> None:
+    """Stop before a NaN/inf update reaches the weights; the last complete checkpoint stays as it is."""
+    loss = result.metrics["loss/total"]
+    if math.isfinite(loss) and math.isfinite(result.grad_norm):
+        return
+    last = ckpt.latest_checkpoint(output_dir)
+    raise NonFiniteError(
+        f"step {step}: non-finite loss ({loss}) or gradient norm ({result.grad_norm}); the update was not applied. "
+        f"Last good checkpoint: {last or 'none yet'}. Inspect {output_dir}/rollouts/step_{step}, lower "
+        f"trainer.optim.lr or check the data, then rerun to resume from that checkpoint."
+    )
+
+
+if __name__ == "__main__":
+    main(load_config(sys.argv[1:2], sys.argv[2:]))

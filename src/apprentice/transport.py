@@ -1,0 +1,233 @@
+"""The orchestrator -> trainer hand-off through the filesystem (DESIGN.md section 1).
+
+    OUTPUT/rollouts/step_{n}/rank_{r}.safetensors   one file per trainer rank
+    OUTPUT/rollouts/step_{n}/COMPLETE               JSON marker: world_size, sample/token counts, meta
+    OUTPUT/trainer/progress.json                    the trainer's last finished step (backpressure)
+
+A step directory is built under a temporary name and renamed into place, so a reader never sees a partial
+step. Each rank file is a safetensors file (no pickle) holding the samples flattened into columns, with a
+sha256 of the columns in its metadata so that corrupt or truncated files fail with a `BatchError` naming the
+file instead of crashing deep inside torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from apprentice.config.load import write_atomic
+from apprentice.types import TrainingSample
+
+MARKER = "COMPLETE"
+FORMAT_VERSION = "1"
+_COLUMNS = ("lengths", "advantages", "token_ids", "loss_mask", "logprobs")
+
+
+class BatchError(Exception):
+    """A step batch that cannot be used (corrupt, truncated, wrong shape); the message names the file."""
+
+
+class BatchTimeoutError(TimeoutError):
+    """No complete step batch appeared in time."""
+
+
+def step_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / "rollouts" / f"step_{step}"
+
+
+def rank_file(output_dir: Path, step: int, rank: int) -> Path:
+    return step_dir(output_dir, step) / f"rank_{rank}.safetensors"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in _COLUMNS:
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def encode_samples(samples: list[TrainingSample]) -> bytes:
+    """Samples -> safetensors bytes: per-sample `lengths` [N] and `advantages` [N], per-token columns [sum T]."""
+    tensors = {
+        "lengths": torch.tensor([len(s) for s in samples], dtype=torch.int64),
+        "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float64),
+        "token_ids": torch.tensor([t for s in samples for t in s.token_ids], dtype=torch.int64),
+        "loss_mask": torch.tensor([bool(m) for s in samples for m in s.loss_mask], dtype=torch.bool),
+        "logprobs": torch.tensor([lp for s in samples for lp in s.logprobs], dtype=torch.float32),
+    }
+    return st_save(tensors, metadata={"format": FORMAT_VERSION, "sha256": _digest(tensors)})
+
+
+def decode_samples(data: bytes, source: str) -> list[TrainingSample]:
+    """Inverse of `encode_samples`; every inconsistency is a `BatchError` naming `source`."""
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise BatchError(f"{source}: not a valid step batch file (corrupt or truncated): {e}") from None
+    missing = [c for c in _COLUMNS if c not in tensors]
+    if missing:
+        raise BatchError(f"{source}: step batch file lacks columns {missing}; rewrite it with write_step_batch")
+    meta = _metadata(data)
+    if meta.get("sha256") != _digest(tensors):
+        raise BatchError(f"{source}: checksum mismatch, the file is corrupt; delete its step directory and rewrite it")
+    lengths = tensors["lengths"].tolist()
+    total = sum(lengths)
+    if any(n < 0 for n in lengths) or any(tensors[c].numel() != total for c in ("token_ids", "loss_mask", "logprobs")):
+        raise BatchError(f"{source}: column lengths disagree with the per-sample lengths (total {total} tokens)")
+    if tensors["advantages"].numel() != len(lengths):
+        raise BatchError(f"{source}: {tensors['advantages'].numel()} advantages for {len(lengths)} samples")
+    ids, mask, lps = tensors["token_ids"].tolist(), tensors["loss_mask"].tolist(), tensors["logprobs"].tolist()
+    advantages = tensors["advantages"].tolist()
+    samples, start = [], 0
+    for n, adv in zip(lengths, advantages, strict=True):
+        end = start + n
+        samples.append(TrainingSample(ids[start:end], mask[start:end], lps[start:end], adv))
+        start = end
+    return samples
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return dict(header.get("__metadata__", {}))
+
+
+def write_step_batch(
+    output_dir: Path, step: int, per_rank: list[list[TrainingSample]], meta: dict[str, Any] | None = None
+) -> Path:
+    """Write OUTPUT/rollouts/step_{step}/rank_{r}.safetensors for every rank plus the COMPLETE marker, atomically.
+
+    Raises FileExistsError when that step is already complete (a step is written once; a resumed orchestrator
+    should start after `latest_step_batch`). An incomplete leftover directory of the same name is replaced.
+    """
+    if step < 1:
+        raise ValueError(f"step numbers start at 1, got {step}")
+    if not per_rank:
+        raise ValueError("per_rank must hold one (possibly empty) list per trainer rank")
+    final = step_dir(output_dir, step)
+    if (final / MARKER).is_file():
+        raise FileExistsError(f"{final} is already complete; step batches are written once")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step_{step}.tmp-"))
+    try:
+        for rank, samples in enumerate(per_rank):
+            with open(tmp / f"rank_{rank}.safetensors", "wb") as f:
+                f.write(encode_samples(samples))
+                f.flush()
+                os.fsync(f.fileno())
+        marker = {
+            "step": step,
+            "world_size": len(per_rank),
+            "num_samples": [len(s) for s in per_rank],
+            "num_tokens": [sum(len(x) for x in s) for s in per_rank],
+            "meta": meta or {},
+        }
+        (tmp / MARKER).write_text(json.dumps(marker))
+        if final.exists():  # an incomplete leftover (no marker): nobody can be reading it as a batch
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_step_marker(output_dir: Path, step: int) -> dict[str, Any] | None:
+    """The COMPLETE marker of a step (None while the step is not complete)."""
+    path = step_dir(output_dir, step) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BatchError(f"{path}: corrupt completion marker ({e})") from None
+    if not isinstance(marker, dict) or not isinstance(marker.get("world_size"), int):
+        raise BatchError(f"{path}: completion marker lacks an integer world_size")
+    return marker
+
+
+def read_step_batch(output_dir: Path, step: int, rank: int) -> list[TrainingSample]:
+    """This rank's samples of a complete step. Raises BatchError (naming the file) for anything unusable."""
+    marker = read_step_marker(output_dir, step)
+    if marker is None:
+        raise BatchError(f"{step_dir(output_dir, step)} is not a complete step batch (no {MARKER} marker)")
+    if rank >= marker["world_size"]:
+        raise BatchError(
+            f"{step_dir(output_dir, step)} was written for {marker['world_size']} trainer rank(s) but rank {rank} "
+            f"asked for it: the orchestrator must split batches for trainer.num_processes ranks"
+        )
+    path = rank_file(output_dir, step, rank)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BatchError(f"{path}: missing although the step is marked complete") from None
+    return decode_samples(data, str(path))
+
+
+def wait_for_step_batch(
+    output_dir: Path, step: int, rank: int, timeout_s: float, poll_s: float = 0.05
+) -> list[TrainingSample]:
+    """Poll until step `step` is complete, then read this rank's samples; BatchTimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    delay = min(poll_s, 0.01)
+    while read_step_marker(output_dir, step) is None:
+        if time.monotonic() >= deadline:
+            raise BatchTimeoutError(
+                f"no step batch at {step_dir(output_dir, step)} after {timeout_s:.0f} s "
+                f"(latest complete: step {latest_step_batch(output_dir)}). Is the orchestrator running and writing "
+                f"to this output_dir? Raise trainer.batch_timeout_s if rollouts are just slow."
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, poll_s * 10)
+    return read_step_batch(output_dir, step, rank)
+
+
+def latest_step_batch(output_dir: Path) -> int:
+    """The highest complete rollouts step (0 if none)."""
+    root = Path(output_dir) / "rollouts"
+    steps = [int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit() and (p / MARKER).is_file()]
+    return max(steps, default=0)
+
+
+def split_across_ranks(samples: list[TrainingSample], world_size: int) -> list[list[TrainingSample]]:
+    """Balance tokens across ranks: longest first, each to the rank with the fewest tokens so far.
+
+    Deterministic; every rank gets a list (possibly empty); each rank keeps the samples' original order.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    loads = [0] * world_size
+    owner = [0] * len(samples)
+    for i in sorted(range(len(samples)), key=lambda i: (-len(samples[i]), i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[i] = rank
+        loads[rank] += len(samples[i])
+    return [[s for i, s in enumerate(samples) if owner[i] == r] for r in range(world_size)]
+
+
+def _progress_path(output_dir: Path) -> Path:
+    return Path(output_dir) / "trainer" / "progress.json"
+
+
+def write_trainer_progress(output_dir: Path, step: int) -> None:
+    """Record (atomically) that the trainer finished optimizer step `step`."""
+    write_atomic(_progress_path(output_dir), json.dumps({"step": step}))
+
+
+def read_trainer_progress(output_dir: Path) -> int:
+    """The trainer's last finished step (0 when it has not finished any)."""
+    path = _progress_path(output_dir)
+    if not path.is_file():
+        return 0
+    return int(json.loads(path.read_text())["step"])

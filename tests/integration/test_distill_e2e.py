@@ -1,0 +1,157 @@
+"""`apprentice distill` for real: launcher + orchestrator + trainer processes against a fault-injecting teacher.
+
+The teacher is the one thing a test cannot reach (a hosted API), so a strict loopback server stands in for it:
+it rejects any request field outside the chat-completions schema and injects 429s, 500s, dropped connections
+and malformed bodies. Everything else is the real thing: subprocesses, the tiny student, torch training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_teacher import Fault, FaultTeacher
+
+from apprentice.metrics import read_metrics
+from apprentice.testing.tiny import save_tiny_student
+
+SECRET = "sk-e2e-distill-9b7d2c"
+
+
+def reverse(body: dict[str, Any]) -> str:
+    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"][::-1]
+
+
+def transient_faults() -> Any:
+    """The first attempt of some prompts fails in a retryable way; a few prompts are truncated for good."""
+    attempts: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def rule(index: int, body: dict[str, Any]) -> Fault | None:
+        text = body["messages"][-1]["content"]
+        bucket = int(hashlib.sha256(text.encode()).hexdigest(), 16) % 10
+        with lock:
+            attempts[text] = attempts.get(text, 0) + 1
+            first = attempts[text] == 1
+        faults = {0: Fault.rate_limit(retry_after=0.05), 1: Fault.server_error(502), 2: Fault.drop(), 3: Fault.malformed()}
+        if first and bucket in faults:
+            return faults[bucket]
+        return Fault.truncated() if bucket == 4 else None
+
+    return rule
+
+
+def write_config(path: Path, output: Path, student: Path, base_url: str, max_steps: int) -> Path:
+    path.write_text(f"""
+output_dir = "{output}"
+[model]
+name = "{student}"
+[orchestrator]
+batch_size = 4
+max_async_level = 1
+use_token_client = false
+[orchestrator.rollout_model]
+base_url = "{base_url}"
+model = "teacher"
+api_key_var = "E2E_TEACHER_KEY"
+timeout_s = 5
+max_retries = 4
+[orchestrator.sampling]
+max_tokens = 32
+[[orchestrator.env]]
+id = "reverse-text"
+args = {{ num_tasks = 200 }}
+[trainer]
+max_steps = {max_steps}
+micro_batch_tokens = 512
+[trainer.loss]
+type = "sft"
+[trainer.optim]
+lr = 3e-3
+[trainer.ckpt]
+interval = 2
+keep = 2
+[log]
+progress = false
+""")
+    return path
+
+
+def env_with_key() -> dict[str, str]:
+    return {**os.environ, "E2E_TEACHER_KEY": SECRET, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_student(tmp_path_factory.mktemp("student") / "tiny")
+
+
+def assert_no_secret(output: Path) -> None:
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+
+
+def test_distill_runs_end_to_end_against_a_faulty_teacher(student: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "run"
+    with FaultTeacher(api_key=SECRET, respond=reverse, rule=transient_faults()) as teacher:
+        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4)
+        proc = subprocess.run([sys.executable, "-m", "apprentice", "distill", str(config)], env=env_with_key(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert teacher.unknown_fields() == [] and teacher.token_fields() == []
+    assert "[orchestrator]" in proc.stdout and "[trainer]" in proc.stdout
+    assert (output / "config.toml").is_file()
+    assert sorted(p.name for p in (output / "rollouts").iterdir()) == [f"step_{n}" for n in range(1, 5)]
+    trainer_rows = read_metrics(output / "trainer" / "metrics.jsonl")
+    assert [r["step"] for r in trainer_rows] == [1, 2, 3, 4]
+    assert all("loss/nll" in r and "lr" in r and "grad_norm" in r for r in trainer_rows)
+    orchestrator_rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    assert sum(r["teacher/retries"] for r in orchestrator_rows) > 0
+    for row in orchestrator_rows:
+        assert row["render/trajectories"] + row["rollout/set_aside"] == 4  # no task lost
+    model = AutoModelForCausalLM.from_pretrained(output / "final")
+    assert model.config.vocab_size > 0 and (output / "final" / "tokenizer_config.json").is_file()
+    assert_no_secret(output)
+
+
+def test_kill_9_then_rerun_resumes_without_paying_twice(student: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=6)
+        command = [sys.executable, "-m", "apprentice", "distill", str(config)]
+        proc = subprocess.Popen(command, env=env_with_key(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while len(read_metrics(output / "trainer" / "metrics.jsonl")) < 3:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run: launcher, orchestrator, trainer
+        proc.wait()
+        cached = {json.loads(p.read_text())["key"] for p in (output / "teacher_cache").rglob("*.json")}
+        requests_before = len(teacher.chat_requests())
+        assert cached
+
+        rerun = subprocess.run(command, env=env_with_key(), capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        assert "resuming" in rerun.stdout
+        new_requests = len(teacher.chat_requests()) - requests_before
+    # Every answer cached before the kill is served from disk on the rerun; only uncached rollouts are paid.
+    assert new_requests == 6 * 4 - len(cached)
+    rows = read_metrics(output / "trainer" / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    # Steps after the last complete checkpoint may appear twice in the log (trained, killed, retrained from the
+    # checkpoint); every step 1..6 is trained and the run ends at 6.
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps[-1] == 6
+    assert (output / "final" / "config.json").is_file()
+    assert_no_secret(output)
