@@ -87,63 +87,59 @@ def _require_mode(cfg: Config, mode: str, command: str) -> None:
         raise ConfigError(f"`apprentice {command}` needs {article} {mode}-mode config: {hint}")
 
 
-def cmd_distill(argv: Sequence[str]) -> int:
-    args = parse_config_args(argv)
+def _configured(argv: Sequence[str], command: str, *, mode: str | None = None, flags: Sequence[str] = ()) -> tuple[Config, ConfigArgs] | None:
+    """Load and validate the config of a command; with --dry-run print it and return None (nothing to run)."""
+    args = parse_config_args(argv, flags)
     cfg = load_config(args.paths, args.overrides)
-    _require_mode(cfg, "distill", "distill")
+    if mode is not None:
+        _require_mode(cfg, mode, command)
     if args.dry_run:
         print(dump_config(cfg), end="")
+        return None
+    return cfg, args
+
+
+def cmd_distill(argv: Sequence[str]) -> int:
+    if (loaded := _configured(argv, "distill", mode="distill")) is None:
         return 0
     from apprentice.launcher import run_distill
 
-    return run_distill(cfg, args.paths, args.overrides)
+    return run_distill(loaded[0])
 
 
 def cmd_rl(argv: Sequence[str]) -> int:
-    args = parse_config_args(argv)
-    cfg = load_config(args.paths, args.overrides)
-    _require_mode(cfg, "rl", "rl")
-    if args.dry_run:
-        print(dump_config(cfg), end="")
+    if _configured(argv, "rl", mode="rl") is None:
         return 0
     print("apprentice rl: on-policy RL is not implemented yet (the config is valid); use `apprentice distill`.", file=sys.stderr)
     return 2
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    args = parse_config_args(argv)
-    cfg = load_config(args.paths, args.overrides)
-    if args.dry_run:
-        print(dump_config(cfg), end="")
+    if (loaded := _configured(argv, "train")) is None:
         return 0
     from apprentice.trainer.train import main as train_main
 
-    train_main(cfg)
+    train_main(loaded[0])
     return 0
 
 
 def cmd_orchestrate(argv: Sequence[str]) -> int:
-    args = parse_config_args(argv)
-    cfg = load_config(args.paths, args.overrides)
-    if args.dry_run:
-        print(dump_config(cfg), end="")
+    if (loaded := _configured(argv, "orchestrate")) is None:
         return 0
     from apprentice.orchestrator.loop import main as orchestrate_main
 
-    orchestrate_main(cfg)
+    orchestrate_main(loaded[0])
     return 0
 
 
 def cmd_eval(argv: Sequence[str]) -> int:
-    args = parse_config_args(argv, flags=("model", "num-tasks", "split"))
-    cfg = load_config(args.paths, args.overrides)
-    if "model" not in args.flags:
+    if "--model" not in argv and not any(a.startswith("--model=") for a in argv):
         raise UsageError("eval needs --model DIR_OR_URL (a local model directory, or an OpenAI-compatible base URL)")
-    if args.dry_run:
-        print(dump_config(cfg), end="")
+    if (loaded := _configured(argv, "eval", flags=("model", "num-tasks"))) is None:
         return 0
     from apprentice.eval import main as eval_main
 
+    cfg, args = loaded
     num_tasks = int(args.flags["num-tasks"]) if "num-tasks" in args.flags else None
     return eval_main(cfg, args.flags["model"], num_tasks=num_tasks)
 

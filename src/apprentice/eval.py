@@ -55,14 +55,17 @@ async def evaluate_endpoint(cfg: Config, endpoint: EndpointConfig, num_tasks: in
     """Roll out every environment's eval tasks once against `endpoint` and average the rewards."""
     client = OpenAIChatClient(endpoint, cfg.orchestrator.sampling, max_concurrency=cfg.orchestrator.max_concurrency, use_token_client=False, cache_dir=None)
     results = []
-    for env_cfg in cfg.orchestrator.env:
-        env = load_environment(env_cfg, seed=cfg.seed)
-        tasks = env.tasks("eval")[:num_tasks]
-        if not tasks:
-            raise ValueError(f"environment {env.name!r} has no eval tasks; give it eval tasks (see its args) to evaluate")
-        outcomes = await asyncio.gather(*(_safe_rollout(env, task, client, i) for i, task in enumerate(tasks)))
-        rewards = [r for r in outcomes if r is not None]
-        results.append(EnvResult(env.name, len(tasks), sum(rewards) / len(tasks), len(tasks) - len(rewards)))
+    try:
+        for env_cfg in cfg.orchestrator.env:
+            env = load_environment(env_cfg, seed=cfg.seed)
+            tasks = env.tasks("eval")[:num_tasks]
+            if not tasks:
+                raise ValueError(f"environment {env.name!r} has no eval tasks; give it eval tasks (see its args) to evaluate")
+            outcomes = await asyncio.gather(*(_safe_rollout(env, task, client, i) for i, task in enumerate(tasks)))
+            rewards = [r for r in outcomes if r is not None]
+            results.append(EnvResult(env.name, len(tasks), sum(rewards) / len(tasks), len(tasks) - len(rewards)))
+    finally:
+        await client.aclose()
     return results
 
 

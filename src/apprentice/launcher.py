@@ -102,7 +102,7 @@ def supervise(commands: dict[str, list[str]], *, env: dict[str, str], must_finis
             thread.join(timeout=2.0)
 
 
-def run_distill(cfg: Config, paths: list[str], overrides: list[str]) -> int:
+def run_distill(cfg: Config) -> int:
     output_dir = Path(cfg.output_dir)
     resumed = (output_dir / "config.toml").is_file()
     config_path = write_resolved(cfg)

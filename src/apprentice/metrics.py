@@ -5,26 +5,37 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
-from apprentice.config import LogConfig
+from apprentice.config import LogConfig, write_atomic
 
 T = TypeVar("T")
 
 
 class MetricsLog:
-    """Append-only JSONL of per-step metrics (flushed per line so a kill loses at most the current step)."""
+    """Append-only JSONL of per-step metrics (flushed per line so a kill loses at most the current step).
 
-    def __init__(self, path: Path, log_cfg: LogConfig, *, enabled: bool = True, wandb_config: dict[str, Any] | None = None) -> None:
+    `resume_after=n` first drops the lines of steps after n: a resumed process redoes those steps, and the log
+    must show each step once, as the run that finally produced it.
+    """
+
+    def __init__(
+        self, path: Path, log_cfg: LogConfig, *, enabled: bool = True, resume_after: int | None = None,
+        wandb_config: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         self.enabled = enabled
-        self._file = None
+        self._file: IO[str] | None = None
         self._wandb: Any = None
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_after is not None and path.is_file():
+            kept = [row for row in read_metrics(path) if int(row.get("step", 0)) <= resume_after]
+            write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = path.open("a")
         if log_cfg.wandb_project:
             import wandb  # optional extra: pip install 'apprentice[wandb]'
@@ -37,6 +48,7 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics.get("step", 0)))
 

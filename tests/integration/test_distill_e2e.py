@@ -50,7 +50,7 @@ def transient_faults() -> Any:
     return rule
 
 
-def write_config(path: Path, output: Path, student: Path, base_url: str, max_steps: int) -> Path:
+def write_config(path: Path, output: Path, student: Path, base_url: str, max_steps: int, *, num_processes: int = 1, micro_batch_tokens: int = 512) -> Path:
     path.write_text(f"""
 output_dir = "{output}"
 [model]
@@ -72,7 +72,8 @@ id = "reverse-text"
 args = {{ num_tasks = 200 }}
 [trainer]
 max_steps = {max_steps}
-micro_batch_tokens = 512
+micro_batch_tokens = {micro_batch_tokens}
+num_processes = {num_processes}
 [trainer.loss]
 type = "sft"
 [trainer.optim]
@@ -106,7 +107,8 @@ def test_distill_runs_end_to_end_against_a_faulty_teacher(student: Path, tmp_pat
 
     output = tmp_path / "run"
     with FaultTeacher(api_key=SECRET, respond=reverse, rule=transient_faults()) as teacher:
-        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4)
+        # Two trainer ranks: the launcher starts the trainer under torchrun (gloo on CPU).
+        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4, num_processes=2)
         proc = subprocess.run([sys.executable, "-m", "apprentice", "distill", str(config)], env=env_with_key(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert teacher.unknown_fields() == [] and teacher.token_fields() == []
@@ -155,3 +157,17 @@ def test_kill_9_then_rerun_resumes_without_paying_twice(student: Path, tmp_path:
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps[-1] == 6
     assert (output / "final" / "config.json").is_file()
     assert_no_secret(output)
+
+
+def test_a_failing_trainer_stops_the_whole_run_with_a_clear_message(student: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+        # Every sample is longer than 16 tokens, so the trainer fails on its first batch while the orchestrator
+        # would otherwise wait forever for it (backpressure): the launcher must stop both.
+        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4, micro_batch_tokens=16)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "apprentice", "distill", str(config)], env=env_with_key(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "the trainer failed" in proc.stderr and "stopping orchestrator" in proc.stderr
+    assert "micro_batch_tokens" in proc.stdout  # the trainer's own error, streamed with its prefix
+    assert time.monotonic() - started < 120

@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apprentice.config import Config, dump_config
+from apprentice.metrics import read_metrics as read_metrics_file
 from apprentice.testing.tiny import save_tiny_student
 from apprentice.trainer.ckpt import complete_checkpoints
-from apprentice.trainer.metrics import read_metrics
+from apprentice.trainer.metrics import metrics_path
 from apprentice.trainer.optim import NonFiniteError
 from apprentice.trainer.train import main
 from apprentice.transport import (
@@ -32,6 +33,10 @@ from apprentice.transport import (
 from apprentice.types import TrainingSample
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    return read_metrics_file(metrics_path(output_dir))
 
 
 @pytest.fixture(scope="module")

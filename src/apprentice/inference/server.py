@@ -321,6 +321,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt-prefix-file", type=Path, default=None,
                    help="JSON list of chat messages (e.g. instructions and worked examples) prepended to every request")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); lower it when the server shares the CPU "
+                        "with a trainer, or both slow down spinning on the same cores")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default: MODEL)")
     return p.parse_args(argv)
@@ -330,6 +333,8 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     api_key = None
     if args.api_key_var is not None:
         api_key = os.environ.get(args.api_key_var)

@@ -96,9 +96,8 @@ async def run(cfg: Config) -> None:
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
     client = build_client(cfg)
-    metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log)
-
     first = latest_step_batch(output_dir) + 1
+    metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log, resume_after=first - 1)
     if first > 1:
         log.info("resuming: steps 1..%d are already written, continuing at step %d", first - 1, first)
     bar = progress_bar(range(first, cfg.trainer.max_steps + 1), cfg.log, desc="orchestrator", unit="step")

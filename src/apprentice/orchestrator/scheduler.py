@@ -28,7 +28,7 @@ class TaskScheduler:
     def __init__(self, envs: list[Environment], weights: list[float], tasks_per_step: int, rollouts_per_prompt: int, seed: int) -> None:
         self.envs = envs
         self.tasks = [env.tasks("train") for env in envs]
-        for env, tasks in zip(envs, self.tasks):
+        for env, tasks in zip(envs, self.tasks, strict=True):
             if not tasks:
                 raise ValueError(f"environment {env.name!r} has no training tasks")
         self.weights = weights

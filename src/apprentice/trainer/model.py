@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from apprentice.config.model import ModelConfig
 from apprentice.trainer import attention
@@ -52,9 +52,3 @@ def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() for dtype only
     model.train()
     return model
-
-
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(
-        cfg.tokenizer or cfg.name, trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file
-    )

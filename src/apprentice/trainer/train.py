@@ -19,11 +19,12 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config, load_config
+from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
 from apprentice.trainer.export import export_hf
 from apprentice.trainer.losses import LossFn, LossInputs, build_loss, finalize_metrics, target_logprobs
 from apprentice.trainer.metrics import MetricsLogger
-from apprentice.trainer.model import load_model, load_tokenizer
+from apprentice.trainer.model import load_model
 from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_scheduler, clip_grad_norm
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
 from apprentice.trainer.world import (

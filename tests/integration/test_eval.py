@@ -1,0 +1,81 @@
+"""`apprentice eval`: held-out reward of a local model directory (served for the occasion) or of an endpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_teacher import FaultTeacher
+
+from apprentice.config import Config
+from apprentice.eval import evaluate, format_table
+from apprentice.testing.tiny import save_tiny_student
+
+
+def reverse(body: dict[str, Any]) -> str:
+    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"][::-1]
+
+
+def config(output: Path, student: Path, base_url: str = "http://127.0.0.1:9/v1") -> Config:
+    return Config.model_validate({
+        "output_dir": str(output), "model": {"name": str(student)},
+        "orchestrator": {
+            "use_token_client": False, "rollout_model": {"base_url": base_url, "model": "teacher"},
+            "sampling": {"temperature": 0.0, "max_tokens": 8},
+            "env": [{"id": "reverse-text", "args": {"num_tasks": 12, "num_eval_tasks": 5}}],
+        },
+        "trainer": {"loss": {"type": "sft"}},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_student(tmp_path_factory.mktemp("student") / "tiny")
+
+
+def test_eval_of_an_endpoint_scores_its_answers(student: Path, tmp_path: Path) -> None:
+    with FaultTeacher(respond=reverse) as teacher:
+        rows = evaluate(config(tmp_path, student, teacher.base_url), teacher.base_url)
+        # Only held-out tasks are asked.
+        asked = {r.body["messages"][-1]["content"] for r in teacher.chat_requests() if r.body}
+    assert [(r.env, r.tasks, r.failed) for r in rows] == [("reverse-text", 5, 0)]
+    assert rows[0].reward == pytest.approx(1.0)
+    assert len(asked) == 5
+    assert "reverse-text" in format_table(rows)
+
+
+def test_eval_cli_serves_a_local_directory(student: Path, tmp_path: Path) -> None:
+    cfg_path = tmp_path / "eval.toml"
+    cfg_path.write_text(f"""
+output_dir = "{tmp_path / 'out'}"
+[model]
+name = "{student}"
+[orchestrator]
+use_token_client = false
+[orchestrator.rollout_model]
+base_url = "http://127.0.0.1:9/v1"
+model = "teacher"
+[orchestrator.sampling]
+temperature = 0.0
+max_tokens = 8
+[[orchestrator.env]]
+id = "reverse-text"
+args = {{ num_tasks = 12, num_eval_tasks = 4 }}
+[trainer.loss]
+type = "sft"
+""")
+    proc = subprocess.run([sys.executable, "-m", "apprentice", "eval", str(cfg_path), "--model", str(student)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header, row = proc.stdout.strip().splitlines()[-2:]
+    assert header.split() == ["environment", "tasks", "failed", "reward"]
+    name, tasks, failed, reward = row.split()
+    # An untrained random student answers, but it is not good at reversing text.
+    assert (name, tasks, failed) == ("reverse-text", "4", "0") and 0.0 <= float(reward) < 0.5
+
+
+def test_eval_rejects_a_model_that_is_neither_url_nor_directory(student: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither an http"):
+        evaluate(config(tmp_path, student), str(tmp_path / "missing"))
