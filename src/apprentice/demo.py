@@ -46,7 +46,7 @@ def score(cfg: Config, model: str) -> Scores:
     return Scores(correct=rewards["capitals"], form=rewards["format"])
 
 
-def save_plot(output_dir: Path, before: float, after: float, teacher: float) -> Path | None:
+def save_plot(output_dir: Path, before: Scores, after: Scores, teacher: Scores) -> Path | None:
     try:
         import matplotlib
 
@@ -56,20 +56,22 @@ def save_plot(output_dir: Path, before: float, after: float, teacher: float) -> 
         print("matplotlib is not installed; skipping the plot (pip install 'apprentice[demo]')")
         return None
     trainer = read_metrics(output_dir / "trainer" / "metrics.jsonl")
-    orchestrator = read_metrics(output_dir / "orchestrator" / "metrics.jsonl")
-    fig, (ax_loss, ax_reward) = plt.subplots(1, 2, figsize=(10, 4))
+    orchestrator = [m for m in read_metrics(output_dir / "orchestrator" / "metrics.jsonl") if "rollout/reward" in m]
+    fig, (ax_loss, ax_reward) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([m["step"] for m in trainer], [m.get("loss/nll") for m in trainer], marker=".")
     ax_loss.set(title="student SFT loss (masked NLL)", xlabel="step", ylabel="loss/nll")
-    steps = [m["step"] for m in orchestrator if "rollout/reward" in m]
-    ax_reward.plot(steps, [m["rollout/reward"] for m in orchestrator if "rollout/reward" in m], marker=".", label="teacher rollouts (train tasks)")
     last = max([m["step"] for m in trainer] or [1])
-    ax_reward.plot([0, last], [before, after], marker="o", label="student, held-out tasks")
-    ax_reward.axhline(teacher, linestyle="--", color="gray", label="teacher, held-out tasks")
-    ax_reward.set(title="reward", xlabel="step", ylabel="mean reward", ylim=(-0.05, 1.05))
-    ax_reward.legend(loc="lower right")
+    ax_reward.plot([m["step"] for m in orchestrator], [m["rollout/reward"] for m in orchestrator], color="lightgray",
+                   marker=".", label="teacher rollouts, train countries: right city")  # fmt: skip
+    for name, attr, color in (("right city, alone", "correct", "tab:blue"), ("bare city name", "form", "tab:orange")):
+        ax_reward.plot([0, last], [getattr(before, attr), getattr(after, attr)], marker="o", color=color, label=f"student, held-out: {name}")
+        ax_reward.axhline(getattr(teacher, attr), linestyle="--", color=color, alpha=0.6, label=f"teacher, held-out: {name}")
+    ax_reward.set(title="reward", xlabel="step", ylabel="mean over tasks", ylim=(-0.05, 1.05))
+    ax_reward.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     fig.tight_layout()
     path = output_dir / "demo.png"
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         distill_s = time.monotonic() - distill_started
     after = score(eval_cfg, str(output_dir / "final"))
-    plot = save_plot(output_dir, before.correct, after.correct, teacher.correct)
+    plot = save_plot(output_dir, before, after, teacher)
     total_s = time.monotonic() - started
     print()
     print("held-out countries (40), greedy decoding")

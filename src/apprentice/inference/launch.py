@@ -25,6 +25,8 @@ def local_server(model: str | Path, *, extra_args: list[str] | None = None, time
     """Serve `model` on 127.0.0.1 for the duration of the block; yields the base URL (".../v1")."""
     port = free_port()
     command = [sys.executable, "-m", "apprentice", "serve", str(model), "--port", str(port), *(extra_args or [])]
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     base_url = f"http://127.0.0.1:{port}/v1"
