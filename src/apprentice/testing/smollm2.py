@@ -60,17 +60,10 @@ def export_smollm2(path: str | Path | None = None) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    from transformers import AutoModelForCausalLM
+    from apprentice.trainer.model import forget_gguf_origin
 
-    dequantised = load_smollm2_model()
-    # A GGUF-loaded model refuses save_pretrained (it is marked quantized); its weights are plain float32
-    # tensors by now, so copy them into a fresh model of the same config.
-    config = dequantised.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(dequantised.state_dict())
-    model.generation_config = dequantised.generation_config
+    model = load_smollm2_model()
+    forget_gguf_origin(model)
     tokenizer = load_smollm2_tokenizer()
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -45,6 +45,8 @@ def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
         trust_remote_code=cfg.trust_remote_code,
         gguf_file=cfg.gguf_file,
     )
+    if cfg.gguf_file:
+        forget_gguf_origin(model)
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         # Non-reentrant checkpointing composes with FSDP2 and with inputs that do not require grad.
@@ -52,3 +54,14 @@ def load_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     model.to(device)  # type: ignore[arg-type]  # transformers' stub types .to() for dtype only
     model.train()
     return model
+
+
+def forget_gguf_origin(model: PreTrainedModel) -> None:
+    """Let a model loaded with `gguf_file=` be saved (checkpoints, the final export).
+
+    transformers dequantises GGUF weights to plain tensors on load but keeps the model marked as quantized, and
+    `save_pretrained` then refuses it; dropping the marker is all that stands between it and a normal save.
+    """
+    setattr(model, "hf_quantizer", None)  # noqa: B010  # transformers types the attribute as a module
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
