@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from apprentice.config import Config, write_resolved
+from apprentice.config.resume import check_resumable
 
 POLL_S = 0.2
 GRACE_S = 10.0
@@ -104,7 +105,7 @@ def supervise(commands: dict[str, list[str]], *, env: dict[str, str], must_finis
 
 def run_distill(cfg: Config) -> int:
     output_dir = Path(cfg.output_dir)
-    resumed = (output_dir / "config.toml").is_file()
+    resumed = check_resumable(cfg)
     config_path = write_resolved(cfg)
     print(f"apprentice distill: {'resuming' if resumed else 'starting'} run in {output_dir} (config: {config_path})", flush=True)
     env = dict(os.environ)
