@@ -9,26 +9,14 @@ import os
 import secrets
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from config_samples import MINIMAL, RL_CONFIG
 
 from apprentice.cli import COMMANDS, main
 from apprentice.config import Config, load_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-MINIMAL = Path(__file__).resolve().parents[2] / "configs" / "distill-minimal.toml"
-
-RL_CONFIG = """
-[model]
-name = "student"
-[inference]
-port = 8123
-"""
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

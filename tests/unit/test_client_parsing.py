@@ -6,7 +6,7 @@ import asyncio
 import json
 import random
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -88,7 +88,7 @@ def test_backoff_is_bounded_and_grows() -> None:
 def test_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after("2") == 2.0 and parse_retry_after("0.25") == 0.25 and parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
-    future = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    future = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25.0 < parse_retry_after(future) <= 30.0  # type: ignore[operator]
 
 

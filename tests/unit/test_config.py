@@ -5,10 +5,11 @@ Every error test asserts what the user reads: the keys involved, where they came
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+from config_samples import MINIMAL, RL_CONFIG
 
 from apprentice.config import (
     Config,
@@ -19,20 +20,6 @@ from apprentice.config import (
     load_config,
     write_resolved,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-MINIMAL = Path(__file__).resolve().parents[2] / "configs" / "distill-minimal.toml"
-
-RL_CONFIG = """
-[model]
-name = "student"
-[inference]
-port = 8123
-"""
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

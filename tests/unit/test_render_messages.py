@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from render_helpers import masked_texts
 
 from apprentice.render import RenderError, render_trajectory
 from apprentice.render.template import ChatRenderer
 from apprentice.testing import smollm2
 from apprentice.testing.tiny import CHATML_TEMPLATE, build_tiny_tokenizer
-from apprentice.types import TrainingSample
 
 TOOLS = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -30,14 +30,6 @@ RESULTS = [
 ANSWER = {"role": "assistant", "content": "  It is\t4. \n"}
 
 
-def masked_texts(tok: Any, sample: TrainingSample) -> list[str]:
-    runs: list[list[int]] = []
-    for i, (tid, m) in enumerate(zip(sample.token_ids, sample.loss_mask, strict=True)):
-        if m:
-            if i == 0 or not sample.loss_mask[i - 1]:
-                runs.append([])
-            runs[-1].append(tid)
-    return [tok.decode(run) for run in runs]
 
 
 def one_turn(content: Any, **extra: Any) -> dict:

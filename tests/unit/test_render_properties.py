@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from render_helpers import masked_texts
 
 from apprentice.render import RenderError, render_trajectory
 from apprentice.render.reference import render_reference
@@ -209,15 +210,6 @@ def test_smollm2_matches_per_prefix_rendering(smol_tokenizer: Any, trajectory: d
     check_against_oracles(trajectory, smol_tokenizer)
 
 
-def masked_texts(tok: Any, sample: TrainingSample) -> list[str]:
-    """The decoded runs of masked tokens, in order."""
-    runs: list[list[int]] = []
-    for i, (tid, m) in enumerate(zip(sample.token_ids, sample.loss_mask, strict=True)):
-        if m:
-            if i == 0 or not sample.loss_mask[i - 1]:
-                runs.append([])
-            runs[-1].append(tid)
-    return [tok.decode(run) for run in runs]
 
 
 def _agentic(reasoning: dict | None = None) -> dict:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 import tempfile
+import tomllib
 import types
 import typing
 from collections.abc import Sequence
@@ -22,11 +22,6 @@ import tomli_w
 from pydantic import BaseModel, ValidationError
 
 from apprentice.config.root import Config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 Origins = dict[tuple[str, ...], str]
 """Where each leaf key came from (a file path or "command line"), for error messages."""
