@@ -50,6 +50,8 @@ OPENAI_CHAT_FIELDS = frozenset(
 # Fields that only make sense for a token client (the local inference server); a teacher must never get them.
 TOKEN_FIELDS = frozenset({"logprobs", "top_logprobs", "return_token_ids", "prompt_logprobs"})
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+# Fields a message may carry in the chat-completions schema; anything else (e.g. `reasoning_content`) is a 400.
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"})
 
 
 @dataclass
@@ -212,6 +214,9 @@ class FaultTeacher:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in MESSAGE_ROLES:
                 return f"Invalid value for 'messages[{i}].role'.", f"messages[{i}].role"
+            extra = sorted(set(message) - MESSAGE_FIELDS)
+            if extra:
+                return f"Unrecognized request argument supplied: messages[{i}].{extra[0]}", f"messages[{i}].{extra[0]}"
         return None
 
     def _completion(self, body: dict[str, Any], fault: Fault | None) -> dict[str, Any]:

@@ -51,12 +51,12 @@ def make_client(
     )
 
 
-def chats(client: OpenAIChatClient, keys: list[str], **kwargs: Any) -> list[ChatResponse]:
+def chats(client: OpenAIChatClient, keys: list[str], messages: list[dict[str, Any]] = MESSAGES, **kwargs: Any) -> list[ChatResponse]:
     """One event loop for the client's whole life (it is bound to the loop it first ran on), one call per key."""
 
     async def go() -> list[ChatResponse]:
         try:
-            return [await client.chat(MESSAGES, key=key, **kwargs) for key in keys]
+            return [await client.chat(messages, key=key, **kwargs) for key in keys]
         finally:
             await client.aclose()
 
@@ -260,3 +260,18 @@ def test_no_key_variable_sends_no_authorization_header() -> None:
         assert chat(client).message["content"] == "echo: hello world"
         (request,) = teacher.chat_requests()
     assert "authorization" not in request.headers
+
+
+def test_earlier_turns_reasoning_stays_out_of_teacher_requests(teacher: FaultTeacher) -> None:
+    """Trajectories keep the teacher's reasoning for training; strict APIs reject it as a request field."""
+    history = [
+        {"role": "user", "content": "hello world"},
+        {"role": "assistant", "content": "hi", "reasoning_content": "The user greets me."},
+        {"role": "user", "content": "hello again"},
+    ]
+    response = chat(make_client(teacher), messages=history)
+    assert response.message["content"] == "echo: hello again"
+    (request,) = teacher.chat_requests()
+    assert request.body is not None
+    assert request.body["messages"][1] == {"role": "assistant", "content": "hi"}
+    assert history[1]["reasoning_content"] == "The user greets me."  # the caller's trajectory is untouched

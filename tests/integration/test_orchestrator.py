@@ -119,6 +119,15 @@ def test_resume_reuses_cached_teacher_answers(student: Path, tmp_path: Path, mon
     assert marker is not None
 
 
+async def until(condition: Any, timeout_s: float = 60.0) -> None:
+    """Poll `condition()` until it holds (a loaded CI machine may be slow; a wrong one never gets there)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
 def test_backpressure_waits_for_the_trainer(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEACHER_KEY", SECRET)
     output = tmp_path / "out"
@@ -129,12 +138,12 @@ def test_backpressure_waits_for_the_trainer(student: Path, tmp_path: Path, monke
             task = asyncio.create_task(run(cfg))
             seen = []
             for trainer_step in range(3):
-                await asyncio.sleep(1.0)
-                # With max_async_level 0, step n is only produced once the trainer finished step n-1.
+                # With max_async_level 0, step n is produced once the trainer finished step n-1, and no sooner.
+                await until(lambda n=trainer_step: latest_step_batch(output) == n + 1)
+                await asyncio.sleep(0.5)  # would be enough for the orchestrator to write one more step
                 seen.append(latest_step_batch(output))
-                assert seen[-1] == trainer_step + 1
                 write_trainer_progress(output, trainer_step + 1)
-            await asyncio.wait_for(task, timeout=30)
+            await asyncio.wait_for(task, timeout=60)
             return seen
 
         assert asyncio.run(drive()) == [1, 2, 3]

@@ -58,6 +58,16 @@ class _Retryable(Exception):
         self.retry_after_s = retry_after_s
 
 
+# Message fields of the chat-completions schema. Trajectories carry more (the teacher's `reasoning_content` of
+# earlier turns, kept for training); strict hosted APIs reject such fields in requests, so they stay home.
+WIRE_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+
+
+def wire_message(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with only the fields a hosted OpenAI-compatible API accepts."""
+    return {k: v for k, v in message.items() if k in WIRE_MESSAGE_FIELDS}
+
+
 class OpenAIChatClient:
     """`ChatClient` over any OpenAI-compatible chat endpoint (hosted API, vLLM, `apprentice serve`).
 
@@ -109,6 +119,8 @@ class OpenAIChatClient:
         samples of one prompt (different keys) differ instead of being copies of each other.
         """
         s = self.sampling
+        if not self.use_token_client:
+            messages = [wire_message(m) for m in messages]
         body: dict[str, Any] = {"model": self.endpoint.model, "messages": messages}
         if tools:
             body["tools"] = tools
