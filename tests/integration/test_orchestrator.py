@@ -172,3 +172,22 @@ def test_no_teacher_request_carries_logprob_or_token_fields_with_tools(student: 
     row = read_metrics(output / "orchestrator" / "metrics.jsonl")[0]
     assert row["render/samples"] >= 1
     assert row["rollout/tool-calculator/num_tool_calls"] >= 1
+
+
+def test_a_step_with_nothing_to_train_stops_with_the_cause(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apprentice.inference.launch import free_port
+    from apprentice.orchestrator.loop import NothingToTrainError
+
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+    down = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    cfg = make_config(tmp_path / "out", student, down)
+    cfg.orchestrator.rollout_model = cfg.orchestrator.rollout_model.model_copy(update={"max_retries": 0})  # type: ignore[union-attr]
+    with pytest.raises(NothingToTrainError) as info:
+        asyncio.run(run(cfg))
+    message = str(info.value)
+    assert "step 1" in message and "client/connection" in message and down in message
+    assert latest_step_batch(tmp_path / "out") == 0  # no empty batch was handed to the trainer
+
+    with FaultTeacher(api_key=SECRET, respond=reverse, rule=lambda i, body: Fault.truncated()) as teacher:
+        with pytest.raises(NothingToTrainError, match="max_tokens"):
+            asyncio.run(run(make_config(tmp_path / "out2", student, teacher.base_url)))

@@ -35,6 +35,10 @@ from apprentice.transport import latest_step_batch, read_trainer_progress, split
 log = logging.getLogger("apprentice.orchestrator")
 
 
+class NothingToTrainError(RuntimeError):
+    """A whole step produced no trainable sample: training on nothing would only hide the cause."""
+
+
 async def rollout_one(env: Environment, slot: Slot, client: ChatClient, step: int) -> dict[str, Any]:
     """One scored trajectory; a client failure becomes a trajectory with `error` set (counted, not fatal)."""
     key = f"step{step}/{env.name}/{slot.task.id}/sample{slot.sample}"
@@ -77,6 +81,25 @@ def rollout_metrics(trajectories: list[dict[str, Any]], dropped: Counter[str]) -
     return metrics
 
 
+def empty_step_message(step: int, trajectories: list[dict[str, Any]], dropped: Counter[str], render: dict[str, float], cfg: Config) -> str:
+    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/")}
+    first_error = next((t["error_message"] for t in trajectories if t.get("error_message")), None)
+    hints = []
+    if any(r.startswith("client/") for r in reasons):
+        endpoint = cfg.orchestrator.rollout_model or cfg.orchestrator.student_endpoint
+        where = endpoint.base_url if endpoint is not None else "the inference server"
+        hints.append(f"check that {where} is up and the API key variable is set")
+    if "truncated" in reasons:
+        hints.append("raise orchestrator.sampling.max_tokens or set orchestrator.truncated = \"keep\"")
+    if any(r.startswith("set_aside/") for r in reasons):
+        hints.append("see render/set_aside/* in OUTPUT/orchestrator/metrics.jsonl: the student's chat template cannot represent these rollouts")
+    return (
+        f"step {step}: none of the {len(trajectories)} rollouts could be trained on (set aside: {reasons})"
+        + (f"; first error: {first_error}" if first_error else "")
+        + (f". Fix: {'; '.join(hints)}" if hints else "")
+    )
+
+
 async def wait_for_trainer(output_dir: Path, step: int, max_async_level: int) -> float:
     """Block until step `step` is within max_async_level of the trainer's last finished step; seconds waited."""
     start = time.monotonic()
@@ -116,6 +139,8 @@ async def run(cfg: Config) -> None:
             else:
                 dropped[reason] += 1
         samples, render_stats = render_many(kept, tokenizer, reasoning=orch.reasoning)
+        if not samples:
+            raise NothingToTrainError(empty_step_message(step, trajectories, dropped, render_stats.metrics(), cfg))
         write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
 
         metrics: dict[str, float] = {"step": step}
@@ -135,7 +160,11 @@ def main(cfg: Config) -> None:
     logging.basicConfig(level=cfg.log.level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "openai"):  # one INFO line per request drowns the step log
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except NothingToTrainError as e:  # an expected failure (teacher down, every turn truncated): say why, no traceback
+        log.error("%s", e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
