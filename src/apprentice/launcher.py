@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from apprentice.config import Config, write_resolved
+from apprentice.config import Config, ConfigError, write_resolved
 from apprentice.config.resume import check_resumable
 
 POLL_S = 0.2
@@ -104,6 +104,13 @@ def supervise(commands: dict[str, list[str]], *, env: dict[str, str], must_finis
 
 
 def run_distill(cfg: Config) -> int:
+    teacher = cfg.orchestrator.rollout_model
+    if teacher is not None and teacher.api_key_var and not os.environ.get(teacher.api_key_var):
+        # Fail before starting anything: every request would be refused, and the key is read only from the environment.
+        raise ConfigError(
+            f"orchestrator.rollout_model.api_key_var names {teacher.api_key_var}, which is not set in the environment: "
+            f"export {teacher.api_key_var}=... (or remove api_key_var for an endpoint without authentication)"
+        )
     output_dir = Path(cfg.output_dir)
     resumed = check_resumable(cfg)
     config_path = write_resolved(cfg)

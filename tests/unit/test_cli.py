@@ -172,3 +172,12 @@ def test_secret_absent_from_dry_run_in_process(monkeypatch: pytest.MonkeyPatch, 
     assert main(["distill", str(MINIMAL), "--orchestrator.rollout_model.api_key_var", secret, "--dry-run"]) == 2
     out = capsys.readouterr()
     assert secret not in out.out and secret not in out.err and "api_key_var" in out.err
+
+
+def test_distill_fails_fast_when_the_key_variable_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("TEACHER_API_KEY", raising=False)
+    code = main(["distill", str(MINIMAL), "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "TEACHER_API_KEY" in err and "export TEACHER_API_KEY=" in err
+    assert not (tmp_path / "run").exists()  # nothing was started or written
