@@ -121,7 +121,7 @@ def test_distill_runs_end_to_end_against_a_faulty_teacher(student: Path, tmp_pat
     orchestrator_rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
     assert sum(r["teacher/retries"] for r in orchestrator_rows) > 0
     for row in orchestrator_rows:
-        assert row["render/trajectories"] + row["rollout/set_aside"] == 4  # no task lost
+        assert row["render/trajectories"] + row["render/set_aside"] + row["rollout/set_aside"] == 4  # no task lost
     model = AutoModelForCausalLM.from_pretrained(output / "final")
     assert model.config.vocab_size > 0 and (output / "final" / "tokenizer_config.json").is_file()
     assert_no_secret(output)

@@ -83,7 +83,7 @@ def test_faults_lose_no_task_and_send_no_unknown_field(student: Path, tmp_path: 
     for row in rows:
         # Every task of the step is either rendered into samples or counted as set aside, with a reason.
         assert row["rollout/trajectories"] == 6
-        assert row["render/trajectories"] + row["rollout/set_aside"] == 6
+        assert row["render/trajectories"] + row["render/set_aside"] + row["rollout/set_aside"] == 6
         reasons = {k: v for k, v in row.items() if k.startswith("rollout/set_aside/")}
         assert sum(reasons.values()) == row["rollout/set_aside"]
         assert set(reasons) <= {"rollout/set_aside/client/empty", "rollout/set_aside/truncated"}

@@ -20,6 +20,7 @@ from apprentice.envs.base import EnvError, Environment
 from apprentice.envs.prompts import PromptsArgs, make_prompts_env
 from apprentice.envs.reverse_text import ReverseTextArgs, make_reverse_text_env
 from apprentice.envs.tool_calculator import ToolCalculatorArgs, make_tool_calculator_env
+from apprentice.envs.verifiers_env import VerifiersArgs, make_verifiers_env
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ BUILTINS: dict[str, Builtin] = {
     "prompts": Builtin(PromptsArgs, make_prompts_env),
     "reverse-text": Builtin(ReverseTextArgs, make_reverse_text_env),
     "tool-calculator": Builtin(ToolCalculatorArgs, make_tool_calculator_env),
+    "verifiers": Builtin(VerifiersArgs, make_verifiers_env),  # optional extra, imported lazily
 }
 
 
