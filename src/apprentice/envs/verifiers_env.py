@@ -60,7 +60,7 @@ def _requires_runtime(fn: Any) -> bool:
     return param is not None and param.default is inspect.Parameter.empty
 
 
-def _unsupported(vf: Any, taskset: Any, first: Any) -> list[str]:
+def _unsupported(taskset: Any, first: Any) -> list[str]:
     """Why this taskset cannot run without a verifiers harness (empty when it can)."""
     task_cls = type(taskset).task_type()
     problems = []
@@ -95,7 +95,7 @@ class VerifiersEnv:
                 f"environment 'verifiers': taskset {args.taskset!r} has {len(vf_tasks)} tasks, not more than "
                 f"args.num_eval={args.num_eval}; lower num_eval or raise limit"
             )
-        problems = _unsupported(vf, taskset, vf_tasks[0])
+        problems = _unsupported(taskset, vf_tasks[0])
         if problems:
             raise EnvError(
                 f"environment 'verifiers': taskset {args.taskset!r} cannot run on apprentice's client: "
