@@ -87,12 +87,25 @@ def _require_mode(cfg: Config, mode: str, command: str) -> None:
         raise ConfigError(f"`apprentice {command}` needs {article} {mode}-mode config: {hint}")
 
 
+def check_environments(cfg: Config) -> None:
+    """Environment ids and built-in args are checked with the config, so --dry-run catches their typos too."""
+    from apprentice.envs.base import EnvError
+    from apprentice.envs.registry import check_env_config
+
+    for i, env in enumerate(cfg.orchestrator.env):
+        try:
+            check_env_config(env)
+        except EnvError as e:
+            raise ConfigError(f"orchestrator.env[{i}]: {e}") from None
+
+
 def _configured(argv: Sequence[str], command: str, *, mode: str | None = None, flags: Sequence[str] = ()) -> tuple[Config, ConfigArgs] | None:
     """Load and validate the config of a command; with --dry-run print it and return None (nothing to run)."""
     args = parse_config_args(argv, flags)
     cfg = load_config(args.paths, args.overrides)
     if mode is not None:
         _require_mode(cfg, mode, command)
+    check_environments(cfg)
     if args.dry_run:
         print(dump_config(cfg), end="")
         return None

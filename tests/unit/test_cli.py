@@ -181,3 +181,13 @@ def test_distill_fails_fast_when_the_key_variable_is_missing(tmp_path: Path, mon
     assert code == 2
     assert "TEACHER_API_KEY" in err and "export TEACHER_API_KEY=" in err
     assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_dry_run_checks_environment_ids_and_args(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["distill", str(MINIMAL), "--orchestrator.env.0.args", '{path = "a.jsonl", eval_pth = "b.jsonl"}', "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "orchestrator.env[0]" in err and "eval_pth" in err and "did you mean 'eval_path'" in err
+    assert main(["distill", str(MINIMAL), "--orchestrator.env.0.id", "promts", "--dry-run"]) == 2
+    assert "did you mean 'prompts'" in capsys.readouterr().err
+    # Import-path environments are not imported at validation time (user code may need the run's machine).
+    assert main(["distill", str(MINIMAL), "--orchestrator.env.0.id", "my_pkg.envs:make", "--dry-run"]) == 0

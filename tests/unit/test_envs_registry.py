@@ -73,7 +73,7 @@ def test_tool_calculator_tasks_have_integer_answers() -> None:
 
 
 def test_builtin_arg_errors_name_the_env_and_the_arg() -> None:
-    with pytest.raises(EnvError, match=r"'reverse-text': args\.num_taks: Extra inputs.*accepted args: num_tasks"):
+    with pytest.raises(EnvError, match=r"'reverse-text': args\.num_taks: unknown argument; did you mean 'num_tasks'\?.*accepted args: num_tasks"):
         load("reverse-text", num_taks=3)
     with pytest.raises(EnvError, match=r"'reverse-text'.*min_len \(9\) must be <= max_len \(4\)"):
         load("reverse-text", min_len=9, max_len=4)

@@ -47,32 +47,53 @@ def load_environment(cfg: EnvConfig, *, seed: int = 0) -> Environment:
     """
     builtin = BUILTINS.get(cfg.id)
     if builtin is not None:
-        env = _build_builtin(cfg, builtin, seed)
-    elif ":" in cfg.id:
-        env = _build_imported(cfg, seed)
+        env = builtin.build(_validated_args(cfg, builtin), seed)
     else:
-        close = difflib.get_close_matches(cfg.id, list(BUILTINS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise EnvError(
-            f"unknown environment {cfg.id!r}: {hint}built-ins are {', '.join(sorted(BUILTINS))}; "
-            "a user environment is an import path 'package.module:factory'"
-        )
+        _check_import_path_form(cfg.id)
+        env = _build_imported(cfg, seed)
     check_environment(env, cfg.id)
     return env
 
 
-def _build_builtin(cfg: EnvConfig, builtin: Builtin, seed: int) -> Environment:
+def check_env_config(cfg: EnvConfig) -> None:
+    """Validate an environment's id and (for built-ins) its args without building it: no files are read and
+    no user code is imported, so `--dry-run` can catch typos before a run starts. Raises EnvError."""
+    builtin = BUILTINS.get(cfg.id)
+    if builtin is not None:
+        _validated_args(cfg, builtin)
+    else:
+        _check_import_path_form(cfg.id)
+
+
+def _check_import_path_form(env_id: str) -> None:
+    if ":" not in env_id:
+        close = difflib.get_close_matches(env_id, list(BUILTINS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise EnvError(
+            f"unknown environment {env_id!r}: {hint}built-ins are {', '.join(sorted(BUILTINS))}; "
+            "a user environment is an import path 'package.module:factory'"
+        )
+
+
+def _validated_args(cfg: EnvConfig, builtin: Builtin) -> BaseModel:
     try:
         args = builtin.args.model_validate(cfg.args)
     except ValidationError as e:
-        problems = "; ".join(
-            f"args.{'.'.join(map(str, err['loc'])) or '(root)'}: {err['msg']}"
-            + ("" if err["type"] == "missing" or not err["loc"] else f" (got {err['input']!r})")
-            for err in e.errors()
-        )
+        problems = "; ".join(_describe(err, builtin.args) for err in e.errors())
         accepted = ", ".join(builtin.args.model_fields)
         raise EnvError(f"environment {cfg.id!r}: {problems} (accepted args: {accepted})") from e
-    return builtin.build(args, seed)
+    return args
+
+
+def _describe(err: Any, args_model: type[BaseModel]) -> str:
+    """One argument problem; an unknown argument gets the closest accepted name."""
+    where = f"args.{'.'.join(map(str, err['loc'])) or '(root)'}"
+    if err["type"] == "extra_forbidden" and err["loc"]:
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(args_model.model_fields), n=1)
+        return f"{where}: unknown argument" + (f"; did you mean {close[0]!r}?" if close else "")
+    if err["type"] == "missing" or not err["loc"]:
+        return f"{where}: {err['msg']}"
+    return f"{where}: {err['msg']} (got {err['input']!r})"
 
 
 def _import_factory(env_id: str) -> Callable[..., Any]:
