@@ -140,6 +140,7 @@ def test_kill_9_then_rerun_resumes_without_paying_twice(student: Path, tmp_path:
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)  # the whole run: launcher, orchestrator, trainer
         proc.wait()
+        time.sleep(0.5)  # let the teacher's handler threads finish recording requests that were in flight
         cached = {json.loads(p.read_text())["key"] for p in (output / "teacher_cache").rglob("*.json")}
         requests_before = len(teacher.chat_requests())
         assert cached
