@@ -107,8 +107,10 @@ def main(cfg: Config) -> None:
 
         export_hf(model, tokenizer, output_dir / "final")
         logger.close()
-    finally:
-        shutdown(world)
+    except BaseException:
+        shutdown(world, completed=False)
+        raise
+    shutdown(world, completed=True)
 
 
 def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float) -> list[TrainingSample]:

@@ -105,6 +105,16 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, *, completed: bool) -> None:
+    """Tear the process group down.
+
+    After a completed run every rank meets at a barrier first: a rank that finishes early (rank 0 has the
+    metrics file to close) would otherwise destroy its gloo pairs while a peer is still between collectives,
+    and the peer's transport threads can abort it ("terminate called without an active exception") after all
+    its work is done. After a failure there is no barrier: the other ranks may be stuck in another collective,
+    and torchrun stops them.
+    """
     if world.distributed and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
