@@ -126,6 +126,11 @@ def echo(body: dict[str, Any]) -> str:
     return "echo:"
 
 
+def reverse_last_user(body: dict[str, Any]) -> str:
+    """A perfect reverse-text teacher: the last user message, reversed."""
+    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"][::-1]
+
+
 class FaultTeacher:
     """A threaded HTTP server speaking the OpenAI chat-completions API with scripted faults. See module doc."""
 

@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_teacher import Fault, FaultTeacher
+from fault_teacher import Fault, FaultTeacher, reverse_last_user
 
 from apprentice.metrics import read_metrics
 from apprentice.testing.tiny import save_tiny_student
 
 SECRET = "sk-e2e-distill-9b7d2c"
 
-
-def reverse(body: dict[str, Any]) -> str:
-    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"][::-1]
 
 
 def transient_faults() -> Any:
@@ -106,7 +103,7 @@ def test_distill_runs_end_to_end_against_a_faulty_teacher(student: Path, tmp_pat
     from transformers import AutoModelForCausalLM
 
     output = tmp_path / "run"
-    with FaultTeacher(api_key=SECRET, respond=reverse, rule=transient_faults()) as teacher:
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user, rule=transient_faults()) as teacher:
         # Two trainer ranks: the launcher starts the trainer under torchrun (gloo on CPU).
         config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4, num_processes=2)
         proc = subprocess.run([sys.executable, "-m", "apprentice", "distill", str(config)], env=env_with_key(), capture_output=True, text=True, timeout=600)
@@ -129,7 +126,7 @@ def test_distill_runs_end_to_end_against_a_faulty_teacher(student: Path, tmp_pat
 
 def test_kill_9_then_rerun_resumes_without_paying_twice(student: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
-    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
         config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=6)
         command = [sys.executable, "-m", "apprentice", "distill", str(config)]
         proc = subprocess.Popen(command, env=env_with_key(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -162,7 +159,7 @@ def test_kill_9_then_rerun_resumes_without_paying_twice(student: Path, tmp_path:
 
 def test_a_failing_trainer_stops_the_whole_run_with_a_clear_message(student: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
-    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
         # Every sample is longer than 16 tokens, so the trainer fails on its first batch while the orchestrator
         # would otherwise wait forever for it (backpressure): the launcher must stop both.
         config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4, micro_batch_tokens=16)

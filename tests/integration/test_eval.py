@@ -5,18 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fault_teacher import FaultTeacher
+from fault_teacher import FaultTeacher, reverse_last_user
 
 from apprentice.config import Config
 from apprentice.eval import evaluate, format_table
 from apprentice.testing.tiny import save_tiny_student
-
-
-def reverse(body: dict[str, Any]) -> str:
-    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"][::-1]
 
 
 def config(output: Path, student: Path, base_url: str = "http://127.0.0.1:9/v1") -> Config:
@@ -37,7 +32,7 @@ def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_eval_of_an_endpoint_scores_its_answers(student: Path, tmp_path: Path) -> None:
-    with FaultTeacher(respond=reverse) as teacher:
+    with FaultTeacher(respond=reverse_last_user) as teacher:
         rows = evaluate(config(tmp_path, student, teacher.base_url), teacher.base_url)
         # Only held-out tasks are asked.
         asked = {r.body["messages"][-1]["content"] for r in teacher.chat_requests() if r.body}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fault_teacher import Fault, FaultTeacher
+from fault_teacher import Fault, FaultTeacher, reverse_last_user
 
 from apprentice.config import Config
 from apprentice.metrics import read_metrics
@@ -20,10 +20,6 @@ from apprentice.transport import latest_step_batch, read_step_batch, read_step_m
 
 SECRET = "sk-orchestrator-test-4f1c9a"
 
-
-def reverse(body: dict[str, Any]) -> str:
-    """A perfect reverse-text teacher."""
-    return [m for m in body["messages"] if m["role"] == "user"][-1]["content"][::-1]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +67,7 @@ def test_faults_lose_no_task_and_send_no_unknown_field(student: Path, tmp_path: 
         return None
 
     output = tmp_path / "out"
-    with FaultTeacher(api_key=SECRET, respond=reverse, rule=rule) as teacher:
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user, rule=rule) as teacher:
         cfg = make_config(output, student, teacher.base_url)
         asyncio.run(run(cfg))
         assert teacher.unknown_fields() == []
@@ -100,7 +96,7 @@ def test_faults_lose_no_task_and_send_no_unknown_field(student: Path, tmp_path: 
 def test_resume_reuses_cached_teacher_answers(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEACHER_KEY", SECRET)
     output = tmp_path / "out"
-    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
         cfg = make_config(output, student, teacher.base_url)
         asyncio.run(run(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": 2})})))
         paid = len(teacher.chat_requests())
@@ -131,7 +127,7 @@ async def until(condition: Any, timeout_s: float = 60.0) -> None:
 def test_backpressure_waits_for_the_trainer(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEACHER_KEY", SECRET)
     output = tmp_path / "out"
-    with FaultTeacher(api_key=SECRET, respond=reverse) as teacher:
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
         cfg = make_config(output, student, teacher.base_url, max_async_level=0)
 
         async def drive() -> list[int]:
@@ -188,6 +184,6 @@ def test_a_step_with_nothing_to_train_stops_with_the_cause(student: Path, tmp_pa
     assert "step 1" in message and "client/connection" in message and down in message
     assert latest_step_batch(tmp_path / "out") == 0  # no empty batch was handed to the trainer
 
-    with FaultTeacher(api_key=SECRET, respond=reverse, rule=lambda i, body: Fault.truncated()) as teacher:
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user, rule=lambda i, body: Fault.truncated()) as teacher:
         with pytest.raises(NothingToTrainError, match="max_tokens"):
             asyncio.run(run(make_config(tmp_path / "out2", student, teacher.base_url)))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ from pathlib import Path
 import httpx
 from transformers import AutoTokenizer
 
+from apprentice.inference.launch import free_port
 from apprentice.inference.server import main
 from apprentice.testing.tiny import save_tiny_student
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_missing_api_key_variable_exits_2_naming_it(tmp_path: Path, capsys: object) -> None:

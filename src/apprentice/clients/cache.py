@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from apprentice.config import write_atomic
 
 
 def cache_digest(request: dict[str, Any], key: str) -> str:
@@ -57,14 +57,5 @@ class ResponseCache:
 
     def put(self, request: dict[str, Any], key: str, response: dict[str, Any]) -> Path:
         path = self.path_for(request, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"key": key, "request": request, "response": response}, ensure_ascii=False)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(path, json.dumps({"key": key, "request": request, "response": response}, ensure_ascii=False))
         return path

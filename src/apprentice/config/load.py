@@ -267,9 +267,9 @@ def _prune(section: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same directory and rename, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
