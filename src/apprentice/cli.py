@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from apprentice.config import Config, ConfigError, dump_config, load_config
+from apprentice.errors import ApprenticeError, UsageError
 
 USAGE = """usage: apprentice COMMAND [ARGS]
 
@@ -24,10 +25,6 @@ commands:
 
 Config files merge left to right; `--section.key VALUE` overrides any key (see configs/ for examples).
 `apprentice serve --help` lists the server's options."""
-
-
-class UsageError(Exception):
-    """Wrong command-line shape; printed with a pointer to --help."""
 
 
 @dataclass
@@ -191,9 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[command](rest)
-    except (ConfigError, UsageError) as e:
+    except ApprenticeError as e:  # expected failures: one message, no traceback (unexpected ones propagate)
         print(f"apprentice {command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

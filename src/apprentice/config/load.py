@@ -9,8 +9,6 @@ the later file. Every error is a `ConfigError` whose message names the file, the
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 import tomllib
 import types
 import typing
@@ -22,12 +20,14 @@ import tomli_w
 from pydantic import BaseModel, ValidationError
 
 from apprentice.config.root import Config
+from apprentice.errors import UsageError
+from apprentice.fsio import write_text
 
 Origins = dict[tuple[str, ...], str]
 """Where each leaf key came from (a file path or "command line"), for error messages."""
 
 
-class ConfigError(Exception):
+class ConfigError(UsageError):
     """A config that cannot be loaded or validated; the message is meant for the user as is."""
 
 
@@ -265,16 +265,8 @@ def _prune(section: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write UTF-8 text durably via a temporary file and rename (see apprentice.fsio)."""
+    write_text(path, text)
 
 
 def write_resolved(cfg: Config) -> Path:
