@@ -17,7 +17,8 @@ class ModelConfig(Section):
     gguf_file: str | None = None
     """File name of a GGUF checkpoint inside `name` (dequantised on load), e.g. for models shipped as GGUF."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Parameter dtype: "auto" means bfloat16 on GPU and float32 on CPU."""
+    """Load dtype of the weights. The trainer keeps fp32 master weights and picks its compute dtype with
+    trainer.precision, so leave this "auto" (a bf16 value here is refused: it used to mean bf16 weights)."""
     trust_remote_code: bool = False
     """Allow the model repository's own Python code to run. Off unless you trust the repository."""
     activation_checkpointing: bool = False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from apprentice.config.base import Section
 
@@ -83,7 +83,26 @@ class TrainerConfig(Section):
     grad_clip: float = Field(default=1.0, gt=0.0)
     """Clip the global gradient norm to this value."""
     num_processes: int = Field(default=1, ge=1, le=1024)
-    """Trainer ranks on this node (torchrun --nproc-per-node); more than 1 uses FSDP2."""
+    """Trainer ranks per node (torchrun --nproc-per-node); more than 1 rank in all uses FSDP2."""
+    num_nodes: int = Field(default=1, ge=1, le=4096)
+    """Machines the trainer spans (torchrun --nnodes); the world is num_nodes x num_processes ranks, and the
+    orchestrator splits every step batch for the whole world. More than 1 needs `rdzv_endpoint` and an
+    output_dir on a filesystem every node shares (docs/multinode.md)."""
+    rdzv_endpoint: str | None = Field(default=None, pattern=r"^[^\s:]+:[0-9]{1,5}$")
+    """HOST:PORT where the nodes' torchrun agents meet (c10d rendezvous), e.g. "node0.cluster:29500": a
+    machine every node can reach, usually node 0. Required when num_nodes > 1, unused otherwise."""
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    """Numerics of training. "bf16-mixed": fp32 master weights and AdamW state, forward/backward in bfloat16,
+    gradients reduced and accumulated in fp32 (FSDP2 MixedPrecisionPolicy). "fp32": everything fp32.
+    "auto": bf16-mixed on CUDA, fp32 on CPU (CPU bf16 matmuls are slow). "bf16": weights and optimizer
+    state in bfloat16, an explicit opt-in that loses updates smaller than half a bf16 ulp (at lr 1e-5 most
+    weights never move); it warns."""
+    compile: bool = False
+    """torch.compile each transformer block (faster steps on GPU after a compile warmup of a minute or so)."""
+    logprob_chunk_tokens: int = Field(default=1024, ge=0)
+    """Tokens per chunk when computing target log-probs and the loss through the lm_head, so that [T, V]
+    fp32 logits of a whole micro-batch never exist at once (forward and backward). 0 computes the whole
+    micro-batch at once (more memory, same values)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; "auto" picks CUDA when available."""
     batch_timeout_s: float = Field(default=1800.0, gt=0.0)
@@ -94,3 +113,17 @@ class TrainerConfig(Section):
     """Optimizer and learning-rate schedule."""
     ckpt: CkptConfig = Field(default_factory=CkptConfig)
     """Checkpointing."""
+
+    @property
+    def world_size(self) -> int:
+        """Trainer ranks in all: what the orchestrator splits each step batch for."""
+        return self.num_nodes * self.num_processes
+
+    @model_validator(mode="after")
+    def _rendezvous_for_nodes(self) -> TrainerConfig:
+        if self.num_nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(
+                f"trainer.num_nodes = {self.num_nodes} needs trainer.rdzv_endpoint = \"HOST:PORT\" (a machine all "
+                f"nodes reach, usually node 0, e.g. \"node0:29500\"); see docs/multinode.md"
+            )
+        return self

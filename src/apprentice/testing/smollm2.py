@@ -64,7 +64,7 @@ def export_smollm2(path: str | Path | None = None) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    from apprentice.trainer.model import forget_gguf_origin
+    from apprentice.loader import forget_gguf_origin
 
     model = load_smollm2_model()
     forget_gguf_origin(model)

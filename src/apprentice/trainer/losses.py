@@ -5,6 +5,10 @@ loss tokens in the whole step (all micro-batches, all ranks). Summing the return
 and ranks therefore gives exactly the per-token mean of the step, however the data was split, which is what
 makes 1-rank and N-rank runs (and packed and unpacked ones) compute the same gradient.
 
+Because of this every loss is a sum over tokens: computing it chunk by chunk over the positions of a
+micro-batch (trainer/logprobs.py does, to bound memory) and adding the chunks gives the same loss, gradient
+and metrics. A new loss must keep that property (per-token terms over `num_global_tokens`).
+
 Metrics follow the same rule: each value is this micro-batch's additive share (a token count, or a sum
 divided by `num_global_tokens`), so the trainer sums them over micro-batches and all-reduces with SUM;
 `finalize_metrics` then adds the derived ones (perplexity).
@@ -12,6 +16,7 @@ divided by `num_global_tokens`), so the trainer sums them over micro-batches and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -39,6 +44,13 @@ class LossInputs:
     """[T] float32 sequence advantage broadcast to positions."""
     num_global_tokens: int
     """Loss tokens in the whole step across micro-batches and ranks (the normaliser); at least 1."""
+
+    def positions(self, start: int, end: int) -> LossInputs:
+        """The same inputs restricted to positions [start, end) (every [T] tensor sliced; scalars kept)."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name)[start:end] for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        })  # fmt: skip
 
 
 Metrics = dict[str, torch.Tensor]

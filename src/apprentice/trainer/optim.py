@@ -59,8 +59,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_step
     return LambdaLR(optimizer, lambda i: lr_factor(i + 1, cfg, max_steps))
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm (across ranks for FSDP2 DTensors) and return the norm before clipping."""
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (across ranks for FSDP2 DTensors); the norm before clipping, a 0-d tensor.
+
+    Stays on the device (no host synchronisation): the trainer reads it with the step's other metrics. A
+    non-finite norm leaves the gradients non-finite, and the trainer refuses the step before optimizer.step.
+    """
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(full)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -22,20 +22,15 @@ from apprentice.config import Config, load_config
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
 from apprentice.trainer.export import export_hf
-from apprentice.trainer.losses import LossFn, LossInputs, build_loss, finalize_metrics, target_logprobs
+from apprentice.trainer.logprobs import LOSS_METHOD
+from apprentice.trainer.losses import LossFn, build_loss, finalize_metrics
 from apprentice.trainer.metrics import MetricsLogger
 from apprentice.trainer.model import load_model
 from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_scheduler, clip_grad_norm
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
-from apprentice.trainer.world import (
-    World,
-    all_reduce_max,
-    all_reduce_sum,
-    init_distributed,
-    pick_device,
-    shard_model,
-    shutdown,
-)
+from apprentice.trainer.parallelize import needs_mesh, parallelize
+from apprentice.trainer.precision import resolve_precision
+from apprentice.trainer.world import World, all_reduce_sum_, init_distributed, pick_device, shutdown, step_counts
 from apprentice.transport import BatchError, read_step_marker, wait_for_step_batch, write_trainer_progress
 from apprentice.types import TrainingSample
 
@@ -53,15 +48,14 @@ class StepResult:
 def main(cfg: Config) -> None:
     world = World.from_env()
     device = pick_device(cfg.trainer.device, world)
-    mesh = init_distributed(world, device)
+    precision = resolve_precision(cfg.trainer, cfg.model, device)
+    mesh = init_distributed(world, device, mesh=needs_mesh(precision, world.world_size))
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     try:
-        # Model, sharding, optimizer.
-        model = load_model(cfg.model, device)
+        # Model (fp32 master weights unless pure bf16), parallelism recipe, optimizer.
+        model = parallelize(load_model(cfg.model, device, precision.param_dtype), cfg, mesh, precision)
         tokenizer = load_tokenizer(cfg.model)
-        if mesh is not None:
-            shard_model(model, mesh)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg.trainer.optim)
         scheduler = build_scheduler(optimizer, cfg.trainer.optim, cfg.trainer.max_steps)
@@ -83,8 +77,8 @@ def main(cfg: Config) -> None:
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
             t_start = time.perf_counter()
-            result = train_step(model, samples, loss_fn, cfg.trainer.micro_batch_tokens, params, cfg.trainer.grad_clip,
-                                world, device)
+            result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                                grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens)  # fmt: skip
             check_finite(step, result, output_dir)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -120,7 +114,8 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
     if marker is not None and marker["world_size"] != world.world_size:
         raise BatchError(
             f"{output_dir}/rollouts/step_{step} was split for {marker['world_size']} rank(s) but the trainer runs "
-            f"{world.world_size}; set trainer.num_processes = {world.world_size} for the orchestrator too"
+            f"{world.world_size}; the orchestrator splits for trainer.num_nodes x trainer.num_processes ranks, so "
+            f"give it the same [trainer] section as the trainer"
         )
     return samples
 
@@ -129,47 +124,45 @@ def train_step(
     model: torch.nn.Module,
     samples: list[TrainingSample],
     loss_fn: LossFn,
-    micro_batch_tokens: int,
     params: list[torch.nn.Parameter],
-    grad_clip: float,
     world: World,
     device: torch.device,
+    *,
+    micro_batch_tokens: int,
+    grad_clip: float,
+    logprob_chunk_tokens: int,
 ) -> StepResult:
     """Forward/backward over this rank's packed micro-batches, then clip. Does not step the optimizer.
 
-    Every rank runs the same number of micro-batches (padding with a one-token placeholder) so that FSDP2's
-    collectives line up, and runs backward even when it has no loss tokens.
+    `model` has been through `parallelize`. Every rank runs the same number of micro-batches (padding with a
+    one-token placeholder) so that FSDP2's collectives line up, and runs backward even when it has no loss
+    tokens. Losses and metrics stay on the device until the end: the host reads them once per step.
     """
     micro_batches: list[MicroBatch] = pack_samples(samples, micro_batch_tokens)
-    num_micro = all_reduce_max(max(1, len(micro_batches)), device, world)
+    local_loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)  # host tensors: no device sync
+    num_micro, global_loss_tokens = step_counts(max(1, len(micro_batches)), local_loss_tokens, device, world)
     micro_batches += [placeholder_batch() for _ in range(num_micro - len(micro_batches))]
-    local_loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
-    (global_loss_tokens,) = all_reduce_sum([float(local_loss_tokens)], device, world)
-    normaliser = max(1, int(global_loss_tokens))
+    normaliser = max(1, global_loss_tokens)
+    micro_batch_loss = getattr(model, LOSS_METHOD)
 
-    sums: dict[str, float] = {}
-    loss_total = 0.0
+    sums: dict[str, torch.Tensor] = {}
     for i, mb in enumerate(micro_batches):
         if isinstance(model, FSDPModule):
             model.set_requires_gradient_sync(i == num_micro - 1)  # reduce-scatter once, after the last one
-        mb = mb.to(device)
-        logits = model(**mb.model_kwargs()).logits  # [1, T, V]
-        lp = target_logprobs(logits[0], mb.target_ids[0])
-        inputs = LossInputs(lp, mb.inference_logprobs[0], mb.loss_mask[0], mb.advantages[0], normaliser)
-        loss, metrics = loss_fn(inputs)
+        loss, metrics = micro_batch_loss(mb.to(device), loss_fn, normaliser, logprob_chunk_tokens)
         loss.backward()
-        loss_total += float(loss.detach())
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+        for name, value in {**metrics, "loss/total": loss}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().double()
 
     grad_norm = clip_grad_norm(params, grad_clip)
     names = sorted(sums)
     real = sum(mb.num_tokens - mb.num_pad_tokens for mb in micro_batches)
     pad = sum(mb.num_pad_tokens for mb in micro_batches)
-    reduced = all_reduce_sum([sums[n] for n in names] + [loss_total, float(real), float(pad)], device, world)
-    step_metrics = finalize_metrics(dict(zip(names, reduced[: len(names)], strict=True)))
-    step_metrics["loss/total"] = reduced[len(names)]
-    return StepResult(step_metrics, grad_norm, int(reduced[-2]), int(reduced[-1]))
+    counts = torch.tensor([real, pad], dtype=torch.float64, device=device)
+    reduced = all_reduce_sum_(torch.cat([torch.stack([sums[n] for n in names]), counts]), world)
+    values = torch.cat([reduced, grad_norm.detach().double().reshape(1)]).tolist()  # the step's one read
+    step_metrics = finalize_metrics(dict(zip(names, values[: len(names)], strict=True)))
+    return StepResult(step_metrics, values[-1], int(values[-3]), int(values[-2]))
 
 
 def check_finite(step: int, result: StepResult, output_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""Who am I in the job (from torchrun's environment), process-group setup, FSDP2 sharding, small collectives."""
+"""Who am I in the job (from torchrun's environment), process-group and mesh setup, small collectives."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 @dataclass(frozen=True)
@@ -47,57 +46,44 @@ def pick_device(choice: str, world: World) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(world: World, device: torch.device) -> DeviceMesh | None:
-    """Start the process group (NCCL on GPU, gloo on CPU) and a 1-D data-parallel mesh named "dp"."""
-    if not world.distributed:
+def init_distributed(world: World, device: torch.device, *, mesh: bool) -> DeviceMesh | None:
+    """Start the process group (NCCL on GPU, gloo on CPU) and return a 1-D data-parallel mesh named "dp".
+
+    Under torchrun the group comes from its environment (one node or several: torchrun's rendezvous set
+    MASTER_ADDR/PORT). A single process gets a 1-rank group over an in-process store when `mesh` is asked for
+    (FSDP2 mixed precision on one process); otherwise no group and no mesh.
+    """
+    if not (world.distributed or mesh):
         return None
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world.distributed:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return init_device_mesh(device.type, (world.world_size,), mesh_dim_names=("dp",))
 
 
-def shard_model(model: torch.nn.Module, mesh: DeviceMesh) -> torch.nn.Module:
-    """FSDP2: `fully_shard` every transformer block, then the root (embeddings, final norm, lm_head).
+def all_reduce_sum_(t: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum `t` over ranks in place and return it (identity for one process). No host synchronisation."""
+    if world.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
 
-    Gradients are reduced with SUM (see below), matching the global-token normalisation of the losses.
 
-    Blocks are found through transformers' `_no_split_modules`, which names the decoder-layer class of any
-    causal LM, so this works beyond Qwen3.
+def step_counts(num_micro: int, loss_tokens: int, device: torch.device, world: World) -> tuple[int, int]:
+    """(most micro-batches on any rank, loss tokens on all ranks) in one collective: the step's one early read.
+
+    Both are needed on the host before the first forward (the loop count and the loss normaliser), and
+    come from the data, not from the device's work, so reading them stalls nothing.
     """
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise RuntimeError(
-            f"cannot find the transformer blocks of {type(model).__name__} (its _no_split_modules is "
-            f"{sorted(block_names)}); FSDP2 needs them to shard per block"
-        )
-    for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            # Losses are already normalised by the step's global token count, so ranks' gradients must be
-            # summed, not averaged. Plain SUM collectives also work on gloo (no PREMUL_SUM there).
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-    return model
-
-
-def all_reduce_sum(values: list[float], device: torch.device, world: World) -> list[float]:
-    """Sum a few floats over ranks in one collective (identity for one process)."""
     if not world.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def all_reduce_max(value: int, device: torch.device, world: World) -> int:
-    if not world.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+        return num_micro, loss_tokens
+    mine = torch.tensor([num_micro, loss_tokens], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world.world_size)]
+    dist.all_gather(every, mine)
+    table = torch.stack(every).tolist()
+    return max(row[0] for row in table), sum(row[1] for row in table)
 
 
 def barrier(world: World) -> None:
@@ -114,7 +100,7 @@ def shutdown(world: World, *, completed: bool) -> None:
     its work is done. After a failure there is no barrier: the other ranks may be stuck in another collective,
     and torchrun stops them.
     """
-    if world.distributed and dist.is_initialized():
-        if completed:
+    if dist.is_initialized():
+        if completed and world.distributed:
             dist.barrier()
         dist.destroy_process_group()
