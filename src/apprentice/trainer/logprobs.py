@@ -72,15 +72,20 @@ class _ChunkedLoss(torch.autograd.Function):
             h_c = hidden[start:end]
             target_c = target_ids[start:end].unsqueeze(-1)  # [C, 1]
             logits_c = F.linear(h_c, weight, bias).float()  # [C, V]
-            lse_c = torch.logsumexp(logits_c, dim=-1, keepdim=True)  # [C, 1]
-            lp_c = (logits_c.gather(-1, target_c) - lse_c).squeeze(-1)  # [C]
+            picked_c = logits_c.gather(-1, target_c)  # [C, 1]
+            # Softmax in place in the one [C, V] fp32 buffer (torch.logsumexp would allocate a second one).
+            max_c = logits_c.amax(dim=-1, keepdim=True)
+            probs_c = logits_c.sub_(max_c).exp_()
+            sum_c = probs_c.sum(dim=-1, keepdim=True)
+            probs_c.div_(sum_c)
+            lp_c = (picked_c - max_c - sum_c.log()).squeeze(-1)  # [C]
             with torch.enable_grad():
                 lp_leaf = lp_c.detach().requires_grad_(True)
                 loss_c, metrics_c = loss_fn(dataclasses.replace(inputs.positions(start, end), trainer_logprobs=lp_leaf))
                 grads = torch.autograd.grad(loss_c, lp_leaf, allow_unused=True) if loss_c.requires_grad else (None,)
             g_c = torch.zeros_like(lp_c) if grads[0] is None else grads[0].float()  # [C]
-            # g * (onehot - softmax), built in place in the logits buffer: no second [C, V] fp32 tensor.
-            grad_logits = logits_c.sub_(lse_c).exp_().mul_(-g_c.unsqueeze(-1))
+            # d loss / d logits = g * (onehot - softmax), built in place over the probabilities.
+            grad_logits = probs_c.mul_(-g_c.unsqueeze(-1))
             grad_logits.scatter_add_(-1, target_c, g_c.unsqueeze(-1))
             grad_logits_lp = grad_logits.to(weight.dtype)  # what autograd feeds the lm_head matmul backward
             grad_hidden[start:end] = grad_logits_lp @ weight
@@ -100,10 +105,12 @@ class _ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        # Scaled in place: the graph is used once (no retain_graph), and autograd can then adopt the buffers
+        # as .grad without another [V, H] copy.
         saved = ctx.saved_tensors
-        grad_hidden = saved[0] * grad_total.to(saved[0].dtype)
-        grad_weight = (saved[1] * grad_total).to(ctx.dtypes[0])
-        grad_bias = (saved[2] * grad_total).to(ctx.dtypes[1]) if ctx.has_bias else None
+        grad_hidden = saved[0].mul_(grad_total.to(saved[0].dtype))
+        grad_weight = saved[1].mul_(grad_total).to(ctx.dtypes[0])
+        grad_bias = saved[2].mul_(grad_total).to(ctx.dtypes[1]) if ctx.has_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
