@@ -7,6 +7,7 @@ batch, the trainer from its newest complete checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -24,12 +25,27 @@ GRACE_S = 10.0
 
 
 def trainer_command(cfg: Config, config_path: Path) -> list[str]:
-    if cfg.trainer.num_processes == 1:
+    """This node's trainer: plain python for one process, torchrun for several, c10d rendezvous across nodes.
+
+    With trainer.num_nodes > 1 every node runs this same command (docs/multinode.md); the agents meet at
+    trainer.rdzv_endpoint and the rendezvous assigns node ranks, so no node needs to know its own.
+    """
+    t = cfg.trainer
+    if t.world_size == 1:
         return [sys.executable, "-m", "apprentice", "train", str(config_path)]
+    if t.num_nodes == 1:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={t.num_nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id={rendezvous_id(cfg)}"]
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.trainer.num_processes}",
+        sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={t.num_processes}",
         "-m", "apprentice", "train", str(config_path),
     ]  # fmt: skip
+
+
+def rendezvous_id(cfg: Config) -> str:
+    """The same on every node of one run (derived from output_dir), different for runs sharing an endpoint."""
+    return "apprentice-" + hashlib.sha256(str(Path(cfg.output_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def _stream(name: str, pipe: IO[str], out: IO[str]) -> None:

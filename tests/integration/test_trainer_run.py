@@ -1,4 +1,4 @@
-"""The whole trainer on the tiny student: metrics, checkpoints, export, NaN stop, kill -9 resume, 2 ranks."""
+"""The whole trainer on the tiny student: metrics, checkpoints, export, NaN stop, kill -9 resume, 2 ranks, 2 nodes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apprentice.config import Config, dump_config
+from apprentice.inference.launch import free_port
+from apprentice.launcher import trainer_command
 from apprentice.metrics import read_metrics as read_metrics_file
 from apprentice.testing.tiny import save_tiny_student
 from apprentice.trainer.ckpt import complete_checkpoints
@@ -200,3 +202,31 @@ def test_two_ranks_match_one_rank(student: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
     exported = AutoModelForCausalLM.from_pretrained(two / "final")  # tied lm_head restored from the embeddings
     assert torch.equal(exported.get_output_embeddings().weight, exported.get_input_embeddings().weight)
+
+
+def test_two_nodes_match_one_process(student: Path, tmp_path: Path) -> None:
+    """Two torchrun agents of one process each (the launcher's multi-node command) form one 2-rank world."""
+    one, nodes = tmp_path / "one", tmp_path / "nodes"
+    write_batches(one, 3, world_size=1)
+    main(make_config(student, one, max_steps=3))
+    cfg = make_config(student, nodes, max_steps=3, num_nodes=2, num_processes=1, rdzv_endpoint=f"127.0.0.1:{free_port()}")
+    assert cfg.trainer.world_size == 2
+    write_batches(nodes, 3, world_size=cfg.trainer.world_size)  # what the orchestrator does for this config
+    cfg_path = tmp_path / "nodes.toml"
+    cfg_path.write_text(dump_config(cfg))
+    command = trainer_command(cfg, cfg_path)
+    assert "--nnodes=2" in command and "--rdzv-backend=c10d" in command
+    agents = [run_cli(command) for _ in range(2)]  # the same command on every "node"
+    logs = [agent.communicate(timeout=300)[0].decode() for agent in agents]
+    for agent, log in zip(agents, logs, strict=True):
+        assert agent.returncode == 0, log[-4000:]
+
+    m1, m2 = read_metrics(one), read_metrics(nodes)
+    assert [m["step"] for m in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2, strict=True):
+        assert b["loss/tokens"] == a["loss/tokens"]
+        assert b["loss/nll"] == pytest.approx(a["loss/nll"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    w1, w2 = final_weights(one), final_weights(nodes)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)

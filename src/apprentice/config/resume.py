@@ -29,6 +29,7 @@ IDENTITY_KEYS = (
     "orchestrator.env",
     "trainer.loss",
     "trainer.num_processes",
+    "trainer.num_nodes",
 )
 """Dotted prefixes of the keys that define a run; a resumed run must keep them."""
 

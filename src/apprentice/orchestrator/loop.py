@@ -141,7 +141,7 @@ async def run(cfg: Config) -> None:
         samples, render_stats = render_many(kept, tokenizer, reasoning=orch.reasoning)
         if not samples:
             raise NothingToTrainError(empty_step_message(step, trajectories, dropped, render_stats.metrics(), cfg))
-        write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
+        write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.world_size), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
 
         metrics: dict[str, float] = {"step": step}
         metrics.update(rollout_metrics(trajectories, dropped))
