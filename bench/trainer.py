@@ -26,13 +26,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from apprentice.config import ModelConfig, OptimConfig, SFTLossConfig  # noqa: E402
+from apprentice.config import Config, OptimConfig  # noqa: E402
 from apprentice.testing.tiny import save_tiny_student  # noqa: E402
 from apprentice.trainer.losses import build_loss  # noqa: E402
 from apprentice.trainer.model import load_model  # noqa: E402
 from apprentice.trainer.optim import build_optimizer  # noqa: E402
+from apprentice.trainer.parallelize import needs_mesh, parallelize  # noqa: E402
+from apprentice.trainer.precision import resolve_precision  # noqa: E402
 from apprentice.trainer.train import train_step  # noqa: E402
-from apprentice.trainer.world import World  # noqa: E402
+from apprentice.trainer.world import World, init_distributed  # noqa: E402
 from apprentice.types import TrainingSample  # noqa: E402
 
 
@@ -106,27 +108,32 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
+    world = World()
     with tempfile.TemporaryDirectory() as tmp:
         student = save_tiny_student(Path(tmp) / "student")
-        ours = load_model(ModelConfig(name=str(student)), device)
-        padded = AutoModelForCausalLM.from_pretrained(student, dtype=ours.dtype, attn_implementation="sdpa").to(device)
+        cfg = Config.model_validate({"model": {"name": str(student)}, "output_dir": tmp, "inference": {},
+                                     "trainer": {"loss": {"type": "sft"}, "micro_batch_tokens": args.micro_batch_tokens}})
+        precision = resolve_precision(cfg.trainer, cfg.model, device)  # what the trainer runs: fp32 on CPU
+        mesh = init_distributed(world, device, mesh=needs_mesh(precision, world.world_size))
+        ours = parallelize(load_model(cfg.model, device, precision.param_dtype), cfg, mesh, precision)
+        padded = AutoModelForCausalLM.from_pretrained(student, dtype=precision.compute_dtype, attn_implementation="sdpa").to(device)
     padded.train()
     samples = make_samples(args.samples, seed=0, vocab=ours.config.vocab_size)
     tokens = sum(len(s) for s in samples)
     pad_waste = 1 - tokens / sum(
         len(g) * max(len(s) for s in g) for g in (samples[i : i + args.padded_batch] for i in range(0, len(samples), args.padded_batch))
     )
-    print(f"device {device}, dtype {ours.dtype}, {len(samples)} samples, {tokens} tokens "
+    print(f"device {device}, dtype {precision.compute_dtype}, {len(samples)} samples, {tokens} tokens "
           f"(lengths {min(len(s) for s in samples)}..{max(len(s) for s in samples)}); padded loop wastes {pad_waste:.0%}")
 
     optim_cfg = OptimConfig(lr=1e-4)
     opt_ours, opt_padded = build_optimizer(ours.parameters(), optim_cfg), build_optimizer(padded.parameters(), optim_cfg)
     params = [p for p in ours.parameters() if p.requires_grad]
-    loss_fn = build_loss(SFTLossConfig())
-    world = World()
+    loss_fn = build_loss(cfg.trainer.loss)
 
     def step_ours() -> None:
-        train_step(ours, samples, loss_fn, args.micro_batch_tokens, params, 1.0, world, device)
+        train_step(ours, samples, loss_fn, params, world, device, micro_batch_tokens=args.micro_batch_tokens,
+                   grad_clip=1.0, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens)
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
@@ -143,12 +150,12 @@ def main() -> None:
         t_padded.append(timed(step_padded, device))
     ours_tps, padded_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_padded)
 
-    peak = matmul_peak_flops(device, ours.dtype)
+    peak = matmul_peak_flops(device, precision.compute_dtype)
     flops = model_flops(ours, samples)
     print(f"padded transformers loop: {padded_tps:10.0f} tokens/s  (median step {statistics.median(t_padded):.3f} s)")
     print(f"apprentice packed step:   {ours_tps:10.0f} tokens/s  (median step {statistics.median(t_ours):.3f} s)")
     print(f"MFU estimate: apprentice {flops / statistics.median(t_ours) / peak:.2%}, padded "
-          f"{flops / statistics.median(t_padded) / peak:.2%} of the measured {ours.dtype} matmul peak "
+          f"{flops / statistics.median(t_padded) / peak:.2%} of the measured {precision.compute_dtype} matmul peak "
           f"({peak / 1e9:.1f} GFLOP/s; model FLOPs {flops / 1e9:.2f} GFLOP per step)")
     print(f"apprentice/padded tokens-per-second ratio: {ours_tps / padded_tps:.2f}")
 

@@ -7,7 +7,6 @@ batch, the trainer from its newest complete checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -28,7 +27,8 @@ def trainer_command(cfg: Config, config_path: Path) -> list[str]:
     """This node's trainer: plain python for one process, torchrun for several, c10d rendezvous across nodes.
 
     With trainer.num_nodes > 1 every node runs this same command (docs/multinode.md); the agents meet at
-    trainer.rdzv_endpoint and the rendezvous assigns node ranks, so no node needs to know its own.
+    trainer.rdzv_endpoint and the rendezvous assigns node ranks, so no node needs to know its own (torchrun's
+    default rendezvous id is the same everywhere; one endpoint HOST:PORT serves one run at a time).
     """
     t = cfg.trainer
     if t.world_size == 1:
@@ -36,16 +36,11 @@ def trainer_command(cfg: Config, config_path: Path) -> list[str]:
     if t.num_nodes == 1:
         where = ["--standalone"]
     else:
-        where = [f"--nnodes={t.num_nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id={rendezvous_id(cfg)}"]
+        where = [f"--nnodes={t.num_nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}"]
     return [
         sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={t.num_processes}",
         "-m", "apprentice", "train", str(config_path),
     ]  # fmt: skip
-
-
-def rendezvous_id(cfg: Config) -> str:
-    """The same on every node of one run (derived from output_dir), different for runs sharing an endpoint."""
-    return "apprentice-" + hashlib.sha256(str(Path(cfg.output_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def _stream(name: str, pipe: IO[str], out: IO[str]) -> None:

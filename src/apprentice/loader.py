@@ -43,7 +43,7 @@ def load_causal_lm(
         kwargs["attn_implementation"] = attn_implementation
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if gguf_file:
         forget_gguf_origin(model)
     return model.to(device).eval()

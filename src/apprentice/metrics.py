@@ -11,13 +11,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from apprentice.config import LogConfig, write_atomic
+from apprentice import fsio
+from apprentice.config import LogConfig
 
 T = TypeVar("T")
 
 
 class MetricsLog:
-    """Append-only JSONL of per-step metrics (flushed per line so a kill loses at most the current step).
+    """Append-only JSONL of per-step metrics (flushed and fsync'ed per line: a kill or power cut loses at most
+    the line being written, which readers skip). Truncation on resume is an atomic rewrite (apprentice.fsio).
 
     `resume_after=n` first drops the lines of steps after n: a resumed process redoes those steps, and the log
     must show each step once, as the run that finally produced it.
@@ -35,7 +37,7 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is not None and path.is_file():
             kept = [row for row in read_metrics(path) if int(row.get("step", 0)) <= resume_after]
-            write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+            fsio.write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = path.open("a")
         if log_cfg.wandb_project:
             import wandb  # optional extra: pip install 'apprentice[wandb]'

@@ -50,17 +50,24 @@ class RequestError(Exception):
         self.status, self.param, self.code = status, param, code
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer). "auto" dtype: bfloat16 on CUDA, float32 on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(
+    path: str | Path, dtype: str = "auto", device: str | None = None, *, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer) through the loader the trainer uses (apprentice.loader).
+
+    "auto" dtype: bfloat16 on CUDA, float32 on CPU.
+    """
+    from transformers import AutoTokenizer
+
+    from apprentice.loader import load_causal_lm, resolve_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.chat_template is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; `apprentice serve` needs a chat model")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return model.to(device).eval(), tokenizer
+    model = load_causal_lm(path, dtype=resolve_dtype(dtype, device), device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    return model, tokenizer
 
 
 def build_app(

@@ -1,21 +1,21 @@
 """Export the student as a Hugging Face directory (config, safetensors, tokenizer, generation config).
 
 Used for OUTPUT/final and, in rl mode, OUTPUT/weights/step_{n}. The directory is built under a temporary
-name and renamed into place with a `.complete` marker inside, so an inference server polling for it never
-loads a partial model.
+name, every file and the directory fsync'ed, and renamed into place with a `.complete` marker inside
+(`apprentice.fsio.atomic_dir`), so an inference server polling for it never loads a partial model, and a
+power cut leaves the old directory or the new one.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from apprentice.fsio import atomic_dir
 
 EXPORT_MARKER = ".complete"
 
@@ -43,29 +43,12 @@ def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: 
     state = full_state_dict(model)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
+        with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if model.generation_config is not None:
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / EXPORT_MARKER).write_text("")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if dist.is_initialized():
         dist.barrier()
     return path if is_main else None
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is first renamed aside, so `dst` is never half-written."""
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
-        os.rename(dst, trash / dst.name)
-        os.rename(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(src, dst)

@@ -135,7 +135,8 @@ def chunked_loss(
 
 def chunkable(model: torch.nn.Module) -> bool:
     """The model's logits are exactly `output_embeddings(decoder(...))` with a plain Linear head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     config = getattr(model, "config", None)
     transformed = any(getattr(config, name, None) not in (None, 1.0) for name in _LOGIT_TRANSFORMS)
     return isinstance(head, torch.nn.Linear) and hasattr(model, "get_decoder") and not transformed

@@ -26,7 +26,8 @@ from apprentice.trainer.precision import Precision
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The decoder layers, found through transformers' `_no_split_modules` (works for any causal LM)."""
     block_names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    # By class ancestry: after fully_shard a block's class is a generated FSDP subclass of the original.
+    blocks = [m for m in model.modules() if any(c.__name__ in block_names for c in type(m).__mro__)]
     if not blocks:
         raise RuntimeError(
             f"cannot find the transformer blocks of {type(model).__name__} (its _no_split_modules is "
@@ -56,8 +57,16 @@ def parallelize(model: torch.nn.Module, cfg: Config, mesh: DeviceMesh | None, pr
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Per-block recomputation through transformers' checkpointing layers (same parameter names as before)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    """Per-block recomputation through transformers' checkpointing layers (same parameter names as before).
+
+    transformers checkpoints each layer's `forward`, not `__call__`, so FSDP2's hooks stay outside the
+    recomputed region (no second all-gather inside the replay).
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
 
 
 def apply_compile(blocks: list[torch.nn.Module]) -> None:

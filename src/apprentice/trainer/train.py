@@ -54,7 +54,8 @@ def main(cfg: Config) -> None:
     output_dir = Path(cfg.output_dir)
     try:
         # Model (fp32 master weights unless pure bf16), parallelism recipe, optimizer.
-        model = parallelize(load_model(cfg.model, device, precision.param_dtype), cfg, mesh, precision)
+        model = load_model(cfg.model, device, precision.param_dtype)
+        parallelize(model, cfg, mesh, precision)
         tokenizer = load_tokenizer(cfg.model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg.trainer.optim)
