@@ -143,7 +143,7 @@ def main(argv: list[str]) -> None:
     peak, peak_source = bf16_peak_flops(device, args.peak_tflops)
     if world.is_main:
         print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} x {world.world_size}, "
-              f"{n_params / 1e6:.0f}M params, attention {config._attn_implementation}, precision {precision.name}, "
+              f"{n_params / 1e6:.1f}M params, attention {config._attn_implementation}, precision {precision.name}, "
               f"{args.micro_batches} x {args.micro_batch_tokens} tokens per step per rank (samples {min_len}-{max_len}), "
               f"activation checkpointing {args.activation_checkpointing}, compile {args.compile}", flush=True)
 
@@ -175,7 +175,7 @@ def main(argv: list[str]) -> None:
             memory = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
             print(f"median step {step_s:.3f} s{memory}, last loss {runs[-1][3]:.3f} (random data: about ln(vocab))")
             print(f"tokens/s per rank: {tokens_per_s:,.0f}   (prime-rl reference, Qwen3-0.6B SFT 8k on one H100: 26,000)")
-            print(f"MFU: {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s bf16 ({peak_source})   (reference: 16.8%)")
+            print(f"MFU: {mfu:.1%} of {peak / 1e12:.4g} TFLOP/s bf16 ({peak_source})   (reference: 16.8%)")
     finally:
         shutdown(world, completed=True)
 

@@ -2,6 +2,8 @@
 
     python -m apprentice.trainer.train CONFIG.toml [--key value ...]                      # one process
     torchrun --nproc-per-node 2 -m apprentice.trainer.train CONFIG.toml [...]            # FSDP2 over 2 ranks
+    torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...                # several machines
+                                                                        (docs/multinode.md)
 
 Optimizer step n consumes OUTPUT/rollouts/step_{n}/; OUTPUT/checkpoints/step_{n}/ is the state after it; its
 metrics line carries "step": n. A restarted run resumes from the newest complete checkpoint.
