@@ -61,16 +61,19 @@ class ResponseCache:
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            return _unusable(path, f"unreadable ({type(e).__name__}: {str(e)[:120]})")
+            _warn_unusable(path, f"unreadable ({type(e).__name__}: {str(e)[:120]})")
+            return None
         if not isinstance(entry, dict):
-            return _unusable(path, f"holds a JSON {type(entry).__name__}, not an object")
+            _warn_unusable(path, f"holds a JSON {type(entry).__name__}, not an object")
+            return None
         # A sha256 collision is not a practical concern, but a hand-edited or foreign file must not be trusted.
         if entry.get("key") != key or entry.get("request") != json.loads(json.dumps(request)):
             return None
         response = entry.get("response")
         problem = response_problem(response)
         if problem is not None:
-            return _unusable(path, problem)
+            _warn_unusable(path, problem)
+            return None
         assert isinstance(response, dict)  # for mypy: response_problem checked it
         return response
 
@@ -86,9 +89,8 @@ class ResponseCache:
         return path
 
 
-def _unusable(path: Path, problem: str) -> None:
+def _warn_unusable(path: Path, problem: str) -> None:
     log.warning("teacher cache entry %s %s; treating it as a miss (the new answer replaces it)", path, problem)
-    return None
 
 
 def _is_list_of(value: Any, kinds: tuple[type, ...]) -> bool:
