@@ -96,6 +96,9 @@ DAMAGE = {
     "deleted_rng": lambda p: ((p / "rng_rank_0.safetensors").unlink(), p / "rng_rank_0.safetensors")[1],
     "garbled_manifest": lambda p: ((p / ckpt.MANIFEST).write_text("\x00\x01"), p / ckpt.MANIFEST)[1],
     "garbled_marker": lambda p: ((p / ckpt.MARKER).write_bytes(b"\xff\xfe"), p / ckpt.MARKER)[1],
+    "marker_format_not_int": lambda p: ((p / ckpt.MARKER).write_text('{"step": 2, "format": "x"}'), p / ckpt.MARKER)[1],
+    "deleted_manifest": lambda p: ((p / ckpt.MANIFEST).unlink(), p / ckpt.MANIFEST)[1],
+    "manifest_entry_not_object": lambda p: ((p / ckpt.MANIFEST).write_text('{"files": {"trainer_state.json": 3}}'), p / ckpt.MANIFEST)[1],
 }
 
 

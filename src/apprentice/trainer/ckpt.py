@@ -134,7 +134,10 @@ def verify_checkpoint(directory: Path) -> None:
     A checkpoint written before manifests existed (marker format 1) is accepted unverified, with a warning.
     """
     marker = _read_json(directory / MARKER, "completion marker")
-    if int(marker.get("format", 1)) < FORMAT:
+    version = marker.get("format", 1)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{directory / MARKER}: completion marker has a non-integer format {str(version)[:40]!r}")
+    if version < FORMAT:
         log.warning("%s has no checksum manifest (written by an older apprentice): loading it unverified", directory)
         return
     manifest = _read_json(directory / MANIFEST, "checksum manifest")
@@ -145,8 +148,10 @@ def verify_checkpoint(directory: Path) -> None:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        if not isinstance(expected, dict):
+            raise CheckpointError(f"{directory / MANIFEST}: the entry for {name} is not an object; the manifest is corrupt")
         size = path.stat().st_size
-        if not isinstance(expected, dict) or size != expected.get("size"):
+        if size != expected.get("size"):
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {expected.get('size')} (truncated or overwritten)")
         if file_sha256(path) != expected.get("sha256"):
             raise CheckpointError(f"{path}: sha256 mismatch, the file is corrupt")
