@@ -620,3 +620,7 @@ def test_pydantic_errors_do_not_print_rejected_values() -> None:
     with pytest.raises(ValidationError) as info:  # built directly (eval --model URL), not through load_config
         EndpointConfig(base_url=f"http://u:{KEY}@h/v1", model="m", timeout_s=KEY)  # type: ignore[arg-type]
     assert "Rt5vQ8" not in str(info.value) and "Rt5vQ8" not in repr(info.value)
+
+
+def test_a_key_pasted_as_a_config_key_name_is_not_echoed() -> None:
+    assert_refused_without_echo([f"--orchestrator.sampling.{KEY}=1"], "orchestrator.sampling.<redacted>", "looks like a credential")
