@@ -133,3 +133,34 @@ def test_the_orchestrator_never_writes_a_sample_longer_than_a_micro_batch(studen
     too_long = sum(r["render/set_aside/too_long"] for r in rows)
     assert stored and all(0 < len(s) <= 96 for s in stored)
     assert too_long > 0 and too_long + len(stored) == sum(r["render/samples"] for r in rows)
+
+
+def test_a_damaged_teacher_cache_entry_is_paid_again_and_replaced_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apprentice.clients.openai_client import OpenAIChatClient
+    from apprentice.config import EndpointConfig, SamplingConfig
+
+    monkeypatch.setenv("TEACHER_KEY", "sk-stored-state-test-7c2e")
+    messages = [{"role": "user", "content": "hello world"}]
+
+    def ask(base_url: str) -> str:
+        async def go() -> str:
+            endpoint = EndpointConfig(base_url=base_url, model="teacher", api_key_var="TEACHER_KEY", max_retries=0)
+            client = OpenAIChatClient(endpoint, SamplingConfig(max_tokens=32), max_concurrency=1, use_token_client=False, cache_dir=tmp_path / "cache")
+            try:
+                return str((await client.chat(messages, key="step1/task0")).message["content"])
+            finally:
+                await client.aclose()
+
+        return asyncio.run(go())
+
+    with FaultTeacher(api_key="sk-stored-state-test-7c2e", respond=reverse_last_user) as teacher:
+        assert ask(teacher.base_url) == "dlrow olleh"
+        (entry,) = (tmp_path / "cache").rglob("*.json")
+        good = entry.read_bytes()
+        for damaged in (good[: len(good) // 2], b"[]", good.replace(b'"finish_reason"', b'"finish_reasons"')):
+            entry.write_bytes(damaged)
+            before = len(teacher.chat_requests())
+            assert ask(teacher.base_url) == "dlrow olleh"
+            assert len(teacher.chat_requests()) == before + 1  # a miss: asked again
+            assert entry.read_bytes() == good  # and the fresh answer replaced the damaged entry
+        assert ask(teacher.base_url) == "dlrow olleh" and len(teacher.chat_requests()) == 4  # a hit again
