@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from apprentice.fsio import atomic_dir
+from apprentice import fsio
 
 EXPORT_MARKER = ".complete"
 
@@ -43,7 +43,8 @@ def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: 
     state = full_state_dict(model)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if is_main:
-        with atomic_dir(path) as tmp:
+        # fsio.atomic_dir: standard file modes (mkdtemp alone would leave the directory 0700), fsync, rename.
+        with fsio.atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if model.generation_config is not None:
                 model.generation_config.save_pretrained(tmp)

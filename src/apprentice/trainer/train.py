@@ -11,6 +11,7 @@ metrics line carries "step": n. A restarted run resumes from the newest complete
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -33,8 +34,17 @@ from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_bat
 from apprentice.trainer.parallelize import needs_mesh, parallelize
 from apprentice.trainer.precision import resolve_precision
 from apprentice.trainer.world import World, all_reduce_sum_, init_distributed, pick_device, shutdown, step_counts
-from apprentice.transport import BatchError, read_step_marker, wait_for_step_batch, write_trainer_progress
+from apprentice.transport import (
+    BatchError,
+    drop_unpackable,
+    read_step_marker,
+    step_dir,
+    wait_for_step_batch,
+    write_trainer_progress,
+)
 from apprentice.types import TrainingSample
+
+log = logging.getLogger("apprentice.trainer")
 
 
 @dataclass
@@ -64,12 +74,9 @@ def main(cfg: Config) -> None:
         scheduler = build_scheduler(optimizer, cfg.trainer.optim, cfg.trainer.max_steps)
         loss_fn = build_loss(cfg.trainer.loss)
 
-        # Resume from the newest complete checkpoint, if any.
+        # Resume from the newest complete checkpoint that passes verification, if any.
         ckpt.remove_partial(output_dir, world)
-        start_step = 0
-        latest = ckpt.latest_checkpoint(output_dir)
-        if latest is not None:
-            start_step = ckpt.load_checkpoint(latest, model, optimizer, scheduler, world).step
+        start_step = ckpt.resume(output_dir, model, optimizer, scheduler, world)
         logger = MetricsLogger(
             output_dir, cfg.log, enabled=world.is_main, start_step=start_step, max_steps=cfg.trainer.max_steps,
             run_config=cfg.model_dump(mode="json"),
@@ -79,9 +86,11 @@ def main(cfg: Config) -> None:
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
+            samples, skipped = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world)
             t_start = time.perf_counter()
             result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
-                                grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens)  # fmt: skip
+                                grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens,
+                                skipped_samples=skipped)  # fmt: skip
             check_finite(step, result, output_dir)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -123,6 +132,22 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
     return samples
 
 
+def skip_unpackable(
+    samples: list[TrainingSample], micro_batch_tokens: int, output_dir: Path, step: int, world: World
+) -> tuple[list[TrainingSample], int]:
+    """Drop samples no micro-batch can hold (a batch stored under a larger limit), so a rerun is never stuck
+    on it; each rank warns for its own file. Returns the kept samples and this rank's count (train_step sums
+    the counts over ranks with the step's metrics, as loss/skipped_samples)."""
+    kept, dropped = drop_unpackable(samples, micro_batch_tokens)
+    if dropped:
+        log.warning(
+            "%s/rank_%d.safetensors: skipped %d sample(s) that are empty or longer than trainer.micro_batch_tokens "
+            "= %d (written under another limit?); counted as loss/skipped_samples",
+            step_dir(output_dir, step), world.rank, dropped, micro_batch_tokens,
+        )
+    return kept, dropped
+
+
 def train_step(
     model: torch.nn.Module,
     samples: list[TrainingSample],
@@ -134,6 +159,7 @@ def train_step(
     micro_batch_tokens: int,
     grad_clip: float,
     logprob_chunk_tokens: int,
+    skipped_samples: int = 0,
 ) -> StepResult:
     """Forward/backward over this rank's packed micro-batches, then clip. Does not step the optimizer.
 
@@ -161,10 +187,11 @@ def train_step(
     names = sorted(sums)
     real = sum(mb.num_tokens - mb.num_pad_tokens for mb in micro_batches)
     pad = sum(mb.num_pad_tokens for mb in micro_batches)
-    counts = torch.tensor([real, pad], dtype=torch.float64, device=device)
+    counts = torch.tensor([skipped_samples, real, pad], dtype=torch.float64, device=device)
     reduced = all_reduce_sum_(torch.cat([torch.stack([sums[n] for n in names]), counts]), world)
     values = torch.cat([reduced, grad_norm.detach().double().reshape(1)]).tolist()  # the step's one read
     step_metrics = finalize_metrics(dict(zip(names, values[: len(names)], strict=True)))
+    step_metrics["loss/skipped_samples"] = values[-4]
     return StepResult(step_metrics, values[-1], int(values[-3]), int(values[-2]))
 
 
