@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=1024, help="trainer.logprob_chunk_tokens")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per path after one warmup")
+    parser.add_argument("--only", choices=["full", "chunked"], default=None,
+                        help="measure one path (no ratios): e.g. the chunked path where the full one does not fit")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype of h and W (default: bfloat16 on CUDA as under bf16-mixed, float32 on CPU)")
@@ -107,7 +109,8 @@ def main() -> None:
             fn()
         return go
 
-    paths = {"full": fresh(run_full), "chunked": fresh(run_chunked)}
+    paths = {name: fn for name, fn in {"full": fresh(run_full), "chunked": fresh(run_chunked)}.items()
+             if args.only in (None, name)}
     print(f"device {device}, compute dtype {dtype}, T={t}, V={v}, H={h}, chunk={args.chunk}; "
           f"fp32 logits of the whole micro-batch would be {t * v * 4 / 2**30:.2f} GiB")
     peaks = {}
@@ -123,6 +126,8 @@ def main() -> None:
     for name in paths:
         print(f"{name:8s} peak {peaks[name] / 2**30:7.2f} GiB above inputs, median {statistics.median(times[name]):7.3f} s "
               f"(forward + backward; runs {', '.join(f'{s:.3f}' for s in times[name])})")
+    if args.only is not None:
+        return
     diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(results["full"], results["chunked"], strict=True)]
     print(f"max |full - chunked|: loss {diffs[0]:.2e}, grad hidden {diffs[1]:.2e}, grad W {diffs[2]:.2e}")
     print(f"chunked/full peak memory ratio: {peaks['chunked'] / peaks['full']:.3f}")

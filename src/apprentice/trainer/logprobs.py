@@ -98,6 +98,8 @@ class _ChunkedLoss(torch.autograd.Function):
             total += loss_c.detach().float()
             for name, value in metrics_c.items():
                 metrics_out[name] = metrics_out[name] + value.detach() if name in metrics_out else value.detach()
+            # Free this chunk's [C, V] buffers before the next chunk's logits are allocated.
+            del logits_c, probs_c, grad_logits, grad_logits_lp
         ctx.has_bias = bias is not None
         ctx.save_for_backward(grad_hidden, grad_weight, *([] if grad_bias is None else [grad_bias]))
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
