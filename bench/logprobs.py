@@ -124,9 +124,10 @@ def main() -> None:
         for name, fn in paths.items():
             times[name].append(seconds(fn, device))
     for name in paths:
-        print(f"{name:8s} peak {peaks[name] / 2**30:7.2f} GiB above inputs, median {statistics.median(times[name]):7.3f} s "
-              f"(forward + backward; runs {', '.join(f'{s:.3f}' for s in times[name])})")
-    if args.only is not None:
+        timing = (f"median {statistics.median(times[name]):7.3f} s (forward + backward; runs "
+                  f"{', '.join(f'{s:.3f}' for s in times[name])})") if times[name] else "not timed (--repeats 0)"
+        print(f"{name:8s} peak {peaks[name] / 2**30:7.2f} GiB above inputs, {timing}")
+    if args.only is not None or args.repeats == 0:
         return
     diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(results["full"], results["chunked"], strict=True)]
     print(f"max |full - chunked|: loss {diffs[0]:.2e}, grad hidden {diffs[1]:.2e}, grad W {diffs[2]:.2e}")
