@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,10 +69,9 @@ class MicroBatch:
         def move(t: torch.Tensor) -> torch.Tensor:
             return (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
 
-        return dataclasses.replace(
-            self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)
-                     if isinstance(getattr(self, f.name), torch.Tensor)}
-        )
+        moved: dict[str, Any] = {f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                 if isinstance(getattr(self, f.name), torch.Tensor)}  # fmt: skip
+        return dataclasses.replace(self, **moved)
 
     def model_kwargs(self) -> dict[str, object]:
         """Keyword arguments for a transformers causal LM forward over this packed row.
