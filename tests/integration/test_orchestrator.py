@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import threading
 from pathlib import Path
@@ -110,7 +111,14 @@ def test_resume_reuses_cached_teacher_answers(student: Path, tmp_path: Path, mon
         assert len(teacher.chat_requests()) == paid + 6, "step 2 must come from the cache; only step 3 is paid"
     rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]  # the redone step 2 is logged once, as redone
-    assert rows[1]["teacher/cache_hits"] == 6 and rows[1].get("teacher/requests", 0) == 0
+    # Step 2's own rollouts were all answered from the cache and paid nothing (teacher/requests counts the
+    # requests sent since step 1 was written, which may include step 3's: the producer runs ahead).
+    assert rows[1]["teacher/cache_hits"] == 6 and rows[1]["teacher/responses"] == 6
+    assert rows[1]["teacher/usage/prompt_tokens"] == 0 and rows[1]["teacher/usage/completion_tokens"] == 0
+    assert rows[2]["teacher/cache_hits"] == 0 and rows[2]["teacher/usage/completion_tokens"] > 0
+    # The run's total is what the teacher reported for the 18 paid answers, persisted for the spend cap.
+    usage = json.loads((output / "orchestrator" / "usage.json").read_text())
+    assert usage["prompt_tokens"] == rows[2]["teacher/usage_total/prompt_tokens"] > 0
     marker = read_step_marker(output, 2)
     assert marker is not None
 
