@@ -55,7 +55,7 @@ class Backpressure(Protocol):
 class TrainerBackpressure:
     """Step n may start once n - 1 - (the trainer's last finished step) <= max_async_level."""
 
-    def __init__(self, output_dir: Path, max_async_level: int, poll_s: float = 0.2) -> None:
+    def __init__(self, output_dir: Path, max_async_level: int, poll_s: float = 0.05) -> None:
         self.output_dir = output_dir
         self.max_async_level = max_async_level
         self.poll_s = poll_s
