@@ -127,6 +127,7 @@ class _StepRun:
     results: list[Trajectory | None] = field(init=False)
     pending: int = field(init=False)
     account: StepAccount = field(default_factory=StepAccount)
+    admitted: int = 0
     discarded: int = 0
 
     def __post_init__(self) -> None:
@@ -196,11 +197,16 @@ class Producer:
 
     async def _complete(self, step: int) -> _StepRun:
         while True:
-            if self._error is not None and step >= self._error_from_step:
-                raise self._error
             run = self._runs.get(step)
             if run is not None and run.pending == 0:
                 return run
+            reason = self.ledger.exhausted() if self.ledger is not None else None
+            if reason is not None and (run is None or run.admitted < len(run.slots)):
+                # The cap was reached before this step was fully admitted (perhaps while the admission waits for
+                # the trainer): it can never complete, so stop now rather than when the trainer moves on.
+                self._fail(SpendCapReached(reason), step)
+            if self._error is not None and step >= self._error_from_step:
+                raise self._error
             await self._changed.wait()
 
     async def _admit(self, first: int, last: int) -> None:
@@ -218,6 +224,7 @@ class Producer:
                         self._fail(SpendCapReached(reason), step)
                         return
                     task = asyncio.create_task(self._rollout(run, index))
+                    run.admitted += 1
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         except asyncio.CancelledError:
@@ -250,5 +257,4 @@ class Producer:
             self._slots.release()
         run.results[index] = trajectory
         run.pending -= 1
-        if run.pending == 0:
-            self._notify()
+        self._notify()  # a step may be complete, or the usage it added may have reached the spend cap
