@@ -125,14 +125,18 @@ def supervise(
             thread.join(timeout=2.0)
 
 
-def run_distill(cfg: Config) -> int:
+def check_teacher_key(cfg: Config) -> None:
+    """Fail before starting anything when the teacher's key variable is unset: every request would be refused."""
     teacher = cfg.orchestrator.rollout_model
     if teacher is not None and teacher.api_key_var and not os.environ.get(teacher.api_key_var):
-        # Fail before starting anything: every request would be refused, and the key is read only from the environment.
         raise ConfigError(
             f"orchestrator.rollout_model.api_key_var names {teacher.api_key_var}, which is not set in the environment: "
             f"export {teacher.api_key_var}=... (or remove api_key_var for an endpoint without authentication)"
         )
+
+
+def run_distill(cfg: Config) -> int:
+    check_teacher_key(cfg)
     output_dir = Path(cfg.output_dir)
     resumed = check_resumable(cfg)
     config_path = write_resolved(cfg)

@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from apprentice.config.load import write_atomic
+from apprentice.errors import ApprenticeError
 from apprentice.types import TrainingSample
 
 MARKER = "COMPLETE"
@@ -34,11 +35,11 @@ FORMAT_VERSION = "1"
 _COLUMNS = ("lengths", "advantages", "token_ids", "loss_mask", "logprobs")
 
 
-class BatchError(Exception):
+class BatchError(ApprenticeError):
     """A step batch that cannot be used (corrupt, truncated, wrong shape); the message names the file."""
 
 
-class BatchTimeoutError(TimeoutError):
+class BatchTimeoutError(ApprenticeError, TimeoutError):
     """No complete step batch appeared in time."""
 
 

@@ -37,7 +37,7 @@ from typing import Any, cast
 
 from apprentice.config import Config, load_config
 from apprentice.envs.registry import load_environment
-from apprentice.errors import ApprenticeError, UsageError
+from apprentice.errors import ApprenticeError, UsageError, exit_on_user_error
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.batch import NothingToTrainError, empty_step_message, rollout_metrics, set_aside_reason
 from apprentice.orchestrator.client import build_client
@@ -95,8 +95,8 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, flo
 async def run(cfg: Config) -> None:
     orch = cfg.orchestrator
     output_dir = Path(cfg.output_dir)
+    envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
     tokenizer = load_student_tokenizer(cfg)
-    envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
     first, last = latest_step_batch(output_dir) + 1, cfg.trainer.max_steps
     ledger = SpendLedger(usage_path(output_dir), orch.rollout_model)
@@ -168,6 +168,4 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    from apprentice.errors import exit_on_user_error
-
     exit_on_user_error(lambda: main(load_config(sys.argv[1:2], sys.argv[2:])))
