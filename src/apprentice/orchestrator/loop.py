@@ -105,7 +105,8 @@ async def run(cfg: Config) -> None:
     client = MeteredClient(build_client(cfg), ledger)
     producer = Producer(envs, scheduler, client, max_concurrency=orch.max_concurrency, ledger=ledger,
                         backpressure=TrainerBackpressure(output_dir, orch.max_async_level))  # fmt: skip
-    metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log, resume_after=first - 1)
+    # wandb: the trainer logs these lines to the run's one wandb run (see apprentice.metrics).
+    metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log, resume_after=first - 1, use_wandb=False)
     if first > 1:
         log.info("resuming: steps 1..%d are already written, continuing at step %d", first - 1, first)
     bar = iter(progress_bar(range(first, last + 1), cfg.log, desc="orchestrator", unit="step"))
