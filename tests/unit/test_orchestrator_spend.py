@@ -106,3 +106,24 @@ def test_concurrent_responses_are_charged_to_their_own_step_and_the_cap_refuses_
     assert accounts["b"].cache_hits == 1 and accounts["b"].responses == 3
     assert ledger.total.total_tokens == 26 + 3 + 14 + 2 >= 40
     assert client.meter.count == 0
+
+
+def test_a_response_that_carries_its_own_usage_is_charged_by_it(tmp_path: Path) -> None:
+    """Clients that attach the provider's `usage` to each response (reasoning tokens included) are read as is."""
+
+    class UsageTeacher(CountingTeacher):
+        async def chat(self, messages: list[dict[str, Any]], *, tools: Any = None, key: str = "") -> ChatResponse:
+            response = ChatResponse({"role": "assistant", "content": "x"}, "stop")
+            response.usage = {"prompt_tokens": 7, "completion_tokens": 9, "completion_tokens_details": {"reasoning_tokens": 5}}  # type: ignore[attr-defined]
+            return response
+
+    ledger = SpendLedger(tmp_path / "usage.json", endpoint())
+    account = StepAccount()
+
+    async def drive() -> None:
+        current_account.set(account)
+        await MeteredClient(UsageTeacher(), ledger).chat([], key="k")
+
+    asyncio.run(drive())
+    assert account.usage == ledger.total == Usage(7, 9, 5)
+    assert account.metrics()["teacher/usage/reasoning_tokens"] == 5.0
