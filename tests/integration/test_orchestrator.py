@@ -152,6 +152,12 @@ def test_backpressure_waits_for_the_trainer(student: Path, tmp_path: Path, monke
             return seen
 
         assert asyncio.run(drive()) == [1, 2, 3]
+    rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    # Steps 2 and 3 each opened only after the test's trainer stand-in moved on (>= 0.5 s later).
+    assert rows[0]["perf/wait_trainer_s"] < 0.4 and all(r["perf/wait_trainer_s"] >= 0.4 for r in rows[1:])
+    for row in rows:
+        assert 0.0 <= row["teacher/inflight_mean"] <= 4.0 and row["teacher/inflight_busy"] == row["teacher/inflight_mean"] / 4
+    assert rows[0]["teacher/inflight_mean"] > 0.0
 
 
 def test_no_teacher_request_carries_logprob_or_token_fields_with_tools(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
