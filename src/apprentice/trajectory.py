@@ -16,6 +16,8 @@ Step k+1's prompt extends step k's prompt + completion (+ tool/user messages in 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any, Literal, NotRequired, Required, TypedDict
 
 
@@ -79,3 +81,22 @@ class Trajectory(TypedDict):
     """rl mode: the sequence-level advantage; render defaults it to 1.0."""
     policy_step: NotRequired[int]
     """The policy (trainer step of the weights) that generated it: 0 = the initial model; in distill mode always 0."""
+
+
+def normalize_tool_call(call: Mapping[str, Any], fallback_id: str) -> ToolCall:
+    """A server's tool call in the chat format: an id (`fallback_id` when the server gave none, so a tool message
+    can point at it), type "function", and the arguments as a JSON string (some servers send an object).
+
+    Raises ValueError when there is no function object or no function name: such a call cannot be executed or
+    rendered.
+    """
+    fn = call.get("function")
+    if not isinstance(fn, Mapping):
+        raise ValueError(f"tool call without a function object: {dict(call)!r}")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tool call without a name: {dict(call)!r}")
+    arguments = fn.get("arguments")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+    return {"id": str(call.get("id") or fallback_id), "type": "function", "function": {"name": name, "arguments": arguments}}

@@ -9,13 +9,12 @@ into the conversation or the next request.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-from apprentice.clients.base import ChatResponse
-from apprentice.trajectory import Message, StepTokens, ToolCall, Trajectory, TrajectoryStep
+from apprentice.clients.base import ChatResponse, ClientError
+from apprentice.trajectory import Message, StepTokens, Trajectory, TrajectoryStep, normalize_tool_call
 
 _THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 
@@ -23,8 +22,8 @@ _THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 def assistant_message(response: ChatResponse, turn: int) -> Message:
     """The response's assistant message with chat-format fields only.
 
-    Tool calls get ids when the server gave none (`call_{turn}_{i}`), so every tool message can point at its
-    call, and dict arguments are serialised to the JSON string the OpenAI format requires.
+    Tool calls go through `normalize_tool_call`: ids when the server gave none (`call_{turn}_{i}`), so every tool
+    message can point at its call, and dict arguments serialised to the JSON string the OpenAI format requires.
     """
     raw = response.message
     content = raw.get("content")
@@ -32,20 +31,10 @@ def assistant_message(response: ChatResponse, turn: int) -> Message:
     reasoning = raw.get("reasoning_content")
     if isinstance(reasoning, str) and reasoning:
         msg["reasoning_content"] = reasoning
-    calls: list[ToolCall] = []
-    for i, call in enumerate(raw.get("tool_calls") or []):
-        fn = call.get("function") or {}
-        args = fn.get("arguments", "")
-        calls.append(
-            {
-                "id": call.get("id") or f"call_{turn}_{i}",
-                "type": "function",
-                "function": {
-                    "name": str(fn.get("name", "")),
-                    "arguments": args if isinstance(args, str) else json.dumps(args),
-                },
-            }
-        )
+    try:
+        calls = [normalize_tool_call(call, f"call_{turn}_{i}") for i, call in enumerate(raw.get("tool_calls") or [])]
+    except ValueError as e:  # a server's broken call: the rollout is set aside like any malformed response
+        raise ClientError("malformed", str(e)) from e
     if calls:
         msg["tool_calls"] = calls
     elif msg.get("content") is None:
