@@ -203,6 +203,14 @@ def test_a_step_with_nothing_to_train_stops_with_the_cause(student: Path, tmp_pa
         with pytest.raises(NothingToTrainError, match="max_tokens"):
             asyncio.run(run(make_config(tmp_path / "out2", student, teacher.base_url)))
 
+    # The packing limit: every rendered sample is longer than a micro-batch. A runtime error (exit code 1).
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
+        cfg = make_config(tmp_path / "out3", student, teacher.base_url)
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"micro_batch_tokens": 16})})
+        with pytest.raises(NothingToTrainError, match="raise trainer.micro_batch_tokens") as too_long:
+            asyncio.run(run(cfg))
+    assert too_long.value.exit_code == 1 and "too_long" in str(too_long.value)
+
 
 def test_spend_cap_stops_after_the_last_complete_step_and_resumes_when_raised(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from apprentice.orchestrator.spend import SpendCapReached

@@ -7,6 +7,7 @@ would show on stderr. Exit codes: 2 for the config or the command line, 1 for a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,14 @@ def corrupt_batch(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-7] + b"garbage")
 
 
+def corrupt_checkpoint(tmp_path: Path) -> None:
+    """A complete checkpoint whose manifest lists a file that is not there (the only checkpoint of the run)."""
+    ckpt = tmp_path / "out" / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 1, "format": 2}))
+    (ckpt / "MANIFEST.json").write_text(json.dumps({"files": {"trainer_state.json": {"size": 2, "sha256": "0" * 64}}}))
+
+
 @dataclass
 class Case:
     name: str
@@ -100,11 +109,11 @@ CASES = [
     Case("batch timeout", lambda d, s: ["train", str(d / "run.toml"), "--trainer.batch_timeout_s", "0.3"], 1,
          ["no step batch", "step_1", "trainer.batch_timeout_s"]),
     Case("corrupt step batch", lambda d, s: ["train", str(d / "run.toml")], 1,
-         ["rank_0.safetensors", "corrupt", "rewrite"], prepare=corrupt_batch),
+         ["rank_0.safetensors", "corrupt", "then rerun"], prepare=corrupt_batch),
     Case("world-size mismatch", lambda d, s: ["train", str(d / "run.toml")], 1,
          ["split for 2 rank(s)", "trainer.num_processes = 1"], prepare=lambda d: batch(d, ranks=2)),
-    Case("packing limit", lambda d, s: ["train", str(d / "run.toml")], 1,
-         ["micro_batch_tokens", "max_tokens"], prepare=lambda d: batch(d, length=100)),
+    Case("corrupt checkpoint", lambda d, s: ["train", str(d / "run.toml")], 1,
+         ["passes verification", "step_1", "missing", "move the checkpoints directory aside"], prepare=corrupt_checkpoint),
     Case("non-finite loss", lambda d, s: ["train", str(d / "run.toml")], 1,
          ["non-finite loss", "trainer.optim.lr", "rollouts/step_1"], prepare=batch, nan=True),
 ]  # fmt: skip

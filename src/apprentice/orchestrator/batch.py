@@ -67,7 +67,7 @@ def rollout_metrics(trajectories: list[Trajectory], dropped: Counter[str]) -> di
 
 
 def empty_step_message(step: int, trajectories: list[Trajectory], dropped: Counter[str], render: dict[str, float], cfg: Config) -> str:
-    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/")}
+    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/") and v}
     first_error = next((t["error_message"] for t in trajectories if t.get("error_message")), None)
     hints = []
     if any(r.startswith("client/") for r in reasons):
@@ -76,7 +76,9 @@ def empty_step_message(step: int, trajectories: list[Trajectory], dropped: Count
         hints.append(f"check that {where} is up and the API key variable is set")
     if "truncated" in reasons:
         hints.append("raise orchestrator.sampling.max_tokens or set orchestrator.truncated = \"keep\"")
-    if any(r.startswith("set_aside/") for r in reasons):
+    if reasons.get("set_aside/too_long"):
+        hints.append("raise trainer.micro_batch_tokens or lower orchestrator.sampling.max_tokens: rendered samples are longer than a micro-batch")
+    if any(r.startswith("set_aside/") and r != "set_aside/too_long" for r in reasons):
         hints.append("see render/set_aside/* in OUTPUT/orchestrator/metrics.jsonl: the student's chat template cannot represent these rollouts")
     return (
         f"step {step}: none of the {len(trajectories)} rollouts could be trained on (set aside: {reasons})"

@@ -48,7 +48,7 @@ from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trajectory import Trajectory
-from apprentice.transport import latest_step_batch, split_across_ranks, write_step_batch
+from apprentice.transport import drop_unpackable, latest_step_batch, split_across_ranks, write_step_batch
 
 __all__ = ["NothingToTrainError", "main", "run"]
 
@@ -82,11 +82,14 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, flo
             dropped[reason] += 1
     # A Trajectory is a dict; render_many is annotated with the plain dict type it has always accepted.
     samples, render_stats = render_many(cast(list[dict[str, Any]], kept), tokenizer, reasoning=cfg.orchestrator.reasoning)
+    # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
+    samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
+    render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
     if not samples:
-        raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_stats.metrics(), cfg))
+        raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
     tasks = [f"{t['env']}/{t['task_id']}" for t in done.trajectories]
     write_step_batch(Path(cfg.output_dir), done.step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": tasks})
-    metrics = rollout_metrics(done.trajectories, dropped) | render_stats.metrics()
+    metrics = rollout_metrics(done.trajectories, dropped) | render_metrics
     if done.discarded:
         metrics["rollout/stale_discarded"] = float(done.discarded)
     return metrics
