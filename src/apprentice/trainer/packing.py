@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from apprentice.errors import ApprenticeError
 from apprentice.types import TrainingSample
 
 
-class PackingError(ValueError):
+class PackingError(ApprenticeError, ValueError):
     """A sample that cannot be packed (longer than a micro-batch)."""
 
 
