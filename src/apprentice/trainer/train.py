@@ -127,8 +127,8 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
     if marker is not None and marker["world_size"] != world.world_size:
         raise BatchError(
             f"{output_dir}/rollouts/step_{step} was split for {marker['world_size']} rank(s) but the trainer runs "
-            f"{world.world_size}; the orchestrator splits for trainer.num_nodes x trainer.num_processes ranks, so "
-            f"give it the same [trainer] section as the trainer"
+            f"{world.world_size}; set trainer.num_processes = {world.world_size} for the orchestrator too (it splits "
+            f"for trainer.num_nodes x trainer.num_processes ranks)"
         )
     return samples
 
