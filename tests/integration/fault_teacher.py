@@ -220,7 +220,7 @@ class FaultTeacher:
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fault-teacher", daemon=True
@@ -361,6 +361,16 @@ class FaultTeacher:
         if self.provider.timings:
             out["timings"] = {"prompt_n": prompt_tokens, "predicted_n": completion_tokens}
         return out
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up (a timeout, a cancelled run) is expected here, not an error to print."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

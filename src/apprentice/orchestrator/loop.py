@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.clients.base import ChatClient, ClientError
+from apprentice.clients.wire import invalid_tool_calls
 from apprentice.config import Config, load_config
 from apprentice.envs.base import Environment
 from apprentice.envs.registry import load_environment
@@ -57,6 +58,8 @@ def set_aside_reason(trajectory: dict[str, Any], truncated_policy: str) -> str |
         return str(trajectory["error"])
     if not trajectory.get("steps"):
         return "no_steps"
+    if invalid_tool_calls(trajectory):  # the env answered the broken call; the student must not learn it
+        return "invalid_tool_call"
     if trajectory.get("truncated") and truncated_policy == "drop":
         return "truncated"
     return None
