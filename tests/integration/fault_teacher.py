@@ -336,7 +336,7 @@ class FaultTeacher:
             finish = "tool_calls"
         if fault is not None and fault.kind == "answer":
             message.update(fault.answer or {})
-            finish = fault.finish_reason or finish
+            finish = finish if fault.finish_reason is None else fault.finish_reason
         reasoning = f"The user wrote {len(echo(body))} characters."
         if self.provider.reasoning == "think":
             message["content"] = f"<think>\n{reasoning}\n</think>\n\n{message['content'] or ''}"

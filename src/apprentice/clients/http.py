@@ -20,8 +20,9 @@ ERROR_BODY_BYTES = 64 * 1024
 class BodyTooLarge(Exception):
     """The body passed the cap; `seen` bytes were read (or declared by Content-Length)."""
 
-    def __init__(self, seen: int, limit: int) -> None:
-        super().__init__(f"the response body is larger than {limit} bytes (stopped after {seen})")
+    def __init__(self, seen: int, limit: int, *, declared: bool = False) -> None:
+        how = f"its Content-Length is {seen}: not read" if declared else f"stopped reading after {seen}"
+        super().__init__(f"the response body is larger than {limit} bytes ({how})")
         self.seen = seen
         self.limit = limit
 
@@ -45,7 +46,7 @@ async def post(
             limit = max_bytes if ok else ERROR_BODY_BYTES
             declared = response.headers.get("content-length", "")
             if ok and declared.isdigit() and int(declared) > limit:
-                raise BodyTooLarge(int(declared), limit)
+                raise BodyTooLarge(int(declared), limit, declared=True)
             chunks: list[bytes] = []
             size = 0
             async for chunk in response.aiter_bytes():
