@@ -126,12 +126,12 @@ def test_seed_is_derived_per_rollout_key() -> None:
 
 
 def test_empty_answer_is_an_error_for_a_teacher_but_a_rollout_for_the_token_client() -> None:
-    from apprentice.clients.openai_client import _SetAside as ClientError
+    from apprentice.clients.openai_client import _SetAside
 
     choice = {"message": {"content": ""}, "finish_reason": "stop", "token_ids": [2],
               "logprobs": {"content": [{"token": "", "logprob": -0.1}]}}  # fmt: skip
     data = {"prompt_token_ids": [1], "choices": [choice]}
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(_SetAside) as info:  # set aside (and cached) by chat(), raised as ClientError("empty")
         make(False)._parse(data)
     assert info.value.kind == "empty"
     response = make(True)._parse(data)
