@@ -34,6 +34,13 @@ class Usage:
             cached_prompt_tokens=_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         )
 
+    @staticmethod
+    def from_dict(stored: Any) -> Usage | None:
+        """From `as_dict()` output read back from disk; None when there is none."""
+        if not isinstance(stored, dict):
+            return None
+        return Usage(**{name: _count(stored.get(name)) for name in Usage.__dataclass_fields__})
+
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "reasoning_tokens": self.reasoning_tokens, "cached_prompt_tokens": self.cached_prompt_tokens}  # fmt: skip

@@ -238,7 +238,7 @@ class OpenAIChatClient:
             self.on_usage(key, usage)
 
     def _from_cache(self, stored: dict[str, Any]) -> ChatResponse:
-        usage = Usage(**stored["usage"]) if isinstance(stored.get("usage"), dict) else None
+        usage = Usage.from_dict(stored.get("usage"))
         aside = stored.get("set_aside")
         if isinstance(aside, dict):
             kind = str(aside.get("kind", "empty"))
