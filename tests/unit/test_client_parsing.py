@@ -137,3 +137,15 @@ def test_empty_answer_is_an_error_for_a_teacher_but_a_rollout_for_the_token_clie
     assert info.value.kind == "empty"
     response = make(True)._parse(data)
     assert response.completion_ids == [2] and make(True).metrics()["teacher/empty"] == 0
+
+
+def test_cache_keeps_set_aside_verdicts_and_rejects_broken_ones(tmp_path: Path) -> None:
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    cache = ResponseCache(tmp_path)
+    verdict = {"set_aside": {"kind": "empty", "message": "the teacher returned an empty answer"}, "usage": {"prompt_tokens": 3}}
+    cache.put(request, "k", verdict)
+    assert cache.get(request, "k") == verdict
+    cache.put(request, "k", {"set_aside": {"kind": "empty"}})  # no message: not a verdict this client wrote
+    assert cache.get(request, "k") is None
+    cache.put(request, "k", {"message": {"content": "x"}, "finish_reason": "stop", "usage": 12})
+    assert cache.get(request, "k") is None
