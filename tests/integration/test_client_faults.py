@@ -88,8 +88,8 @@ def test_plain_request_sends_only_openai_fields_key_and_headers(teacher: FaultTe
     assert teacher.unknown_fields() == [] and teacher.token_fields() == []
     m = client.metrics()
     assert m["teacher/requests"] == 1 and m["teacher/retries"] == 0 and m["teacher/cache_hits"] == 0
-    assert m["teacher/usage/prompt_tokens"] > 0 and m["teacher/latency_s"] > 0
-    assert response.usage is not None and response.usage.prompt_tokens == m["teacher/usage/prompt_tokens"]
+    assert m["teacher/prompt_tokens"] > 0 and m["teacher/latency_s"] > 0
+    assert response.usage is not None and response.usage.prompt_tokens == m["teacher/prompt_tokens"]
 
 
 def test_retries_429_with_retry_after_then_5xx_drop_malformed_timeout(teacher: FaultTeacher) -> None:

@@ -156,13 +156,13 @@ def test_empty_answer_after_reasoning_is_paid_counted_and_cached(monkeypatch: py
         error = fails(client, "empty")
         assert "after reasoning" in str(error)
         m = client.metrics()
-        assert m["teacher/usage/completion_tokens"] == 30 and m["teacher/empty"] == 1 and m["teacher/errors/empty"] == 1
+        assert m["teacher/completion_tokens"] == 30 and m["teacher/empty"] == 1 and m["teacher/errors/empty"] == 1
         assert paid == [("k0", Usage(prompt_tokens=12, completion_tokens=30))]
         resumed = make_client(teacher, cache_dir=tmp_path)
         resumed.on_usage = lambda key, usage: paid.append((key, usage))
         fails(resumed, "empty")
         assert len(teacher.chat_requests()) == 1 and len(paid) == 1  # not paid again, not counted again
-        assert resumed.metrics()["teacher/usage/completion_tokens"] == 0
+        assert resumed.metrics()["teacher/completion_tokens"] == 0
 
 
 def test_reasoning_model_needs_max_completion_tokens_and_default_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,7 +177,7 @@ def test_reasoning_model_needs_max_completion_tokens_and_default_sampling(monkey
         body = teacher.chat_requests()[-1].body
         assert body is not None and "temperature" not in body and "top_p" not in body and body["max_completion_tokens"] == 32
         assert response.usage is not None and response.usage.reasoning_tokens == 7
-        assert client.metrics()["teacher/usage/reasoning_tokens"] == 7
+        assert client.metrics()["teacher/reasoning_tokens"] == 7
 
 
 @pytest.mark.parametrize("provider", ["deepseek", "openrouter", "think-inline", "llama.cpp"])

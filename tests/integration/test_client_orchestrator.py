@@ -94,7 +94,9 @@ def test_broken_tool_call_is_answered_by_the_env_and_set_aside(student: Path, tm
     assert len(read_step_batch(output, 1, 0)) == 6 - row["rollout/set_aside"]
 
 
-def test_a_401_mid_run_stops_with_exit_1_naming_the_variable(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_401_mid_run_stops_with_exit_1_naming_the_variable(
+    student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("HOSTILE_TEACHER_KEY", SECRET)
     revoked = Fault("status", status=401, message=f"Incorrect API key provided: {SECRET}.")
     output = tmp_path / "out"
@@ -105,8 +107,11 @@ def test_a_401_mid_run_stops_with_exit_1_naming_the_variable(student: Path, tmp_
 
         config = tmp_path / "run.toml"
         config.write_text(tomli_w.dumps(config_dict(tmp_path / "out2", student, teacher.base_url, max_steps=3)))
-        code = cli.main(["orchestrate", str(config)])
-    err = capsys.readouterr().err
-    assert code == 1  # cli.main raised nothing: no traceback, one message
-    (line,) = [line for line in err.splitlines() if line.startswith("apprentice orchestrate: error:")]
-    assert "HOSTILE_TEACHER_KEY" in line and "HTTP 401" in line and SECRET not in err
+        try:  # the orchestrator's main() exits with the error's code; cli.main returns it
+            code = cli.main(["orchestrate", str(config)])
+        except SystemExit as e:
+            code = e.code
+    assert code == 1
+    said = capsys.readouterr().err + "\n".join(r.getMessage() for r in caplog.records)
+    (line,) = [line for line in said.splitlines() if "refused the credentials" in line]
+    assert "HOSTILE_TEACHER_KEY" in line and "HTTP 401" in line and SECRET not in said and "Traceback" not in said

@@ -24,8 +24,10 @@ fields that are set, the token-limit field named by `sampling.max_tokens_field`,
 with `use_token_client` (apprentice serve and vLLM understand them; hosted APIs reject the latter).
 
 Usage: every paid request's `Usage` is on its `ChatResponse.usage` (or `ClientError.usage` when set aside),
-summed in `teacher/usage/*` counters, and passed to `on_usage(key, usage)` when given, so a caller can sum per
-step or stop at a budget. Cache hits cost nothing and are not counted there.
+summed in the `teacher/prompt_tokens`, `teacher/completion_tokens`, `teacher/reasoning_tokens` and
+`teacher/cached_prompt_tokens` counters, and passed to `on_usage(key, usage)` when given. Cache hits cost
+nothing: they are not counted, and a cached set-aside verdict raises `ClientError` with `usage=None`. (The
+orchestrator charges usage per step from these as `teacher/usage/*`: orchestrator/metered.py.)
 """
 
 from __future__ import annotations
@@ -209,8 +211,7 @@ class OpenAIChatClient:
         """Counters since construction (or the last `reset=True` call), all under `teacher/`."""
         out = dict(self._counters)
         for name in ("teacher/requests", "teacher/retries", "teacher/cache_hits", "teacher/truncated", "teacher/empty",
-                     "teacher/usage/prompt_tokens", "teacher/usage/completion_tokens",
-                     "teacher/usage/reasoning_tokens"):  # fmt: skip
+                     "teacher/prompt_tokens", "teacher/completion_tokens", "teacher/reasoning_tokens"):  # fmt: skip
             out.setdefault(name, 0.0)
         if self._latencies_s:
             out["teacher/latency_s"] = sum(self._latencies_s) / len(self._latencies_s)
@@ -233,7 +234,7 @@ class OpenAIChatClient:
 
     def _paid(self, key: str, usage: Usage) -> None:
         for name, value in usage.as_dict().items():
-            self._counters[f"teacher/usage/{name}"] += value
+            self._counters[f"teacher/{name}"] += value
         if self.on_usage is not None:
             self.on_usage(key, usage)
 
@@ -243,7 +244,8 @@ class OpenAIChatClient:
         if isinstance(aside, dict):
             kind = str(aside.get("kind", "empty"))
             self._counters[f"teacher/errors/{kind}"] += 1
-            raise ClientError(kind, f"{aside.get('message', '')} (answer from the teacher cache, not paid again)", usage)
+            # usage=None: nothing is paid for a cache hit (ChatResponse.usage below keeps what it once cost).
+            raise ClientError(kind, f"{aside.get('message', '')} (answer from the teacher cache, not paid again)")
         return ChatResponse(
             message=stored["message"],
             finish_reason=stored["finish_reason"],
