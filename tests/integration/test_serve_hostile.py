@@ -140,6 +140,8 @@ def test_oversized_bodies_get_413_before_being_read(server: tuple[str, Any]) -> 
 
     r = httpx.post(f"{url}/chat/completions", content=chunked(), timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(f"{url}/load_weights", json={"path": "x" * 100_000}, timeout=60)  # every endpoint
+    assert r.status_code == 413
     assert httpx.get(f"{url}/models", timeout=30).status_code == 200
 
 

@@ -1,8 +1,8 @@
 """What keeps one hostile or careless client from hurting the others: the API key, a cap on request bodies, and
 cancelling generation when the client goes away.
 
-The key check is a plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which runs the endpoint in
-another task and gets in the way of seeing a client disconnect).
+The key check and the body cap are plain ASGI middlewares (not Starlette's BaseHTTPMiddleware, which runs the
+endpoint in another task and gets in the way of seeing a client disconnect), so they cover every endpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from apprentice.inference.schema import error_body
 
@@ -47,19 +47,35 @@ class RequireKey:
         await self.app(scope, receive, send)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `max_bytes` (from Content-Length
-    before reading anything, or while reading a chunked body), so a huge body is never held in memory."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(size, max_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
+class LimitBody:
+    """Refuse request bodies over `max_bytes` with 413, before reading them when Content-Length says so, else
+    as soon as the running total passes the cap (chunked bodies), so a huge body is never held in memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            error = _too_large(int(declared), self.max_bytes)
+            await JSONResponse(error_body(str(error), code=error.code), status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # raised inside the endpoint's body read: its handler answers 413
+                    raise _too_large(received, self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _too_large(size: int, max_bytes: int) -> RequestError:

@@ -55,13 +55,13 @@ class PromptBuilder:
     def render(self, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                hidden: list[dict[str, Any]]) -> list[int]:  # fmt: skip
         """Token ids of the prompt (template + generation prompt); PromptError for the client otherwise."""
-        text = self._apply(_with_hidden_prefix(conversation, hidden), tools)
+        text = self._apply(with_hidden_prefix(conversation, hidden), tools)
         if len(text) > self.max_prompt_chars:
             raise PromptError(f"the prompt ({len(text)} characters) cannot fit the model's context of "
                               f"{self.max_context} tokens", code="context_length_exceeded")  # fmt: skip
         if self._special_re is None or not _any_string_matches((conversation, tools), self._special_re):
             return self._encode(text, split_special=False)
-        masked = self._apply(_with_hidden_prefix(_mask(conversation, self._special_re), hidden),
+        masked = self._apply(with_hidden_prefix(_mask(conversation, self._special_re), hidden),
                              _mask(tools, self._special_re))  # fmt: skip
         if len(masked) != len(text):
             raise PromptError("message text contains special-token text that this chat template does not keep "
@@ -104,7 +104,7 @@ class PromptBuilder:
         return out
 
 
-def _with_hidden_prefix(conversation: list[dict[str, Any]], hidden: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_hidden_prefix(conversation: list[dict[str, Any]], hidden: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Prepend the server's hidden messages; a hidden system message merges with the client's own system turn."""
     if not hidden:
         return conversation

@@ -31,10 +31,10 @@ from pydantic import ValidationError
 
 from apprentice.inference.engine import BatchEngine, SamplingParams
 from apprentice.inference.guards import (
+    LimitBody,
     RequestError,
     RequireKey,
     disconnect_response,
-    read_body,
     result_unless_disconnected,
 )
 from apprentice.inference.prompt import PromptBuilder, PromptError
@@ -90,7 +90,8 @@ def build_app(
 
     app = FastAPI(title="apprentice serve", lifespan=lifespan)
     app.state.engine = engine
-    if api_key is not None:
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
+    if api_key is not None:  # added last: runs first, so an unauthenticated client cannot even send a body
         app.add_middleware(RequireKey, api_key=api_key)
 
     @app.exception_handler(RequestError)
@@ -111,7 +112,7 @@ def build_app(
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
     async def json_body(request: Request) -> Any:
-        raw = await read_body(request, max_body_bytes)
+        raw = await request.body()  # LimitBody caps its size
         try:
             return json.loads(raw)
         except ValueError as e:
@@ -228,6 +229,9 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     args = parse_args(argv)
+    if not args.max_body_mb > 0:
+        print(f"error: --max-body-mb {args.max_body_mb}: must be a positive number of MiB", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     api_key = None
