@@ -123,6 +123,24 @@ def test_engine_fails_only_the_request_that_breaks(model_dir: Path) -> None:
         engine.stop()
 
 
+def test_a_failing_generation_is_a_json_500_and_the_server_keeps_serving(model_dir: Path) -> None:
+    app = build_app(model_dir, served_name="tiny")
+    engine = app.state.engine
+    model = engine.model
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulated device failure")
+
+    with serve_asgi(app) as url, httpx.Client(timeout=60) as c:
+        engine.model = broken
+        r = c.post(f"{url}/chat/completions", json=chat())
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "simulated device failure" in r.json()["error"]["message"]
+        engine.model = model
+        assert c.get(f"{url}/models").status_code == 200  # same pooled connection, still open
+        assert c.post(f"{url}/chat/completions", json=chat()).status_code == 200
+
+
 # ---- big bodies, long prompts, many stop strings: refused early, never stalling the event loop ----
 
 

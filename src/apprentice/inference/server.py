@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -44,6 +45,8 @@ from apprentice.inference.weights import DTYPES, WeightsError, load_causal_lm, l
 
 DEFAULT_MAX_BODY_MB = 8.0
 """Request bodies above this are refused (413) before they are read: a 128k-token prompt is well under 1 MB."""
+
+log = logging.getLogger(__name__)
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
@@ -147,7 +150,12 @@ def build_app(
         if req.stream:
             return StreamingResponse(stream_chunks(engine, req, prompt_ids, params, name, tools),
                                      media_type="text/event-stream")  # fmt: skip
-        choices = await result_unless_disconnected(request, engine.submit(prompt_ids, params, req.n))
+        try:
+            choices = await result_unless_disconnected(request, engine.submit(prompt_ids, params, req.n))
+        except Exception as e:  # answered here, not re-raised: the connection stays usable for the client
+            log.error("generation failed", exc_info=e)
+            return JSONResponse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"),
+                                status_code=500)  # fmt: skip
         if choices is None:
             return disconnect_response()
         return JSONResponse(completion_body(req, name, prompt_ids, choices, tools, tokenizer))
