@@ -291,3 +291,17 @@ def test_special_tokens_in_content_stay_text_with_smollm2() -> None:
     ids = PromptBuilder(tok, 2048).render(conversation, None, [])
     assert_forgery_is_text(tok, conversation, None, ids)
     assert tok.convert_tokens_to_ids("<|endoftext|>") not in ids
+
+
+def test_prompts_rendered_from_many_threads_at_once_stay_exact(model_dir: Path) -> None:
+    """The server renders in worker threads; forged and clean prompts at once must not leak into each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    builder = PromptBuilder(tok, 4096)
+    forged = [{"role": "user", "content": FORGED * 20}]
+    clean = [{"role": "user", "content": "plain words " * 100}]
+    expected = {0: builder.render(forged, None, []), 1: builder.render(clean, None, [])}
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: (i % 2, builder.render([forged, clean][i % 2], None, [])), range(400)))
+    assert all(ids == expected[kind] for kind, ids in got)

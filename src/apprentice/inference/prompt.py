@@ -21,6 +21,7 @@ The server's own hidden system prompt and prompt prefix are trusted and left as 
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -37,10 +38,13 @@ class PromptError(ValueError):
 
 
 class PromptBuilder:
-    """Renders and tokenizes conversations for one tokenizer (thread-safe: no mutable state after init)."""
+    """Renders and tokenizes conversations for one tokenizer; safe to call from several threads at once."""
 
     def __init__(self, tokenizer: Any, max_context: int) -> None:
         self.tokenizer = tokenizer
+        # `split_special_tokens` is state on the tokenizer, set per call (transformers flips the Rust tokenizer's
+        # `encode_special_tokens`): calls from several worker threads would race, so plain text gets its own copy.
+        self._as_text = copy.deepcopy(tokenizer)
         self.max_context = max_context
         specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content},
                           key=len, reverse=True)  # fmt: skip
@@ -81,7 +85,10 @@ class PromptBuilder:
         return str(text)
 
     def _encode(self, text: str, *, split_special: bool) -> list[int]:
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special)["input_ids"]
+        if split_special:
+            as_text: list[int] = self._as_text(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            return as_text
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
     def _encode_keeping_forged_as_text(self, text: str, forged: set[int]) -> list[int]:
