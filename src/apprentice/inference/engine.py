@@ -172,6 +172,9 @@ class BatchEngine:
                 self._generate(batch)
             except Exception as e:
                 self._isolate(batch, e)
+            except BaseException as e:  # not a request's fault: fail this batch, keep serving the next ones
+                for request in batch:
+                    self._finish(request, e)
 
     def _isolate(self, batch: list[_Request], error: Exception) -> None:
         """After a whole-batch failure: re-run each pending request alone, so only the culprit fails."""

@@ -115,15 +115,11 @@ def build_app(
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
     async def json_body(request: Request) -> Any:
-        raw = await request.body()  # LimitBody caps its size
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise RequestError(400, f"request body is not valid JSON: {e}") from e
+        return _parse_json(await request.body())  # LimitBody caps the body's size
 
-    def prepare(body: Any) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
-        """Validate, render and tokenize (seconds for a long prompt: runs in a worker thread, not the loop)."""
-        req = ChatCompletionRequest.model_validate(body)
+    def prepare(raw: bytes) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+        """Parse, validate, render and tokenize: up to seconds for megabytes, so in a worker thread."""
+        req = ChatCompletionRequest.model_validate(_parse_json(raw))
         if req.stream and (req.logprobs or req.return_token_ids):
             raise RequestError(400, "logprobs and return_token_ids are only supported with stream=false", "stream")
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
@@ -145,7 +141,7 @@ def build_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        req, prompt_ids, params = await asyncio.to_thread(prepare, await json_body(request))
+        req, prompt_ids, params = await asyncio.to_thread(prepare, await request.body())
         tools = parses_tools and bool(req.tools) and req.tool_choice != "none"
         if req.stream:
             return StreamingResponse(stream_chunks(engine, req, prompt_ids, params, name, tools),
@@ -177,6 +173,13 @@ def build_app(
         return dict(engine.weights)
 
     return app
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from e
 
 
 def _sampling_params(req: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:
