@@ -22,7 +22,7 @@ def test_dtype_rule() -> None:
 def test_trainer_and_server_load_the_same_model(tmp_path: Path) -> None:
     student = save_tiny_student(tmp_path / "student")
     trained = train_load_model(ModelConfig(name=str(student)), torch.device("cpu"))
-    served, tokenizer = serve_load_model(student, "auto", "cpu", trust_remote_code=False)
+    served, tokenizer = serve_load_model(student, "auto", "cpu")
     assert trained.training and not served.training
     assert not trained.config.use_cache  # the trainer's own choice on top of the shared loader
     assert tokenizer.chat_template
