@@ -8,6 +8,7 @@ batch, the trainer from its newest complete checkpoint.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,12 +33,13 @@ def trainer_command(cfg: Config, config_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _stream(name: str, pipe: IO[str], out: IO[str]) -> None:
-    """Copy a child's output line by line with a prefix; progress bars (\\r updates) become lines too."""
+def _stream(name: str, pipe: IO[str], out: IO[str], drop: re.Pattern[str] | None = None) -> None:
+    """Copy a child's output line by line with a prefix; progress bars (\\r updates) become lines too.
+    Lines matching `drop` (e.g. a server's per-request access log) are left out."""
     buffer = ""
     while chunk := pipe.read(1):
         if chunk in "\r\n":
-            if buffer.strip():
+            if buffer.strip() and not (drop and drop.search(buffer)):
                 out.write(f"[{name}] {buffer}\n")
                 out.flush()
             buffer = ""
@@ -63,13 +65,14 @@ def _stop(processes: dict[str, subprocess.Popen[str]]) -> None:
 def supervise(
     commands: dict[str, list[str]], *, env: dict[str, str], must_finish: str, services: tuple[str, ...] = (),
     grace_s: float = GRACE_S * 3, envs: dict[str, dict[str, str]] | None = None,
+    drop: dict[str, re.Pattern[str]] | None = None,
 ) -> int:  # fmt: skip
     """Run `commands` together; return 0 when `must_finish` exits 0, or the first failure's code.
 
     Any child exiting non-zero stops the others. Once `must_finish` is done, the others that are not
     `services` (servers that never exit on their own) get `grace_s` to finish (an orchestrator has nothing
     left to do once the trainer has its last step, bar a final evaluation), then everything is stopped.
-    `envs` adds per-child environment variables.
+    `envs` adds per-child environment variables; `drop` filters a child's log lines.
     """
     processes: dict[str, subprocess.Popen[str]] = {}
     threads = []
@@ -78,7 +81,7 @@ def supervise(
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
         processes[name] = proc
         assert proc.stdout is not None
-        thread = threading.Thread(target=_stream, args=(name, proc.stdout, sys.stdout), daemon=True)
+        thread = threading.Thread(target=_stream, args=(name, proc.stdout, sys.stdout, (drop or {}).get(name)), daemon=True)
         thread.start()
         threads.append(thread)
     try:
