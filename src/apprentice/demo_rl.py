@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
                      "SmolLM2-135M-Instruct, RL on CPU: capitals, short and right")  # fmt: skip
     print()
     print(f"held-out tasks ({cfg.orchestrator.eval_num_tasks}), greedy decoding")
-    rollout = {int(m["step"]): m.get("rollout/reward") for m in read_metrics(output_dir / "orchestrator" / "metrics.jsonl")}
+    by_policy: dict[int, float] = {}  # mean reward of the training batches each policy sampled
+    for m in read_metrics(output_dir / "orchestrator" / "metrics.jsonl"):
+        if "rollout/reward" in m and "policy/step" in m:
+            by_policy.setdefault(int(m["policy/step"]), m["rollout/reward"])
     print("| policy (trainer step) | held-out reward (greedy) | training rollouts sampled with it (temperature 1) |")
     print("|---|---|---|")
     for m in evals:
-        sampled = rollout.get(int(m["policy/step"]) + 1)
+        sampled = by_policy.get(int(m["policy/step"]))
         print(f"| {m['policy/step']} | {m['eval/reward']:.3f} | {'-' if sampled is None else f'{sampled:.3f}'} |")
     print(f"the whole demo took {(time.monotonic() - started) / 60:.1f} min")
     if plot:
