@@ -81,6 +81,8 @@ class Trajectory(TypedDict):
     """rl mode: the sequence-level advantage; render defaults it to 1.0."""
     policy_step: NotRequired[int]
     """The policy (trainer step of the weights) that generated it: 0 = the initial model; in distill mode always 0."""
+    set_aside: NotRequired[str]
+    """rl mode: why the batch leaves it out although it was scored ("zero_advantage")."""
 
 
 def normalize_tool_call(call: Mapping[str, Any], fallback_id: str) -> ToolCall:

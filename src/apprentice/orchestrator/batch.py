@@ -41,6 +41,8 @@ def set_aside_reason(trajectory: Trajectory, truncated_policy: str) -> str | Non
     """Why a rollout is not trained on, or None to keep it."""
     if trajectory.get("error"):
         return str(trajectory["error"])
+    if trajectory.get("set_aside"):
+        return str(trajectory["set_aside"])
     if not trajectory.get("steps"):
         return "no_steps"
     if invalid_tool_calls(dict(trajectory)):  # the env answered the broken call; the student must not learn it

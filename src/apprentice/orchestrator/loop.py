@@ -3,9 +3,15 @@
     producer (producer.py): up to max_concurrency rollouts in flight, across the steps the backpressure rule
                             allows (at most max_async_level steps ahead of the trainer's last finished step)
     writer (this file), for each step n in order, once all of step n's rollouts are done:
+        -> rl mode: group advantages, policy/* metrics (policy.prepare_batch)
         -> set aside failed / truncated rollouts (counted by kind)
         -> render with the student tokenizer, on a worker thread (unrenderable ones counted by kind)
         -> OUTPUT/rollouts/step_n/ (atomic), metrics line, usage ledger
+
+rl mode (policy.PolicySync is the producer's backpressure and rollout policy): step n opens once weights of
+step >= n - 1 - max_async_level are published, after the server has loaded the newest ones (and after a held-out
+evaluation when one is due); each rollout is tagged with the weights that sampled it, and one more than
+max_off_policy_steps behind its batch is re-rolled (`rollout/stale_discarded`).
 
 Resuming is restarting: the next step is the one after the newest complete batch on disk, and the teacher
 cache answers any request already paid for. A spend cap (spend.py) stops the run after its last complete step.
@@ -31,18 +37,22 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
 from apprentice.config import Config, load_config
+from apprentice.config.rl import check_rl_config
 from apprentice.envs.registry import load_environment
 from apprentice.errors import ApprenticeError, UsageError, exit_on_user_error
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.batch import NothingToTrainError, empty_step_message, rollout_metrics, set_aside_reason
 from apprentice.orchestrator.client import build_client
+from apprentice.orchestrator.evaluate import due, eval_policy
 from apprentice.orchestrator.metered import MeteredClient
-from apprentice.orchestrator.producer import Producer, StepRollouts, TrainerBackpressure
+from apprentice.orchestrator.policy import PolicySync, prepare_batch
+from apprentice.orchestrator.producer import Backpressure, Producer, RolloutPolicy, StepRollouts, TrainerBackpressure
 from apprentice.orchestrator.scheduler import TaskScheduler
 from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
@@ -72,6 +82,7 @@ def load_student_tokenizer(cfg: Config) -> Any:
 
 def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, float]:
     """Set aside, render and write one step's batch (runs on the worker thread); its rollout/render metrics."""
+    rl_metrics = prepare_batch(done.trajectories, done.step, cfg) if cfg.mode == "rl" else {}
     dropped: Counter[str] = Counter()
     kept: list[Trajectory] = []
     for trajectory in done.trajectories:
@@ -89,7 +100,7 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, flo
         raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
     tasks = [f"{t['env']}/{t['task_id']}" for t in done.trajectories]
     write_step_batch(Path(cfg.output_dir), done.step, split_across_ranks(samples, cfg.trainer.world_size), {"tasks": tasks})
-    metrics = rollout_metrics(done.trajectories, dropped) | render_metrics
+    metrics = rollout_metrics(done.trajectories, dropped) | render_metrics | rl_metrics
     if done.discarded:
         metrics["rollout/stale_discarded"] = float(done.discarded)
     return metrics
@@ -98,6 +109,8 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, flo
 async def run(cfg: Config) -> None:
     orch = cfg.orchestrator
     output_dir = Path(cfg.output_dir)
+    if cfg.mode == "rl":
+        check_rl_config(cfg)
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
     tokenizer = load_student_tokenizer(cfg)
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
@@ -106,8 +119,16 @@ async def run(cfg: Config) -> None:
     if first <= last and (reason := ledger.exhausted()) is not None:
         raise SpendCapReached(f"{reason}; nothing was sent. {_resume_hint(first)}")
     client = MeteredClient(build_client(cfg), ledger)
+    policy, eval_log = None, None
+    if cfg.mode == "rl":
+        if orch.eval_interval:
+            eval_log = MetricsLog(output_dir / "orchestrator" / "eval.jsonl", cfg.log, resume_after=first - 1, use_wandb=False)
+        policy = PolicySync(cfg, on_step=_evaluator(cfg, eval_log))
+        await policy.wait_ready()
+    backpressure: Backpressure = policy or TrainerBackpressure(output_dir, orch.max_async_level)
+    rollout_policy: RolloutPolicy | None = policy
     producer = Producer(envs, scheduler, client, max_concurrency=orch.max_concurrency, ledger=ledger,
-                        backpressure=TrainerBackpressure(output_dir, orch.max_async_level))  # fmt: skip
+                        backpressure=backpressure, policy=rollout_policy)  # fmt: skip
     # wandb: the trainer logs these lines to the run's one wandb run (see apprentice.metrics).
     metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log, resume_after=first - 1, use_wandb=False)
     if first > 1:
@@ -140,6 +161,9 @@ async def run(cfg: Config) -> None:
                 ledger.save()
                 metrics_log.write(metrics)
                 next(bar, None)
+        if policy is not None and eval_log is not None:  # the final weights' score closes the curve
+            await policy.sync_to(last, last + 1)
+            eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **await eval_policy(cfg)})
     except SpendCapReached as e:
         done_step = latest_step_batch(output_dir)
         raise SpendCapReached(f"{e}; stopped after step {done_step}, the last complete one. {_resume_hint(done_step + 1)}") from None
@@ -147,7 +171,23 @@ async def run(cfg: Config) -> None:
         ledger.save()
         metrics_log.close()
         worker.shutdown(wait=True)
+        if eval_log is not None:
+            eval_log.close()
+        if policy is not None:
+            await policy.aclose()
         await client.aclose()
+
+
+def _evaluator(cfg: Config, eval_log: MetricsLog | None) -> Callable[[int, int], Awaitable[None]] | None:
+    """rl mode: the held-out evaluation run before step n opens, when due (one line in eval.jsonl)."""
+    if eval_log is None:
+        return None
+
+    async def evaluate(step: int, policy_step: int) -> None:
+        if due(cfg, step):
+            eval_log.write({"step": step, "policy/step": policy_step, **await eval_policy(cfg)})
+
+    return evaluate
 
 
 def _resume_hint(step: int) -> str:

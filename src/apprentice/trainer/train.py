@@ -34,6 +34,7 @@ from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_sche
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
 from apprentice.trainer.parallelize import needs_mesh, parallelize
 from apprentice.trainer.precision import resolve_precision
+from apprentice.trainer.publish import publish_weights
 from apprentice.trainer.world import World, all_reduce_sum_, init_distributed, pick_device, shutdown, step_counts
 from apprentice.transport import (
     BatchError,
@@ -107,6 +108,9 @@ def main(cfg: Config) -> None:
                 "perf/step_s": elapsed,
                 "perf/wait_s": t_start - t_wait,
             })
+            if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
+                keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
+                publish_weights(model, tokenizer, output_dir, step, keep)
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
