@@ -220,9 +220,7 @@ class OpenAIChatClient:
         self._counters["teacher/requests"] += 1
         start = time.monotonic()
         try:
-            raw = await self._openai.chat.completions.with_raw_response.create(
-                **kwargs, extra_body=extra or None, extra_headers=headers
-            )
+            raw = await self._send(kwargs, extra, headers)
         except openai.APIStatusError as e:
             status = e.status_code
             message = _server_message(e)
@@ -244,6 +242,13 @@ class OpenAIChatClient:
             raise _Retryable("malformed", f"response body is not JSON: {raw.text[:200]!r}") from e
         self._latencies_s.append(time.monotonic() - start)
         return self._parse(data)
+
+    async def _send(self, kwargs: dict[str, Any], extra: dict[str, Any], headers: dict[str, Any]) -> Any:
+        """One raw HTTP request of this client's API (chat completions); clients of other APIs override it
+        (clients/scoring.py: the completions API) and share the retry policy around it."""
+        return await self._openai.chat.completions.with_raw_response.create(
+            **kwargs, extra_body=extra or None, extra_headers=headers
+        )
 
     def _parse(self, data: Any) -> tuple[ChatResponse, dict[str, Any]]:
         try:

@@ -1,6 +1,7 @@
 """`apprentice serve MODEL`: an OpenAI-compatible chat server over a transformers model.
 
-Endpoints: POST /v1/chat/completions (streaming SSE ending in `data: [DONE]`, or one JSON body), GET /v1/models,
+Endpoints: POST /v1/chat/completions (streaming SSE ending in `data: [DONE]`, or one JSON body), POST /v1/completions
+(token-id prompts and vLLM's `prompt_logprobs` scoring: scoring.py), GET /v1/models,
 POST /v1/load_weights {"path": DIR} (hot-swap weights, rl mode), GET /stats (batching counters), GET /health.
 Requests go through `BatchEngine` (engine.py), which serves concurrent requests as one batch.
 
@@ -38,6 +39,7 @@ from apprentice.inference.schema import (
     parse_tool_calls,
     validation_error_body,
 )
+from apprentice.inference.scoring import register_completions
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,6 +150,7 @@ def build_app(
             version = engine.swap_model(new_model)
         return JSONResponse({"status": "ok", "path": req.path, "weights_version": version})
 
+    register_completions(app, engine, tokenizer, name, hidden, max_context, with_hidden_prefix)  # scoring.py
     return app
 
 
