@@ -13,13 +13,15 @@ the reverse KL. The orchestrator logs `distill/reverse_kl`, the mean of s_t - q_
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from apprentice.clients.base import ClientError
 from apprentice.clients.scoring import TeacherScoringClient
-from apprentice.config.orchestrator import OnPolicyDistillConfig
+from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig
 from apprentice.types import TrainingSample
 
 
@@ -138,3 +140,45 @@ async def check_teacher_tokenizer(client: TeacherScoringClient, student_tokenize
     if t_ids != s_ids:
         where = f"{endpoint.base_url}, model {endpoint.model!r}"
         raise ConfigError(_mismatch_message(where, student_name, _first_difference(t_ids, s_ids)))
+
+
+class OnPolicyDistiller:
+    """The orchestrator's on-policy distillation step: after the student's samples are rendered (token path,
+    group advantages set), score each with the teacher and turn the scores into per-token advantages.
+
+    One scoring request per sample, concurrently (bounded by orchestrator.max_concurrency), cached under
+    OUTPUT/teacher_cache. A sample whose scoring fails for good is set aside and counted
+    (`distill/set_aside/<kind>`), like a failed rollout; the step goes on with the others.
+    """
+
+    def __init__(self, endpoint: EndpointConfig, cfg: OnPolicyDistillConfig | None, *, max_concurrency: int,
+                 cache_dir: Path | None) -> None:  # fmt: skip
+        self.cfg = cfg or OnPolicyDistillConfig()
+        self.client = TeacherScoringClient(endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
+
+    async def check_tokenizer(self, student_tokenizer: Any, student_name: str) -> None:
+        await check_teacher_tokenizer(self.client, student_tokenizer, student_name)
+
+    async def apply(self, samples: list[TrainingSample]) -> tuple[list[TrainingSample], dict[str, float]]:
+        """(the samples that were scored, with token_advantages set; `distill/*` metrics of this step)."""
+        results = await asyncio.gather(
+            *(self.client.score_sample(s.token_ids, s.loss_mask) for s in samples), return_exceptions=True
+        )
+        reverse_kl = ReverseKL()
+        kept: list[TrainingSample] = []
+        set_aside: Counter[str] = Counter()
+        for sample, result in zip(samples, results, strict=True):
+            if isinstance(result, ClientError):
+                set_aside[result.kind] += 1
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            kept.append(apply_teacher_scores(sample, result, self.cfg, reverse_kl))
+        metrics = {"distill/reverse_kl": reverse_kl.mean, "distill/scored_tokens": float(reverse_kl.tokens),
+                   "distill/scored_samples": float(len(kept))}  # fmt: skip
+        metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
+        metrics.update(self.client.metrics(reset=True))
+        return kept, metrics
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
