@@ -17,7 +17,7 @@ USAGE = """usage: apprentice COMMAND [ARGS]
 
 commands:
   distill CONFIG.toml [...] [--key.sub VALUE] [--dry-run]   distill a teacher endpoint into the student (orchestrator + trainer)
-  rl CONFIG.toml [...] [--key.sub VALUE] [--dry-run]        on-policy RL with a local inference server (validation only for now)
+  rl CONFIG.toml [...] [--key.sub VALUE] [--dry-run]        on-policy RL: inference server + orchestrator + trainer
   train CONFIG.toml [...] [--key.sub VALUE] [--dry-run]     the trainer alone (run it under torchrun for several ranks)
   orchestrate CONFIG.toml [...] [--key.sub VALUE] [--dry-run]  the orchestrator alone (rollouts -> OUTPUT/rollouts)
   serve MODEL [--port N] [--host H] [...]                   a local OpenAI-compatible chat server over a transformers model
@@ -118,10 +118,19 @@ def cmd_distill(argv: Sequence[str]) -> int:
 
 
 def cmd_rl(argv: Sequence[str]) -> int:
-    if _configured(argv, "rl", mode="rl") is None:
+    from apprentice.config.rl import check_rl_config
+
+    args = parse_config_args(argv)
+    cfg = load_config(args.paths, args.overrides)
+    _require_mode(cfg, "rl", "rl")
+    check_environments(cfg)
+    check_rl_config(cfg)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
         return 0
-    print("apprentice rl: on-policy RL is not implemented yet (the config is valid); use `apprentice distill`.", file=sys.stderr)
-    return 2
+    from apprentice.launcher_rl import run_rl
+
+    return run_rl(cfg)
 
 
 def cmd_train(argv: Sequence[str]) -> int:

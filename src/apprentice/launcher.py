@@ -60,16 +60,22 @@ def _stop(processes: dict[str, subprocess.Popen[str]]) -> None:
             proc.wait()
 
 
-def supervise(commands: dict[str, list[str]], *, env: dict[str, str], must_finish: str) -> int:
+def supervise(
+    commands: dict[str, list[str]], *, env: dict[str, str], must_finish: str, services: tuple[str, ...] = (),
+    grace_s: float = GRACE_S * 3, envs: dict[str, dict[str, str]] | None = None,
+) -> int:  # fmt: skip
     """Run `commands` together; return 0 when `must_finish` exits 0, or the first failure's code.
 
-    Any child exiting non-zero stops the others. Once `must_finish` is done, the others get a grace period
-    and are stopped (an orchestrator has nothing left to do once the trainer has its last step).
+    Any child exiting non-zero stops the others. Once `must_finish` is done, the others that are not
+    `services` (servers that never exit on their own) get `grace_s` to finish (an orchestrator has nothing
+    left to do once the trainer has its last step, bar a final evaluation), then everything is stopped.
+    `envs` adds per-child environment variables.
     """
     processes: dict[str, subprocess.Popen[str]] = {}
     threads = []
     for name, command in commands.items():
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        child_env = {**env, **(envs or {}).get(name, {})}
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
         processes[name] = proc
         assert proc.stdout is not None
         thread = threading.Thread(target=_stream, args=(name, proc.stdout, sys.stdout), daemon=True)
@@ -85,11 +91,12 @@ def supervise(commands: dict[str, list[str]], *, env: dict[str, str], must_finis
                     _stop(processes)
                     return code or 1
             if processes[must_finish].poll() == 0:
-                deadline = time.monotonic() + GRACE_S * 3
-                while time.monotonic() < deadline and any(p.poll() is None for p in processes.values()):
+                deadline = time.monotonic() + grace_s
+                waiting = [p for n, p in processes.items() if n not in services]
+                while time.monotonic() < deadline and any(p.poll() is None for p in waiting):
                     time.sleep(POLL_S)
                 _stop(processes)
-                failed = {n: p.returncode for n, p in processes.items() if p.returncode not in (0, -signal.SIGTERM)}
+                failed = {n: p.returncode for n, p in processes.items() if p.returncode not in (0, -signal.SIGTERM) and n not in services}
                 if failed:
                     print(f"apprentice: {', '.join(failed)} exited with {list(failed.values())} after the {must_finish} finished", file=sys.stderr)
                 return 0

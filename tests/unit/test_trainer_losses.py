@@ -69,8 +69,8 @@ def test_rl_matches_reference_per_token() -> None:
             masked += 1
     assert 0 < kept and 0 < masked  # the test data exercises both branches
     assert loss.item() == pytest.approx(total / n, rel=1e-5)
-    assert float(metrics["loss/masked_fraction"]) == pytest.approx(masked / n)
-    assert float(metrics["loss/mismatch_kl"]) == pytest.approx(k3 / n, rel=1e-5)
+    assert float(metrics["rl/masked_fraction"]) == pytest.approx(masked / n)
+    assert float(metrics["rl/mismatch_kl"]) == pytest.approx(k3 / n, rel=1e-5)
     # Gradient: d/dlp of (-r a + c lr^2) = -r a + 2 c lr on kept tokens, 0 elsewhere.
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
@@ -95,9 +95,9 @@ def test_rl_with_zero_inference_logprobs_is_meaningless() -> None:
     lp = target_logprobs(logits, targets)
     inputs = LossInputs(lp, torch.zeros(64), torch.ones(64, dtype=torch.bool), torch.ones(64), 64)
     loss, metrics = rl_loss(inputs, RLLossConfig())
-    assert float(metrics["loss/ratio_mean"]) < 0.05  # ratios ~1/512, not ~1
-    assert float(metrics["loss/masked_fraction"]) == 1.0  # every token is rejected by the trust region
-    assert float(metrics["loss/mismatch_kl"]) > 4.0  # ~log(512) - 1: a large, meaningless mismatch
+    assert float(metrics["rl/ratio_mean"]) < 0.05  # ratios ~1/512, not ~1
+    assert float(metrics["rl/masked_fraction"]) == 1.0  # every token is rejected by the trust region
+    assert float(metrics["rl/mismatch_kl"]) > 4.0  # ~log(512) - 1: a large, meaningless mismatch
     loss.backward()
     assert logits.grad is not None and float(logits.grad.abs().max()) == 0.0  # nothing would be learnt
 

@@ -18,3 +18,14 @@ class InferenceConfig(Section):
     """Port of the OpenAI-compatible server."""
     max_batch_size: int = Field(default=32, ge=1)
     """Requests decoded together in one batch."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype of the server ("auto": bfloat16 on GPU, float32 on CPU). Keep it equal to the trainer's
+    precision for exact importance ratios."""
+    threads: int | None = Field(default=None, ge=1)
+    """builtin backend on CPU: torch threads of the server (lower it when it shares the cores with the trainer)."""
+    startup_timeout_s: float = Field(default=600.0, gt=0.0)
+    """How long the orchestrator waits for the server to answer before failing."""
+    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)
+    """vllm backend: fraction of GPU memory vLLM may take (the trainer needs the rest on a shared GPU)."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Extra command-line arguments of the server (e.g. ["--max-model-len", "4096"] for vLLM)."""

@@ -23,6 +23,8 @@ IDENTITY_KEYS = (
     "orchestrator.rollouts_per_prompt",
     "orchestrator.seed",
     "orchestrator.reasoning",
+    "orchestrator.advantage",
+    "orchestrator.advantage_std_norm",
     "orchestrator.truncated",
     "orchestrator.rollout_model.model",
     "orchestrator.sampling",

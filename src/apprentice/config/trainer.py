@@ -88,6 +88,9 @@ class TrainerConfig(Section):
     """Where to train; "auto" picks CUDA when available."""
     batch_timeout_s: float = Field(default=1800.0, gt=0.0)
     """How long to wait for the orchestrator's next step batch before failing with a clear message."""
+    weights_keep: int = Field(default=3, ge=1)
+    """rl mode: how many of the newest published OUTPUT/weights/step_{n} directories to keep (at least
+    orchestrator.max_async_level + 2 are kept, so weights the server may still be loading stay on disk)."""
     loss: LossConfig = Field(default_factory=RLLossConfig)
     """The loss, chosen by `type` ("rl" default, or "sft")."""
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -88,6 +88,8 @@ class ChatCompletionRequest(BaseModel):
 class LoadWeightsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1)
+    step: int | None = Field(default=None, ge=0)
+    """The trainer step these weights come from (rl mode), for the caller's bookkeeping."""
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -1,8 +1,10 @@
 """The orchestrator process: for each step, roll out tasks, score, render, split per rank, hand to the trainer.
 
-    step n:  wait until the trainer is at most max_async_level steps behind (backpressure)
+    step n:  wait until the trainer is at most max_async_level steps behind (backpressure);
+             rl mode: wait for / load recent enough weights instead (policy.PolicySync), eval when due
              -> tasks of step n (deterministic in (seed, n))
              -> rollouts, concurrently (the client bounds requests in flight)
+             -> rl mode: tag with the policy step, group advantages, drop stale rollouts (policy.prepare_batch)
              -> set aside failed / truncated rollouts (counted by kind)
              -> render with the student tokenizer (unrenderable ones counted by kind)
              -> OUTPUT/rollouts/step_n/ (atomic), metrics line
@@ -23,10 +25,13 @@ from typing import Any
 
 from apprentice.clients.base import ChatClient, ClientError
 from apprentice.config import Config, load_config
+from apprentice.config.rl import check_rl_config
 from apprentice.envs.base import Environment
 from apprentice.envs.registry import load_environment
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.client import build_client
+from apprentice.orchestrator.evaluate import due, eval_policy
+from apprentice.orchestrator.policy import PolicySync, prepare_batch
 from apprentice.orchestrator.scheduler import Slot, TaskScheduler
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
@@ -55,6 +60,8 @@ def set_aside_reason(trajectory: dict[str, Any], truncated_policy: str) -> str |
     """Why a rollout is not trained on, or None to keep it."""
     if trajectory.get("error"):
         return str(trajectory["error"])
+    if trajectory.get("set_aside"):
+        return str(trajectory["set_aside"])
     if not trajectory.get("steps"):
         return "no_steps"
     if trajectory.get("truncated") and truncated_policy == "drop":
@@ -115,6 +122,8 @@ async def wait_for_trainer(output_dir: Path, step: int, max_async_level: int) ->
 async def run(cfg: Config) -> None:
     orch = cfg.orchestrator
     output_dir = Path(cfg.output_dir)
+    if cfg.mode == "rl":
+        check_rl_config(cfg)
     tokenizer = load_tokenizer(cfg.model)
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
@@ -123,12 +132,26 @@ async def run(cfg: Config) -> None:
     metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log, resume_after=first - 1)
     if first > 1:
         log.info("resuming: steps 1..%d are already written, continuing at step %d", first - 1, first)
+    policy = PolicySync(cfg) if cfg.mode == "rl" else None
+    eval_log = MetricsLog(output_dir / "orchestrator" / "eval.jsonl", cfg.log, resume_after=first - 1) if policy and orch.eval_interval else None
+    if policy is not None:
+        await policy.wait_ready()
     bar = progress_bar(range(first, cfg.trainer.max_steps + 1), cfg.log, desc="orchestrator", unit="step")
     for step in bar:
-        waited = await wait_for_trainer(output_dir, step, orch.max_async_level)
+        if policy is None:
+            waited = await wait_for_trainer(output_dir, step, orch.max_async_level)
+        else:
+            wait_start = time.monotonic()
+            policy_step = await policy.before_step(step)
+            waited = time.monotonic() - wait_start
+            if eval_log is not None and due(cfg, step):
+                eval_log.write({"step": step, "policy/step": policy_step, **await eval_policy(cfg)})
         started = time.monotonic()
         slots = scheduler.step(step)
         trajectories = await asyncio.gather(*(rollout_one(envs[s.env_index], s, client, step) for s in slots))
+        rl_metrics: dict[str, float] = {}
+        if policy is not None:
+            trajectories, rl_metrics = prepare_batch(trajectories, step, policy_step, cfg)
 
         dropped: Counter[str] = Counter()
         kept = []
@@ -145,6 +168,7 @@ async def run(cfg: Config) -> None:
 
         metrics: dict[str, float] = {"step": step}
         metrics.update(rollout_metrics(trajectories, dropped))
+        metrics.update(rl_metrics)
         metrics.update(render_stats.metrics())
         metrics.update(client.metrics(reset=True))
         metrics["perf/step_time_s"] = time.monotonic() - started
@@ -152,7 +176,13 @@ async def run(cfg: Config) -> None:
         metrics_log.write(metrics)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(reward=f"{metrics.get('rollout/reward', 0.0):.3f}", samples=len(samples), dropped=sum(dropped.values()))
+    if eval_log is not None and policy is not None:  # the final weights' score closes the curve
+        policy_step = await policy.sync_to(cfg.trainer.max_steps, cfg.trainer.max_steps + 1)
+        eval_log.write({"step": cfg.trainer.max_steps + 1, "policy/step": policy_step, **await eval_policy(cfg)})
+        eval_log.close()
     metrics_log.close()
+    if policy is not None:
+        await policy.aclose()
     await client.aclose()
 
 

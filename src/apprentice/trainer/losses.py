@@ -67,8 +67,8 @@ def rl_loss(inputs: LossInputs, cfg: RLLossConfig | None = None) -> tuple[torch.
     ratio_t = exp(trainer_lp_t - inference_lp_t). Tokens whose ratio left [ratio_low, ratio_high] (the policy
     moved too far from the sampler, or the logprobs do not belong to this model) are dropped from the gradient
     but still count in the normaliser. Per kept token: -ratio_t * A + kl_coef * log_ratio_t^2.
-    Metrics: loss/pg, loss/kl_penalty, loss/mismatch_kl (k3 estimate of KL(sampler || trainer) over all loss
-    tokens), loss/masked_fraction, loss/ratio_mean, loss/tokens.
+    Metrics: loss/pg, loss/kl_penalty, rl/mismatch_kl (k3 estimate of KL(sampler || trainer) over all loss
+    tokens), rl/masked_fraction, rl/ratio_mean, loss/tokens.
     """
     cfg = cfg or RLLossConfig()
     mask = inputs.loss_mask
@@ -87,9 +87,9 @@ def rl_loss(inputs: LossInputs, cfg: RLLossConfig | None = None) -> tuple[torch.
     metrics = {
         "loss/pg": pg.detach(),
         "loss/kl_penalty": kl_penalty.detach(),
-        "loss/mismatch_kl": k3.sum() / n,
-        "loss/masked_fraction": (mask & ~keep).sum().float() / n,
-        "loss/ratio_mean": torch.where(mask, ratio_detached, 0.0).sum() / n,
+        "rl/mismatch_kl": k3.sum() / n,
+        "rl/masked_fraction": (mask & ~keep).sum().float() / n,
+        "rl/ratio_mean": torch.where(mask, ratio_detached, 0.0).sum() / n,
         "loss/tokens": mask.sum().float(),
     }
     return loss, metrics

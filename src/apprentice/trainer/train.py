@@ -27,6 +27,7 @@ from apprentice.trainer.metrics import MetricsLogger
 from apprentice.trainer.model import load_model
 from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_scheduler, clip_grad_norm
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
+from apprentice.trainer.publish import publish_weights
 from apprentice.trainer.world import (
     World,
     all_reduce_max,
@@ -102,6 +103,9 @@ def main(cfg: Config) -> None:
             })
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
+            if cfg.mode == "rl":  # before progress: the orchestrator reads progress as "weights n are ready"
+                keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
+                publish_weights(model, tokenizer, output_dir, step, keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
 

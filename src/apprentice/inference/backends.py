@@ -1,0 +1,111 @@
+"""Inference backends of rl mode behind one small interface: how to start the server, how to reload weights.
+
+    builtin  `apprentice serve` (CPU or GPU): POST /v1/load_weights {"path", "step"}
+    vllm     `vllm serve` with apprentice's worker extension (GPU, the `vllm` extra): with
+             VLLM_SERVER_DEV_MODE=1 vLLM exposes POST /collective_rpc, which calls a method on every worker;
+             `apprentice.inference.vllm_worker.WeightReloader.reload_weights_from(path)` reads the published
+             safetensors into the running model in place (no restart), then the prefix cache is reset.
+
+Both serve the OpenAI chat API with token ids (`return_token_ids`) and raw-model logprobs, which is all the
+orchestrator's token client needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+from apprentice.config import Config, InferenceConfig
+from apprentice.errors import ApprenticeError
+
+
+class WeightReloadError(ApprenticeError):
+    """The server refused or failed to load published weights."""
+
+
+class Backend(Protocol):
+    def command(self, cfg: Config, model: str | Path) -> list[str]:
+        """The command line that serves `model` on [inference] host:port."""
+        ...
+
+    def env(self) -> dict[str, str]:
+        """Extra environment variables of the server process."""
+        ...
+
+    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+        """Make the server sample from the weights in `path` (published trainer step `step`) from now on."""
+        ...
+
+
+def _raise_for(response: httpx.Response, what: str) -> None:
+    if response.status_code >= 400:
+        raise WeightReloadError(f"{what} answered HTTP {response.status_code}: {response.text[:500]}")
+
+
+@dataclass(frozen=True)
+class BuiltinBackend:
+    def command(self, cfg: Config, model: str | Path) -> list[str]:
+        inf = _inference(cfg)
+        command = [
+            sys.executable, "-m", "apprentice", "serve", str(model), "--host", inf.host, "--port", str(inf.port),
+            "--max-batch-size", str(inf.max_batch_size), "--dtype", inf.dtype, "--served-model-name", cfg.model.name,
+        ]  # fmt: skip
+        if inf.threads is not None:
+            command += ["--threads", str(inf.threads)]
+        return command + list(inf.extra_args)
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+        response = await http.post(f"{base_url}/load_weights", json={"path": str(path), "step": step})
+        _raise_for(response, f"{base_url}/load_weights ({path})")
+
+
+@dataclass(frozen=True)
+class VLLMBackend:
+    def command(self, cfg: Config, model: str | Path) -> list[str]:
+        if importlib.util.find_spec("vllm") is None:
+            raise ApprenticeError(
+                '[inference] backend = "vllm" needs vLLM: pip install "apprentice[vllm]" on a GPU machine, '
+                'or use backend = "builtin"'
+            )
+        inf = _inference(cfg)
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", inf.host,
+            "--port", str(inf.port), "--served-model-name", cfg.model.name, "--max-num-seqs", str(inf.max_batch_size),
+            "--dtype", inf.dtype, "--gpu-memory-utilization", str(inf.gpu_memory_utilization),
+            # The orchestrator's importance ratios need the model's own distribution, not the processed one.
+            "--logprobs-mode", "raw_logprobs",
+            "--worker-extension-cls", "apprentice.inference.vllm_worker.WeightReloader",
+        ]  # fmt: skip
+        return command + list(inf.extra_args)
+
+    def env(self) -> dict[str, str]:
+        return {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache
+
+    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+        root = base_url.removesuffix("/v1")
+        body = {"method": "reload_weights_from", "args": [str(path)]}
+        response = await http.post(f"{root}/collective_rpc", json=body)
+        _raise_for(response, f"{root}/collective_rpc reload_weights_from({path})")
+        # Cached KV blocks were computed by the old weights; a prefix hit would silently mix two policies.
+        _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
+
+
+BACKENDS: dict[str, Backend] = {"builtin": BuiltinBackend(), "vllm": VLLMBackend()}
+
+
+def _inference(cfg: Config) -> InferenceConfig:
+    assert cfg.inference is not None, "only called when [inference] is set"
+    return cfg.inference
+
+
+def backend_for(cfg: Config) -> Backend:
+    """The backend that serves (or, with a student endpoint, is assumed to serve) the student."""
+    return BACKENDS[cfg.inference.backend if cfg.inference is not None else "builtin"]

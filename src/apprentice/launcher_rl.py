@@ -1,0 +1,68 @@
+"""`apprentice rl`: start the inference server, the orchestrator and the trainer; stop all if one fails.
+
+    inference     [inference] backend (builtin: `apprentice serve`; vllm: `vllm serve` + weight reloader),
+                  started on the newest complete OUTPUT/weights/step_{n} (the initial model on a fresh run).
+                  Left out with [orchestrator.student_endpoint]: that server is used (and still told to reload).
+    orchestrator  samples with the server, loads each step's weights into it, writes OUTPUT/rollouts/step_{n}
+    trainer       trains on them (torchrun when trainer.num_processes > 1), publishes OUTPUT/weights/step_{n}
+
+Rerunning the same command resumes: the trainer from its newest complete checkpoint (published weights newer
+than that checkpoint are deleted first: those steps are trained again, and the server must not sample from
+weights that are about to be replaced), the orchestrator after its newest complete batch, and the server
+from the newest remaining weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from apprentice.config import Config, write_resolved
+from apprentice.config.resume import check_resumable
+from apprentice.config.rl import check_rl_config
+from apprentice.inference.backends import backend_for
+from apprentice.launcher import supervise, trainer_command
+from apprentice.trainer import ckpt
+from apprentice.trainer.publish import latest_published, remove_weights_after, weights_dir
+
+FINAL_EVAL_GRACE_S = 1800.0
+"""How long the orchestrator may keep scoring the final weights after the trainer is done."""
+
+
+def resume_point(output_dir: Path) -> int:
+    """The step the trainer will resume after (0 on a fresh run), with newer published weights removed."""
+    latest = ckpt.latest_checkpoint(output_dir)
+    step = int(latest.name.removeprefix("step_")) if latest is not None else 0
+    removed = remove_weights_after(output_dir, step)
+    if removed:
+        print(f"apprentice rl: removed published weights of steps {removed} (newer than checkpoint step {step}; "
+              f"they are trained again)", flush=True)  # fmt: skip
+    return step
+
+
+def run_rl(cfg: Config) -> int:
+    check_rl_config(cfg)
+    output_dir = Path(cfg.output_dir)
+    resumed = check_resumable(cfg)
+    config_path = write_resolved(cfg)
+    resume_point(output_dir)
+    policy = latest_published(output_dir)
+    model = weights_dir(output_dir, policy) if policy else cfg.model.name
+    print(f"apprentice rl: {'resuming' if resumed else 'starting'} run in {output_dir} (config: {config_path}); "
+          f"policy weights of step {policy} ({model})", flush=True)  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("TQDM_MININTERVAL", "5")
+    commands: dict[str, list[str]] = {}
+    envs: dict[str, dict[str, str]] = {}
+    if cfg.inference is not None:
+        backend = backend_for(cfg)
+        commands["inference"] = backend.command(cfg, model)
+        envs["inference"] = backend.env()
+    commands["orchestrator"] = [sys.executable, "-m", "apprentice", "orchestrate", str(config_path)]
+    commands["trainer"] = trainer_command(cfg, config_path)
+    code = supervise(commands, env=env, envs=envs, must_finish="trainer", services=("inference",),
+                     grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0)  # fmt: skip
+    if code == 0:
+        print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
+    return code
