@@ -110,6 +110,12 @@ class Config(Section):
                 f'got "{self.trainer.loss.type}": the teacher\'s per-token scores become advantages of the rl loss. '
                 f'Set [trainer.loss] type = "rl" (or pass --trainer.loss.type rl).'
             )
+        if orch.skip_zero_advantage:
+            raise ValueError(
+                "orchestrator.teacher_model is set (on-policy distillation), so orchestrator.skip_zero_advantage must "
+                "be false: a group whose rewards are all equal still carries the teacher's per-token signal. "
+                "Set `skip_zero_advantage = false` under [orchestrator]."
+            )
         if not orch.use_token_client:
             raise ValueError(
                 "orchestrator.teacher_model is set (on-policy distillation), so orchestrator.use_token_client must be "

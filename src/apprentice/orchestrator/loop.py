@@ -31,6 +31,7 @@ from apprentice.envs.registry import load_environment
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.client import build_client
 from apprentice.orchestrator.evaluate import due, eval_policy
+from apprentice.orchestrator.on_policy import OnPolicyDistiller
 from apprentice.orchestrator.policy import PolicySync, prepare_batch
 from apprentice.orchestrator.scheduler import Slot, TaskScheduler
 from apprentice.render import render_many
@@ -136,6 +137,11 @@ async def run(cfg: Config) -> None:
     eval_log = MetricsLog(output_dir / "orchestrator" / "eval.jsonl", cfg.log, resume_after=first - 1) if policy and orch.eval_interval else None
     if policy is not None:
         await policy.wait_ready()
+    distiller = None  # on-policy distillation: the teacher scores every sampled token (orchestrator/on_policy.py)
+    if orch.teacher_model is not None:
+        distiller = OnPolicyDistiller(orch.teacher_model, orch.on_policy_distill, max_concurrency=orch.max_concurrency,
+                                      cache_dir=output_dir / "teacher_cache")  # fmt: skip
+        await distiller.check_tokenizer(tokenizer, cfg.model.name)
     bar = progress_bar(range(first, cfg.trainer.max_steps + 1), cfg.log, desc="orchestrator", unit="step")
     for step in bar:
         if policy is None:
@@ -162,6 +168,9 @@ async def run(cfg: Config) -> None:
             else:
                 dropped[reason] += 1
         samples, render_stats = render_many(kept, tokenizer, reasoning=orch.reasoning)
+        distill_metrics: dict[str, float] = {}
+        if distiller is not None:
+            samples, distill_metrics = await distiller.apply(samples)
         if not samples:
             raise NothingToTrainError(empty_step_message(step, trajectories, dropped, render_stats.metrics(), cfg))
         write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
@@ -169,6 +178,7 @@ async def run(cfg: Config) -> None:
         metrics: dict[str, float] = {"step": step}
         metrics.update(rollout_metrics(trajectories, dropped))
         metrics.update(rl_metrics)
+        metrics.update(distill_metrics)
         metrics.update(render_stats.metrics())
         metrics.update(client.metrics(reset=True))
         metrics["perf/step_time_s"] = time.monotonic() - started
@@ -181,6 +191,8 @@ async def run(cfg: Config) -> None:
         eval_log.write({"step": cfg.trainer.max_steps + 1, "policy/step": policy_step, **await eval_policy(cfg)})
         eval_log.close()
     metrics_log.close()
+    if distiller is not None:
+        await distiller.aclose()
     if policy is not None:
         await policy.aclose()
     await client.aclose()
