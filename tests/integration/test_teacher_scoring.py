@@ -174,3 +174,40 @@ def test_tokenizer_check_accepts_the_same_and_refuses_another(teacher: tuple[str
     asyncio.run(check_teacher_tokenizer(local, same, "student"))  # a local directory: its files are compared
     with pytest.raises(ConfigError, match="their vocabularies differ"):
         asyncio.run(check_teacher_tokenizer(local, other, "student"))
+
+
+def test_distiller_sets_token_advantages_and_sets_aside_unscorable_samples(teacher: tuple[str, Any],
+                                                                           reference: tuple[Any, Any]) -> None:  # fmt: skip
+    from apprentice.config.orchestrator import OnPolicyDistillConfig
+    from apprentice.orchestrator.on_policy import OnPolicyDistiller
+    from apprentice.types import TrainingSample
+
+    url, _ = teacher
+    model, tokenizer = reference
+    samples = []
+    for word, student_lp in (("abc", -1.0), ("hello", -2.0)):
+        ids, mask = sample_ids(tokenizer, [{"role": "user", "content": f"Reverse: {word}"}], word[::-1])
+        samples.append(TrainingSample(ids, mask, [student_lp if m else 0.0 for m in mask], advantage=0.5))
+    broken = TrainingSample([1, 2, 10**6], [False, True, True], [0.0, -1.0, -1.0], advantage=0.5)
+
+    async def run() -> tuple[list[TrainingSample], dict[str, float]]:
+        distiller = OnPolicyDistiller(EndpointConfig(base_url=url, model="tiny", max_retries=0),
+                                      OnPolicyDistillConfig(kl_coef=1.0, reward_coef=2.0), max_concurrency=2, cache_dir=None)  # fmt: skip
+        try:
+            return await distiller.apply([samples[0], broken, samples[1]])
+        finally:
+            await distiller.aclose()
+
+    kept, metrics = asyncio.run(run())
+    assert kept == [samples[0], samples[1]] and metrics["distill/set_aside/bad_request"] == 1
+    total, count = 0.0, 0
+    for s in kept:
+        teacher_lps = direct_logprobs(model, s.token_ids)
+        assert s.token_advantages is not None
+        for i, m in enumerate(s.loss_mask):
+            expected = (teacher_lps[i - 1] - s.logprobs[i]) + 2.0 * 0.5 if m else 0.0
+            assert abs(s.token_advantages[i] - expected) < 1e-4
+            if m:
+                total, count = total + s.logprobs[i] - teacher_lps[i - 1], count + 1
+    assert metrics["distill/scored_tokens"] == count and abs(metrics["distill/reverse_kl"] - total / count) < 1e-4
+    assert metrics["distill/scored_samples"] == 2 and metrics["distill/errors/bad_request"] == 1

@@ -69,3 +69,18 @@ def test_mix_without_teacher_and_an_all_zero_mix_are_errors(tmp_path: Path) -> N
     assert "kl_coef and reward_coef are both 0" in message
     message = error_of(tmp_path, RL_CONFIG + TEACHER + "[orchestrator.on_policy_distill]\nkl_coeff = 1.0\n")
     assert "kl_coeff" in message  # unknown keys are errors
+
+
+def test_resuming_with_another_teacher_or_mix_is_refused(tmp_path: Path) -> None:
+    from apprentice.config import write_resolved
+    from apprentice.config.resume import check_resumable
+
+    out = ["--output_dir", str(tmp_path / "run")]
+    write_resolved(load(tmp_path, RL_CONFIG + TEACHER, out))
+    moved = load(tmp_path, RL_CONFIG + TEACHER, [*out, "--orchestrator.teacher_model.base_url", "http://10.0.0.2:8000/v1"])
+    assert check_resumable(moved) is True  # the same teacher on another host: operational
+    other = load(tmp_path, RL_CONFIG + TEACHER + "[orchestrator.on_policy_distill]\nreward_coef = 1.0\n",
+                 [*out, "--orchestrator.teacher_model.model", "bigger-teacher"])  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        check_resumable(other)
+    assert "orchestrator.teacher_model.model" in str(info.value) and "orchestrator.on_policy_distill" in str(info.value)

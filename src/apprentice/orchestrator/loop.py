@@ -126,6 +126,12 @@ async def run(cfg: Config) -> None:
     if cfg.mode == "rl":
         check_rl_config(cfg)
     tokenizer = load_tokenizer(cfg.model)
+    distiller = None  # on-policy distillation: the teacher scores every sampled token (orchestrator/on_policy.py);
+    # its tokenizer is checked first: a config mistake should fail before anything else waits or spends
+    if orch.teacher_model is not None:
+        distiller = OnPolicyDistiller(orch.teacher_model, orch.on_policy_distill, max_concurrency=orch.max_concurrency,
+                                      cache_dir=output_dir / "teacher_cache")  # fmt: skip
+        await distiller.check_tokenizer(tokenizer, cfg.model.name)
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
     client = build_client(cfg)
@@ -137,11 +143,6 @@ async def run(cfg: Config) -> None:
     eval_log = MetricsLog(output_dir / "orchestrator" / "eval.jsonl", cfg.log, resume_after=first - 1) if policy and orch.eval_interval else None
     if policy is not None:
         await policy.wait_ready()
-    distiller = None  # on-policy distillation: the teacher scores every sampled token (orchestrator/on_policy.py)
-    if orch.teacher_model is not None:
-        distiller = OnPolicyDistiller(orch.teacher_model, orch.on_policy_distill, max_concurrency=orch.max_concurrency,
-                                      cache_dir=output_dir / "teacher_cache")  # fmt: skip
-        await distiller.check_tokenizer(tokenizer, cfg.model.name)
     bar = progress_bar(range(first, cfg.trainer.max_steps + 1), cfg.log, desc="orchestrator", unit="step")
     for step in bar:
         if policy is None:
