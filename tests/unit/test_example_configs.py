@@ -20,5 +20,9 @@ def test_there_are_examples() -> None:
 def test_example_config_is_valid(path: Path) -> None:
     cfg = load_config([path])
     check_environments(cfg)
-    assert cfg.mode == "distill"
+    assert cfg.mode in ("distill", "rl")
+    if cfg.mode == "rl":
+        from apprentice.config.rl import check_rl_config
+
+        check_rl_config(cfg)
     assert path.read_text().lstrip().startswith("#"), "an example opens with a comment saying what it runs"
