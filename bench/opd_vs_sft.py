@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     rows["student, off-policy SFT"] = score(eval_cfg, str(sft_dir / "final"))
     rows["student, on-policy"] = score(eval_cfg, str(opd_dir / "final"))
     clock = {"student, off-policy SFT": sft_s, "student, on-policy": opd_s}
-    plot = save_plot(out, sft_dir, opd_dir, rows)
     results = {name: {"correct": s.correct, "form": s.form, "train_wall_s": clock.get(name)} for name, s in rows.items()}
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
+    plot = save_plot(out, sft_dir, opd_dir, rows)
     print(f"\nheld-out countries (40), greedy decoding; {args.steps} steps of 8 prompts each; 2-core CPU")
     print("| model | reward: right city, alone | bare city name | training wall-clock |")
     print("|---|---|---|---|")
