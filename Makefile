@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint venv
+.PHONY: demo rl-demo test lint venv
 
 venv: .venv/.installed
 
@@ -26,3 +26,7 @@ test: venv lint
 
 demo: venv
 	$(PY) -m apprentice.demo
+
+# On-policy RL on CPU: SmolLM2-135M-Instruct, capitals with a "right and short" reward (docs/rl.md).
+rl-demo: venv
+	$(PY) -m apprentice.demo_rl

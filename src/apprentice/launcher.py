@@ -8,13 +8,14 @@ batch, the trainer from its newest complete checkpoint.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from apprentice.config import Config, ConfigError, write_resolved
 from apprentice.config.resume import check_resumable
@@ -32,12 +33,13 @@ def trainer_command(cfg: Config, config_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _stream(name: str, pipe: IO[str], out: IO[str]) -> None:
-    """Copy a child's output line by line with a prefix; progress bars (\\r updates) become lines too."""
+def _stream(name: str, pipe: IO[str], out: IO[str], drop: re.Pattern[str] | None = None) -> None:
+    """Copy a child's output line by line with a prefix; progress bars (\\r updates) become lines too.
+    Lines matching `drop` (e.g. a server's per-request access log) are left out."""
     buffer = ""
     while chunk := pipe.read(1):
         if chunk in "\r\n":
-            if buffer.strip():
+            if buffer.strip() and not (drop and drop.search(buffer)):
                 out.write(f"[{name}] {buffer}\n")
                 out.flush()
             buffer = ""
@@ -63,22 +65,24 @@ def _stop(processes: dict[str, subprocess.Popen[str]]) -> None:
 def supervise(
     commands: dict[str, list[str]], *, env: dict[str, str], must_finish: str, services: tuple[str, ...] = (),
     grace_s: float = GRACE_S * 3, envs: dict[str, dict[str, str]] | None = None,
+    drop: dict[str, re.Pattern[str]] | None = None,
 ) -> int:  # fmt: skip
     """Run `commands` together; return 0 when `must_finish` exits 0, or the first failure's code.
 
     Any child exiting non-zero stops the others. Once `must_finish` is done, the others that are not
     `services` (servers that never exit on their own) get `grace_s` to finish (an orchestrator has nothing
     left to do once the trainer has its last step, bar a final evaluation), then everything is stopped.
-    `envs` adds per-child environment variables.
+    `envs` adds per-child environment variables; `drop` filters a child's log lines.
     """
     processes: dict[str, subprocess.Popen[str]] = {}
     threads = []
+    previous = _on_sigterm_interrupt()
     for name, command in commands.items():
         child_env = {**env, **(envs or {}).get(name, {})}
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
         processes[name] = proc
         assert proc.stdout is not None
-        thread = threading.Thread(target=_stream, args=(name, proc.stdout, sys.stdout), daemon=True)
+        thread = threading.Thread(target=_stream, args=(name, proc.stdout, sys.stdout, (drop or {}).get(name)), daemon=True)
         thread.start()
         threads.append(thread)
     try:
@@ -106,8 +110,22 @@ def supervise(
         _stop(processes)
         return 130
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         for thread in threads:
             thread.join(timeout=2.0)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm_interrupt() -> Any:
+    """Make SIGTERM (a scheduler or `kill` stopping the launcher) stop the children like Ctrl-C does, instead of
+    leaving them running; returns the previous handler (None off the main thread, where signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 def run_distill(cfg: Config) -> int:

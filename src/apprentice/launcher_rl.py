@@ -15,6 +15,7 @@ from the newest remaining weights.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from apprentice.launcher import supervise, trainer_command
 from apprentice.trainer import ckpt
 from apprentice.trainer.publish import latest_published, remove_weights_after, weights_dir
 
+ACCESS_LOG = re.compile(r'"(POST|GET) /v1/(chat/completions|models|weights) HTTP/1\.1" 200')
+"""Per-request access-log lines of a healthy server (hundreds per step): left out of the run's log."""
 FINAL_EVAL_GRACE_S = 1800.0
 """How long the orchestrator may keep scoring the final weights after the trainer is done."""
 
@@ -62,7 +65,7 @@ def run_rl(cfg: Config) -> int:
     commands["orchestrator"] = [sys.executable, "-m", "apprentice", "orchestrate", str(config_path)]
     commands["trainer"] = trainer_command(cfg, config_path)
     code = supervise(commands, env=env, envs=envs, must_finish="trainer", services=("inference",),
-                     grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0)  # fmt: skip
+                     grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG})  # fmt: skip
     if code == 0:
         print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
     return code

@@ -106,14 +106,31 @@ def test_command_without_config_is_a_usage_error(capsys: pytest.CaptureFixture[s
     assert "no config file given" in err and "CONFIG.toml" in err
 
 
-def test_rl_with_valid_config_is_not_implemented(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rl_dry_run_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rl = write(tmp_path, "rl.toml", RL_CONFIG)
-    assert main(["rl", str(rl)]) == 2
-    out = capsys.readouterr()
-    assert "not implemented" in out.err and "apprentice distill" in out.err and out.out == ""
-    assert main(["rl", str(rl), "--dry-run"]) == 0
+    assert main(["rl", str(rl), "--orchestrator.rollouts_per_prompt", "4", "--dry-run"]) == 0
     dumped = tomllib.loads(capsys.readouterr().out)
     assert dumped["inference"]["port"] == 8123 and dumped["trainer"]["loss"]["type"] == "rl"
+    assert dumped["orchestrator"]["advantage"] == "group" and dumped["orchestrator"]["rollouts_per_prompt"] == 4
+
+
+def test_rl_group_advantages_need_several_rollouts_per_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rl = write(tmp_path, "rl.toml", RL_CONFIG)
+    for extra in ([], ["--dry-run"]):  # checked before anything starts, and under --dry-run too
+        assert main(["rl", str(rl), *extra]) == 2
+        out = capsys.readouterr()
+        assert out.out == ""
+        assert "orchestrator.rollouts_per_prompt = 1" in out.err and "rollouts_per_prompt >= 2" in out.err
+        assert 'advantage = "reward"' in out.err and "Traceback" not in out.err
+    assert main(["rl", str(rl), "--orchestrator.advantage", "reward", "--dry-run"]) == 0
+
+
+def test_rl_loss_needs_the_token_client(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rl = write(tmp_path, "rl.toml", RL_CONFIG)
+    args = ["--orchestrator.rollouts_per_prompt", "2", "--orchestrator.use_token_client", "false", "--dry-run"]
+    assert main(["rl", str(rl), *args]) == 2
+    err = capsys.readouterr().err
+    assert "orchestrator.use_token_client must be true" in err and 'trainer.loss.type = "rl"' in err
 
 
 def test_distill_with_rl_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

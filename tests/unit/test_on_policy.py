@@ -121,7 +121,7 @@ def test_rl_loss_uses_per_token_advantages_with_importance_ratios() -> None:
     expected_loss, expected_grad = reference_rl_loss(trainer, inference, mask, adv, 7, cfg)
     assert float(loss.detach()) == pytest.approx(expected_loss, abs=1e-6)
     assert lp.grad is not None and lp.grad.tolist() == pytest.approx(expected_grad, abs=1e-6)
-    assert float(metrics["loss/masked_fraction"]) == pytest.approx(1 / 7)
+    assert float(metrics["rl/masked_fraction"]) == pytest.approx(1 / 7)
     # The sign of the push: the teacher prefers token 0 (+0.8), so gradient descent raises its logprob.
     assert lp.grad[0] < 0 and lp.grad[1] > 0
 

@@ -102,6 +102,7 @@ class BatchEngine:
         *,
         max_batch_size: int = 32,
         batch_window_s: float = 0.005,
+        weights_path: str = "",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -111,7 +112,9 @@ class BatchEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.stats: dict[str, float] = {"inference/batches": 0, "inference/requests": 0, "inference/sequences": 0,
-                                        "inference/generated_tokens": 0, "inference/weights_version": 0}  # fmt: skip
+                                        "inference/generated_tokens": 0, "inference/weights_version": 0, "inference/weights_step": 0}  # fmt: skip
+        self.weights: dict[str, Any] = {"step": 0, "path": weights_path}
+        """Trainer step and directory of the weights that requests admitted now sample with (step 0: initial)."""
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._carry: deque[_Request] = deque()
         self._thread = threading.Thread(target=self._loop, name="apprentice-engine", daemon=True)
@@ -130,11 +133,12 @@ class BatchEngine:
         self._queue.put(_Request(list(prompt_ids), params, n, on_delta, future))
         return future
 
-    def swap_model(self, model: Any) -> int:
+    def swap_model(self, model: Any, step: int, path: str) -> None:
         """Replace the weights atomically: batches in flight finish on the old model, the next uses the new one."""
         self.model = model
+        self.weights = {"step": step, "path": path}
         self.stats["inference/weights_version"] += 1
-        return int(self.stats["inference/weights_version"])
+        self.stats["inference/weights_step"] = step
 
     # ---- worker thread ----
 

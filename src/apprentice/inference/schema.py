@@ -88,8 +88,9 @@ class ChatCompletionRequest(BaseModel):
 class LoadWeightsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1)
-    step: int | None = Field(default=None, ge=0)
-    """The trainer step these weights come from (rl mode), for the caller's bookkeeping."""
+    """A Hugging Face model directory readable by the server (e.g. OUTPUT/weights/step_{n})."""
+    step: int | None = Field(default=None, ge=0, le=2**62)
+    """Trainer step these weights come from, reported by GET /v1/weights (default: the current step + 1)."""
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -2,7 +2,9 @@
 
 Endpoints: POST /v1/chat/completions (streaming SSE ending in `data: [DONE]`, or one JSON body), POST /v1/completions
 (token-id prompts and vLLM's `prompt_logprobs` scoring: scoring.py), GET /v1/models,
-POST /v1/load_weights {"path": DIR} (hot-swap weights, rl mode), GET /stats (batching counters), GET /health.
+POST /v1/load_weights {"path": DIR, "step": N} (hot-swap weights, rl mode: 200 {"step", "path"} once requests
+admitted afterwards sample with the new weights; a batch in flight finishes on the old ones), GET /v1/weights
+(the step and path being served; step 0 is the model the server started with), GET /stats (batching counters), GET /health.
 Requests go through `BatchEngine` (engine.py), which serves concurrent requests as one batch.
 
 Binds 127.0.0.1 unless told otherwise. With `--api-key-var NAME` every endpoint but /health needs
@@ -40,8 +42,7 @@ from apprentice.inference.schema import (
     validation_error_body,
 )
 from apprentice.inference.scoring import register_completions
-
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from apprentice.inference.weights import DTYPES, WeightsError, load_causal_lm, load_reload, resolve_dtype
 
 
 class RequestError(Exception):
@@ -54,15 +55,13 @@ class RequestError(Exception):
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer). "auto" dtype: bfloat16 on CUDA, float32 on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; `apprentice serve` needs a chat model")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return model.to(device).eval(), tokenizer
+    return load_causal_lm(path, resolve_dtype(dtype, device), device), tokenizer
 
 
 def build_app(
@@ -79,7 +78,8 @@ def build_app(
 ) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread. `app.state.engine` exposes the counters."""
     model, tokenizer = load_model(model_path, dtype, device)
-    engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s)
+    engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                         weights_path=str(model_path))  # fmt: skip
     name = served_name or str(model_path)
     hidden = [{"role": "system", "content": system_prompt}] if system_prompt else []
     hidden += prompt_prefix or []
@@ -143,12 +143,18 @@ def build_app(
     @app.post("/v1/load_weights")
     async def load_weights(request: Request) -> JSONResponse:
         req = LoadWeightsRequest.model_validate(await _json(request))
-        if not Path(req.path).is_dir():
-            raise RequestError(400, f"weights directory {req.path!r} does not exist", param="path")
         async with load_lock:  # one load at a time; the swap itself is one reference assignment
-            new_model, _ = await asyncio.to_thread(_load_weights, req.path, engine.model)
-            version = engine.swap_model(new_model)
-        return JSONResponse({"status": "ok", "path": req.path, "weights_version": version})
+            step = engine.weights["step"] + 1 if req.step is None else req.step
+            try:
+                new_model = await asyncio.to_thread(load_reload, Path(req.path), engine.model)
+            except WeightsError as e:
+                raise RequestError(400, str(e), param="path", code="invalid_weights") from None
+            engine.swap_model(new_model, step=step, path=req.path)
+        return JSONResponse(dict(engine.weights))
+
+    @app.get("/v1/weights")
+    async def weights() -> dict[str, Any]:
+        return dict(engine.weights)
 
     register_completions(app, engine, tokenizer, name, hidden, max_context, with_hidden_prefix)  # scoring.py
     return app
@@ -159,18 +165,6 @@ async def _json(request: Request) -> Any:
         return json.loads(await request.body())
     except ValueError as e:
         raise RequestError(400, f"request body is not valid JSON: {e}") from e
-
-
-def _load_weights(path: str, current: Any) -> tuple[Any, None]:
-    from transformers import AutoModelForCausalLM
-
-    param = next(current.parameters())
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype)
-    model = model.to(param.device).eval()
-    if model.config.vocab_size != current.config.vocab_size:
-        raise RequestError(400, f"{path}: vocab size {model.config.vocab_size} differs from the served model's "
-                                f"{current.config.vocab_size}; load_weights swaps weights of the same model only")  # fmt: skip
-    return model, None
 
 
 def with_hidden_prefix(conversation: list[dict[str, Any]], hidden: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -72,8 +72,9 @@ class PolicySync:
         self.bound = min(cfg.orchestrator.max_async_level, cfg.orchestrator.max_off_policy_steps)
         self.startup_timeout_s = cfg.inference.startup_timeout_s if cfg.inference is not None else 120.0
         self.wait_timeout_s = cfg.trainer.batch_timeout_s
+        self.initial_model = cfg.model.name
         self.loaded: int | None = None
-        """Published step the server holds, as far as this process knows (None: not known yet)."""
+        """Published step the server holds, as far as this process knows (None: not asked yet)."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
 
     async def wait_ready(self) -> None:
@@ -114,14 +115,30 @@ class PolicySync:
         return newest
 
     async def load(self, step: int) -> None:
-        """Tell the server to sample from the weights of `step` (no-op when it already does)."""
-        if step == self.loaded or (step == 0 and self.loaded is None):
-            self.loaded = step  # step 0 is the model the server was started with
+        """Tell the server to sample from the weights of `step` (0: the initial model); no-op when it already does."""
+        if self.loaded is None:
+            self.loaded = await self._server_step()
+        if step == self.loaded:
             return
+        path = weights_dir(self.output_dir, step) if step else Path(self.initial_model)
         started = time.monotonic()
-        await self.backend.load_weights(self._http, self.base_url, weights_dir(self.output_dir, step), step)
+        await self.backend.load_weights(self._http, self.base_url, path, step)
         log.info("inference server now on the weights of step %d (%.1f s)", step, time.monotonic() - started)
         self.loaded = step
+
+    async def _server_step(self) -> int | None:
+        """The published step the server holds, from GET /v1/weights (apprentice serve) when it can tell."""
+        try:
+            response = await self._http.get(f"{self.base_url}/weights", timeout=10.0)
+            held = response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            held = None
+        if not isinstance(held, dict) or not isinstance(held.get("path"), str):
+            return 0  # a server that cannot tell (vLLM): it was started on the initial model or the newest weights
+        path = Path(held["path"])
+        if path.name.startswith("step_") and path.parent.resolve() == (self.output_dir / "weights").resolve():
+            return int(path.name.removeprefix("step_"))  # started from, or loaded, one of this run's weights
+        return 0 if int(held.get("step", 0)) == 0 else None  # None: unknown weights, reload whatever is asked
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -101,11 +101,11 @@ def main(cfg: Config) -> None:
                 "perf/step_s": elapsed,
                 "perf/wait_s": t_start - t_wait,
             })
-            if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
-                ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
-            if cfg.mode == "rl":  # before progress: the orchestrator reads progress as "weights n are ready"
+            if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
                 keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
                 publish_weights(model, tokenizer, output_dir, step, keep)
+            if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
+                ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
 
