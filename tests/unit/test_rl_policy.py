@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from apprentice.config import Config, ModelConfig, OrchestratorConfig
 from apprentice.orchestrator.advantages import assign_advantages, group_advantages
-from apprentice.orchestrator.policy import discard_stale, policy_metrics, prepare_batch, tag
+from apprentice.orchestrator.policy import PolicySync, fresh, policy_metrics, prepare_batch
 
 
 def traj(reward: float, error: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -50,33 +51,36 @@ def test_reward_advantage_is_the_raw_reward() -> None:
     assert [t["advantage"] for t in batch] == [0.25, 0.75]
 
 
-def test_stale_rollouts_are_discarded_and_lag_is_measured_against_the_consuming_step() -> None:
-    old, fresh, newest = traj(0.1), traj(0.2), traj(0.3)
-    tag([old], 2)
-    tag([fresh], 5)
-    tag([newest], 6)
-    # Batch 7 is applied to the weights of step 6: lags 4, 1, 0.
-    kept, discarded = discard_stale([old, fresh, newest], 7, max_off_policy_steps=2)
-    assert kept == [fresh, newest] and discarded == 1
-    assert policy_metrics(kept, 7) == {"policy/step": 6.0, "policy/lag": 1.0}
-    assert discard_stale([old, fresh, newest], 7, max_off_policy_steps=4) == ([old, fresh, newest], 0)
-    tag([old], 9)  # a tag, once set, is the weights that sampled it: never overwritten
-    assert old["policy_step"] == 2
+def test_staleness_and_lag_are_measured_against_the_consuming_step() -> None:
+    # Batch 7 is applied to the weights of step 6: weights 2, 5 and 6 are 4, 1 and 0 updates behind.
+    assert [fresh(w, 7, max_off_policy_steps=2) for w in (2, 5, 6)] == [False, True, True]
+    assert fresh(2, 7, max_off_policy_steps=4)
+    batch = [traj(0.1, policy_step=5), traj(0.2, policy_step=6)]
+    assert policy_metrics(batch, 7) == {"policy/step": 6.0, "policy/lag": 1.0}
 
 
-def test_prepare_batch_tags_scores_and_filters() -> None:
-    cfg = Config(model=ModelConfig(name="m"), orchestrator=orch(rollouts_per_prompt=2, max_off_policy_steps=0),
+def test_policy_sync_keeps_fresh_rollouts_only() -> None:
+    cfg = Config(model=ModelConfig(name="m"), orchestrator=orch(rollouts_per_prompt=2, max_off_policy_steps=1),
                  inference={"port": 8123})  # fmt: skip
-    batch = [traj(1.0), traj(0.0), traj(0.5, policy_step=0), traj(0.0, policy_step=0)]
-    kept, metrics = prepare_batch(batch, 3, 2, cfg)
-    assert kept == batch[:2] and [t["policy_step"] for t in kept] == [2, 2]
-    assert metrics["rollout/stale_discarded"] == 2.0 and metrics["policy/lag"] == 0.0 and metrics["policy/step"] == 2.0
+    sync = PolicySync(cfg)
+    assert sync.keep(5, 7) and not sync.keep(4, 7)  # lag 1 kept, lag 2 re-rolled by the producer
+    assert sync.policy_step() == 0  # before anything is loaded: the model the server started with
+    asyncio.run(sync.aclose())
+
+
+def test_prepare_batch_computes_advantages_and_policy_metrics() -> None:
+    cfg = Config(model=ModelConfig(name="m"), orchestrator=orch(rollouts_per_prompt=2), inference={"port": 8123})
+    batch = [traj(1.0, policy_step=2), traj(0.0, policy_step=2), traj(0.5, policy_step=1), traj(0.5, policy_step=2)]
+    metrics = prepare_batch(batch, 3, cfg)  # type: ignore[arg-type]
+    assert [t["advantage"] for t in batch] == [0.5, -0.5, 0.0, 0.0]
+    assert metrics["policy/lag"] == 1.0 and metrics["policy/step"] == 2.0
+    assert metrics["rollout/zero_advantage_groups"] == 1.0
 
 
 def test_when_every_group_is_zero_signal_they_are_kept_rather_than_stalling() -> None:
     cfg = Config(model=ModelConfig(name="m"), orchestrator=orch(rollouts_per_prompt=2, skip_zero_advantage=True),
                  inference={"port": 8123})  # fmt: skip
     batch = [traj(0.0), traj(0.0), traj(1.0), traj(1.0)]
-    kept, metrics = prepare_batch(batch, 1, 0, cfg)
-    assert len(kept) == 4 and not any("set_aside" in t for t in kept)
+    metrics = prepare_batch(batch, 1, cfg)  # type: ignore[arg-type]
+    assert not any("set_aside" in t for t in batch)
     assert metrics["rollout/zero_advantage_groups"] == 2.0

@@ -14,9 +14,9 @@ A group whose rewards are all equal has all-zero advantages: it teaches nothing,
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from apprentice.config import OrchestratorConfig
+from apprentice.trajectory import Trajectory
 
 _EPS = 1e-6
 
@@ -33,7 +33,7 @@ def group_advantages(rewards: list[float], std_norm: bool) -> list[float]:
     return [c / (std + _EPS) for c in centred]
 
 
-def assign_advantages(trajectories: list[dict[str, Any]], cfg: OrchestratorConfig) -> dict[str, float]:
+def assign_advantages(trajectories: list[Trajectory], cfg: OrchestratorConfig) -> dict[str, float]:
     """Set `trajectory["advantage"]` on every scored trajectory, in place; returns `rollout/*` counters.
 
     Zero-signal groups get `set_aside = "zero_advantage"` when `cfg.skip_zero_advantage` is on.

@@ -1,17 +1,22 @@
-"""rl mode: which weights sample each batch, keeping the server on them, and discarding stale rollouts.
+"""rl mode: which weights sample each batch, keeping the server on them, and which rollouts are too stale.
 
-Hook points of the orchestrator loop (one call each per step):
+`PolicySync` is both seams of the continuous producer (orchestrator/producer.py):
 
-    policy_step = await sync.before_step(n)     # wait for / load weights before sampling batch n
-    tag(trajectories, policy_step)              # each rollout remembers the weights that produced it
-    kept, stale = discard_stale(trajectories, n, max_off_policy_steps)
-    metrics |= policy_metrics(kept, n)          # policy/step, policy/lag
+    Backpressure.wait(n)    before step n opens: wait until weights recent enough for batch n are published,
+                            load the newest into the server, then run `on_step(n, policy_step)` (the held-out
+                            evaluation when due)
+    RolloutPolicy.ready()   not while the server reloads weights
+    .policy_step()          the weights sampling now; the producer tags each rollout with it
+    .keep(w, n)             a rollout sampled by weights w may go into batch n (else it is re-rolled)
 
 Batch n is consumed by trainer step n, which applies its update to the weights of step n - 1. A rollout
-sampled with the weights of step w is therefore (n - 1) - w updates behind: its lag. `before_step` waits until
-the newest published weights are at least n - 1 - bound (bound = min(max_async_level, max_off_policy_steps)),
-then loads the newest ones, so the lag of a freshly sampled batch never exceeds max_async_level. A producer
-that keeps rollouts in flight across steps (continuous batching) still tags and filters with the other two.
+sampled with the weights of step w is therefore (n - 1) - w updates behind: its lag. Step n opens only once the
+newest published weights are at least n - 1 - bound (bound = min(max_async_level, max_off_policy_steps)), so
+`policy/lag` stays within max_async_level; rollouts still in flight when newer weights arrive are kept while
+their lag is at most max_off_policy_steps.
+
+`prepare_batch` then computes the group advantages of a complete step (orchestrator/advantages.py) and the
+`policy/*` metrics.
 """
 
 from __future__ import annotations
@@ -19,63 +24,93 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from apprentice.config import Config
 from apprentice.errors import ApprenticeError
 from apprentice.inference.backends import Backend, backend_for
+from apprentice.orchestrator.advantages import assign_advantages
 from apprentice.orchestrator.client import rollout_endpoint
 from apprentice.trainer.publish import latest_published, weights_dir
+from apprentice.trajectory import Trajectory
 
 log = logging.getLogger("apprentice.orchestrator")
 
 POLL_S = 0.1
 
 
-def tag(trajectories: list[dict[str, Any]], policy_step: int) -> None:
-    """Record on each trajectory the published step of the weights that sampled it (0 = initial model)."""
-    for t in trajectories:
-        t.setdefault("policy_step", policy_step)
+def lag(policy_step: int, batch_step: int) -> int:
+    """Updates between the sampling weights and the weights trainer step `batch_step` applies its update to."""
+    return (batch_step - 1) - policy_step
 
 
-def lag(trajectory: dict[str, Any], step: int) -> int:
-    """Updates between the sampling weights and the weights trainer step `step` applies its update to."""
-    return (step - 1) - int(trajectory["policy_step"])
+def fresh(policy_step: int, batch_step: int, max_off_policy_steps: int) -> bool:
+    """Whether a rollout sampled by `policy_step` may still be trained on in batch `batch_step`."""
+    return lag(policy_step, batch_step) <= max_off_policy_steps
 
 
-def discard_stale(trajectories: list[dict[str, Any]], step: int, max_off_policy_steps: int) -> tuple[list[dict[str, Any]], int]:
-    """(trajectories at most `max_off_policy_steps` behind for batch `step`, how many were discarded)."""
-    kept = [t for t in trajectories if lag(t, step) <= max_off_policy_steps]
-    return kept, len(trajectories) - len(kept)
-
-
-def policy_metrics(trajectories: list[dict[str, Any]], step: int) -> dict[str, float]:
+def policy_metrics(trajectories: list[Trajectory], step: int) -> dict[str, float]:
     """`policy/step`: newest weights used in the batch; `policy/lag`: the largest lag over its samples."""
-    if not trajectories:
+    steps = [int(t.get("policy_step", 0)) for t in trajectories]
+    if not steps:
         return {}
-    return {
-        "policy/step": float(max(int(t["policy_step"]) for t in trajectories)),
-        "policy/lag": float(max(lag(t, step) for t in trajectories)),
-    }
+    return {"policy/step": float(max(steps)), "policy/lag": float(max(lag(w, step) for w in steps))}
+
+
+def prepare_batch(trajectories: list[Trajectory], step: int, cfg: Config) -> dict[str, float]:
+    """Group advantages (in place) and the rl metrics of a complete step's trajectories (in slot order)."""
+    metrics = assign_advantages(trajectories, cfg.orchestrator)
+    skipped = [t for t in trajectories if t.get("set_aside") == "zero_advantage"]
+    if skipped and len(skipped) == sum(1 for t in trajectories if not t.get("error")):
+        for t in skipped:  # nothing else to train on: keep them (zero advantages, no gradient) rather than stall
+            del t["set_aside"]
+    return metrics | policy_metrics(trajectories, step)
 
 
 class PolicySync:
     """Keeps the inference server on the newest published weights the async bound allows."""
 
-    def __init__(self, cfg: Config, backend: Backend | None = None) -> None:
+    def __init__(
+        self, cfg: Config, backend: Backend | None = None, on_step: Callable[[int, int], Awaitable[None]] | None = None
+    ) -> None:
         self.output_dir = Path(cfg.output_dir)
         self.base_url = rollout_endpoint(cfg).base_url
         self.backend = backend or backend_for(cfg)
+        self.initial_model = cfg.model.name
         self.bound = min(cfg.orchestrator.max_async_level, cfg.orchestrator.max_off_policy_steps)
+        self.max_off_policy_steps = cfg.orchestrator.max_off_policy_steps
         self.startup_timeout_s = cfg.inference.startup_timeout_s if cfg.inference is not None else 120.0
         self.wait_timeout_s = cfg.trainer.batch_timeout_s
-        self.initial_model = cfg.model.name
+        self.on_step = on_step
         self.loaded: int | None = None
         """Published step the server holds, as far as this process knows (None: not asked yet)."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- the producer's seams ----
+
+    async def wait(self, step: int) -> float:
+        """Backpressure: return once step `step` may open (weights loaded, evaluation done); seconds waited."""
+        start = time.monotonic()
+        policy_step = await self.before_step(step)
+        if self.on_step is not None:
+            await self.on_step(step, policy_step)
+        return time.monotonic() - start
+
+    async def ready(self) -> None:
+        await self._idle.wait()
+
+    def policy_step(self) -> int:
+        return self.loaded or 0
+
+    def keep(self, policy_step: int, batch_step: int) -> bool:
+        return fresh(policy_step, batch_step, self.max_off_policy_steps)
+
+    # ---- weights ----
 
     async def wait_ready(self) -> None:
         """Block until the server answers /models (it may still be loading the model)."""
@@ -122,7 +157,11 @@ class PolicySync:
             return
         path = weights_dir(self.output_dir, step) if step else Path(self.initial_model)
         started = time.monotonic()
-        await self.backend.load_weights(self._http, self.base_url, path, step)
+        self._idle.clear()  # new rollouts wait: each must be tagged with the weights that really sample it
+        try:
+            await self.backend.load_weights(self._http, self.base_url, path, step)
+        finally:
+            self._idle.set()
         log.info("inference server now on the weights of step %d (%.1f s)", step, time.monotonic() - started)
         self.loaded = step
 
@@ -142,21 +181,3 @@ class PolicySync:
 
     async def aclose(self) -> None:
         await self._http.aclose()
-
-
-def prepare_batch(
-    trajectories: list[dict[str, Any]], step: int, policy_step: int, cfg: Config
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Tag, compute group advantages, drop stale rollouts: (trajectories to render, rl metrics)."""
-    from apprentice.orchestrator.advantages import assign_advantages
-
-    tag(trajectories, policy_step)
-    metrics = assign_advantages(trajectories, cfg.orchestrator)
-    skipped = [t for t in trajectories if t.get("set_aside") == "zero_advantage"]
-    if skipped and len(skipped) == sum(1 for t in trajectories if not t.get("error")):
-        for t in skipped:  # nothing else to train on: keep them (zero advantages, no gradient) rather than stall
-            del t["set_aside"]
-    kept, stale = discard_stale(trajectories, step, cfg.orchestrator.max_off_policy_steps)
-    metrics["rollout/stale_discarded"] = float(stale)
-    metrics.update(policy_metrics(kept, step))
-    return kept, metrics
