@@ -5,6 +5,7 @@ and cache apply (a resumed run pays nothing), and the startup tokenizer check re
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,16 @@ def test_retries_counted_and_a_resumed_run_pays_nothing(teacher: tuple[str, Any]
     again = asyncio.run(score_all(resumed))
     m = resumed.metrics()
     assert again == paid and m["distill/cache_hits"] == 3 and m["distill/requests"] == 0
+
+    # A damaged entry (wrong shape) is a miss: asked again and replaced, the others still hit.
+    damaged = resumed._cache.path_for(resumed.build_score_request(samples[1][0]), "")  # type: ignore[union-attr]
+    entry = json.loads(damaged.read_text())
+    damaged.write_text(json.dumps({**entry, "response": {"logprobs": "not a list"}}))
+    third = client(url, tmp_path / "teacher_cache")
+    assert asyncio.run(score_all(third)) == paid
+    m = third.metrics()
+    assert m["distill/cache_hits"] == 2 and m["distill/requests"] == 1
+    assert json.loads(damaged.read_text())["response"]["logprobs"][0] is None
 
 
 def test_errors_are_counted_by_kind(teacher: tuple[str, Any]) -> None:

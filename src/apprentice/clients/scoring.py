@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from apprentice.clients.base import ChatResponse, ClientError
+from apprentice.clients.cache import ResponseCache
 from apprentice.clients.openai_client import OpenAIChatClient
 from apprentice.config import EndpointConfig, SamplingConfig
 
@@ -81,6 +82,20 @@ def parse_prompt_logprobs(data: Any, prompt_ids: list[int] | None) -> PromptScor
     return PromptScores(logprobs=logprobs, token_ids=token_ids)
 
 
+def stored_scores_problem(response: Any) -> str | None:
+    """What is wrong with a cached score ({"logprobs": [float | None], "token_ids": [int] | None}), or None."""
+    if not isinstance(response, dict):
+        return f"has a response of type {type(response).__name__}, not an object"
+    logprobs = response.get("logprobs")
+    if not isinstance(logprobs, list) or not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+                                                 for v in logprobs):  # fmt: skip
+        return "has no list of logprobs (numbers or null) in its response"
+    token_ids = response.get("token_ids")
+    if token_ids is not None and not (isinstance(token_ids, list) and all(isinstance(t, int) for t in token_ids)):
+        return "has token_ids that are not a list of integers"
+    return None
+
+
 class TeacherScoringClient(OpenAIChatClient):
     """Scores token sequences on a teacher's completions API; the retry policy and cache are the chat client's."""
 
@@ -98,7 +113,8 @@ class TeacherScoringClient(OpenAIChatClient):
             endpoint, SamplingConfig(), max_concurrency=max_concurrency, use_token_client=False, cache_dir=cache_dir,
             backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s, jitter_seed=jitter_seed,
         )  # fmt: skip
-        self._prompt_ids: dict[int, list[int] | None] = {}
+        # Same cache module and layout as the chat client's, checking the shape this client stores.
+        self._cache = ResponseCache(cache_dir, check=stored_scores_problem) if cache_dir is not None else None
 
     def build_score_request(self, prompt: list[int] | str, *, return_token_ids: bool = False) -> dict[str, Any]:
         """The exact JSON body of one scoring request (also the cache key's request part)."""
