@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apprentice.inference.engine import BatchEngine, SamplingParams
+from apprentice.inference.prompt import with_hidden_prefix
 from apprentice.inference.schema import error_body, new_id, validation_error_body
 
 
@@ -53,7 +54,7 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
 
-def hidden_head(tokenizer: Any, hidden: list[dict[str, Any]], with_hidden: Any) -> tuple[list[int], list[int]] | None:
+def hidden_head(tokenizer: Any, hidden: list[dict[str, Any]]) -> tuple[list[int], list[int]] | None:
     """(head the template renders before a first user turn, the head it renders with the hidden messages), found
     as the parts before the longest common token suffix of one probe conversation rendered both ways; None when
     there are no hidden messages."""
@@ -66,7 +67,7 @@ def hidden_head(tokenizer: Any, hidden: list[dict[str, Any]], with_hidden: Any) 
         out: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
         return out
 
-    plain, hid = ids(probe), ids(with_hidden(probe, hidden))
+    plain, hid = ids(probe), ids(with_hidden_prefix(probe, hidden))
     common = 0
     while common < min(len(plain), len(hid)) and plain[-1 - common] == hid[-1 - common]:
         common += 1
@@ -95,9 +96,9 @@ def score_tokens(model: Any, ids: list[int], top_k: int) -> tuple[list[dict[int,
 
 
 def register_completions(app: FastAPI, engine: BatchEngine, tokenizer: Any, name: str, hidden: list[dict[str, Any]],
-                         max_context: int, with_hidden: Any) -> None:  # fmt: skip
+                         max_context: int) -> None:  # fmt: skip
     """Add POST /v1/completions to `app` (see the module docstring)."""
-    heads = hidden_head(tokenizer, hidden, with_hidden)
+    heads = hidden_head(tokenizer, hidden)
     lock = threading.Lock()
 
     def bad(message: str, param: str | None = None) -> JSONResponse:
