@@ -222,3 +222,23 @@ def test_distiller_sets_token_advantages_and_sets_aside_unscorable_samples(teach
                 total, count = total + s.logprobs[i] - teacher_lps[i - 1], count + 1
     assert metrics["distill/scored_tokens"] == count and abs(metrics["distill/reverse_kl"] - total / count) < 1e-4
     assert metrics["distill/scored_samples"] == 2 and metrics["distill/errors/bad_request"] == 1
+
+
+def test_completions_without_prompt_logprobs_generate_through_the_engine(teacher: tuple[str, Any],
+                                                                         reference: tuple[Any, Any]) -> None:  # fmt: skip
+    url, _ = teacher
+    model, tokenizer = reference
+    ids, _ = sample_ids(tokenizer, CONVERSATION, "")
+    ids = ids[:-1]  # the prompt up to the assistant header
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0, "return_token_ids": True}
+    (choice,) = httpx.post(f"{url}/completions", json=body, timeout=60).json()["choices"]
+    greedy, context = [], list(ids)
+    with torch.no_grad():
+        for _ in range(len(choice["token_ids"])):
+            greedy.append(int(model(torch.tensor([context])).logits[0, -1].argmax()))
+            context.append(greedy[-1])
+    assert choice["token_ids"] == greedy and choice["prompt_logprobs"] is None and 1 <= len(greedy) <= 4
+    for bad, param in (({"max_tokens": 0}, "max_tokens"), ({"prompt_logprobs": 0, "max_tokens": 2}, "max_tokens"),
+                       ({"prompt": []}, "prompt"), ({"prompt_logprobs": 21}, "prompt_logprobs")):  # fmt: skip
+        response = httpx.post(f"{url}/completions", json={**body, **bad}, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (bad, response.text)
