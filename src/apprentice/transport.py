@@ -38,6 +38,9 @@ log = logging.getLogger("apprentice.transport")
 MARKER = "COMPLETE"
 FORMAT_VERSION = "1"
 _COLUMNS = ("lengths", "advantages", "token_ids", "loss_mask", "logprobs")
+# Written only when some sample carries per-token advantages (on-policy distillation): `has_token_advantages`
+# [N] bool says which samples do, `token_advantages` [sum T] float32 holds theirs (the others' are unused).
+_OPTIONAL_COLUMNS = ("has_token_advantages", "token_advantages")
 
 
 class BatchError(ApprenticeError):
@@ -58,7 +61,7 @@ def rank_file(output_dir: Path, step: int, rank: int) -> Path:
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name in _COLUMNS:
+    for name in _COLUMNS + tuple(c for c in _OPTIONAL_COLUMNS if c in tensors):
         h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
@@ -72,6 +75,12 @@ def encode_samples(samples: list[TrainingSample]) -> bytes:
         "loss_mask": torch.tensor([bool(m) for s in samples for m in s.loss_mask], dtype=torch.bool),
         "logprobs": torch.tensor([lp for s in samples for lp in s.logprobs], dtype=torch.float32),
     }
+    if any(s.token_advantages is not None for s in samples):
+        tensors["has_token_advantages"] = torch.tensor([s.token_advantages is not None for s in samples])
+        tensors["token_advantages"] = torch.tensor(
+            [a for s in samples for a in (s.token_advantages if s.token_advantages is not None else [0.0] * len(s))],
+            dtype=torch.float32,
+        )
     return st_save(tensors, metadata={"format": FORMAT_VERSION, "sha256": _digest(tensors)})
 
 
@@ -95,12 +104,27 @@ def decode_samples(data: bytes, source: str) -> list[TrainingSample]:
         raise BatchError(f"{source}: {tensors['advantages'].numel()} advantages for {len(lengths)} samples")
     ids, mask, lps = tensors["token_ids"].tolist(), tensors["loss_mask"].tolist(), tensors["logprobs"].tolist()
     advantages = tensors["advantages"].tolist()
+    per_token = _token_advantages(tensors, lengths, total, source)
+    per_token_flags = tensors["has_token_advantages"].tolist() if per_token is not None else []
     samples, start = [], 0
-    for n, adv in zip(lengths, advantages, strict=True):
+    for i, (n, adv) in enumerate(zip(lengths, advantages, strict=True)):
         end = start + n
-        samples.append(TrainingSample(ids[start:end], mask[start:end], lps[start:end], adv))
+        token_adv = per_token[start:end] if per_token is not None and per_token_flags[i] else None
+        samples.append(TrainingSample(ids[start:end], mask[start:end], lps[start:end], adv, token_adv))
         start = end
     return samples
+
+
+def _token_advantages(tensors: dict[str, torch.Tensor], lengths: list[int], total: int, source: str) -> list[float] | None:
+    """The optional per-token advantage column (None when the file has none); BatchError when inconsistent."""
+    if "token_advantages" not in tensors and "has_token_advantages" not in tensors:
+        return None
+    if "token_advantages" not in tensors or "has_token_advantages" not in tensors:
+        raise BatchError(f"{source}: has one of {_OPTIONAL_COLUMNS} without the other")
+    if tensors["token_advantages"].numel() != total or tensors["has_token_advantages"].numel() != len(lengths):
+        raise BatchError(f"{source}: per-token advantage columns disagree with the per-sample lengths")
+    values: list[float] = tensors["token_advantages"].tolist()
+    return values
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -21,6 +21,10 @@ class TrainingSample:
     """[T] inference logprobs of each token; 0.0 where none exist (distill mode, prompt tokens)."""
     advantage: float = 1.0
     """Sequence-level advantage (rl mode); 1.0 in distill mode."""
+    token_advantages: list[float] | None = None
+    """[T] optional per-token advantage; where set, the rl loss uses it instead of `advantage` on every position.
+    On-policy distillation fills it (kl_coef * (teacher_lp - student_lp) + reward_coef * group advantage, on
+    loss-mask positions; 0.0 elsewhere). None: every token carries the sequence `advantage`."""
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -29,6 +33,8 @@ class TrainingSample:
                 f"TrainingSample lists must have equal lengths, got token_ids={n}, "
                 f"loss_mask={len(self.loss_mask)}, logprobs={len(self.logprobs)}"
             )
+        if self.token_advantages is not None and len(self.token_advantages) != n:
+            raise ValueError(f"TrainingSample.token_advantages has {len(self.token_advantages)} values for {n} tokens")
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -21,7 +21,7 @@ def test_there_are_examples() -> None:
 def test_example_config_is_valid(path: Path) -> None:
     cfg = load_config([path])
     check_environments(cfg)
-    if path.name.startswith("rl-"):
+    if path.name.startswith(("rl-", "opd-")):
         check_rl_config(cfg)  # what `apprentice rl` checks before starting anything
         assert cfg.mode == "rl"
     else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,11 @@ def cache_digest(request: dict[str, Any], key: str) -> str:
 class ResponseCache:
     """Maps (endpoint, request body, key) -> a stored response dict."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, check: Callable[[Any], str | None] | None = None) -> None:
         self.cache_dir = Path(cache_dir)
+        self.check = check or response_problem
+        """What is wrong with a stored response (None: usable); other response shapes (clients/scoring.py) pass
+        their own."""
 
     def path_for(self, request: dict[str, Any], key: str) -> Path:
         digest = cache_digest(request, key)
@@ -75,7 +79,7 @@ class ResponseCache:
         if entry.get("key") != key or entry.get("request") != json.loads(json.dumps(request)):
             return None
         response = entry.get("response")
-        problem = response_problem(response)
+        problem = self.check(response)
         if problem is not None:
             _warn_unusable(path, problem)
             return None

@@ -174,6 +174,31 @@ class EnvConfig(Section):
         return args
 
 
+class OnPolicyDistillConfig(Section):
+    """How on-policy distillation (`[orchestrator.teacher_model]` in rl mode) mixes its two learning signals.
+
+    Per completion token t of a student sample: advantage_t = kl_coef * (teacher_lp_t - student_lp_t)
+    + reward_coef * A, where student_lp_t is the student's sampling logprob, teacher_lp_t the teacher's logprob of
+    the same token after the same prefix, and A the sample's group-relative reward advantage (rl mode's). The
+    first term is minus the per-token reverse KL: the student is pushed toward tokens the teacher rates higher
+    than it does. kl_coef = 1, reward_coef = 0 is pure distillation; kl_coef = 0 is plain RL; both add up.
+    """
+
+    kl_coef: float = Field(default=1.0, ge=0.0, le=1e3)
+    """Weight of the teacher term (teacher logprob minus student logprob) in every token's advantage."""
+    reward_coef: float = Field(default=0.0, ge=0.0, le=1e3)
+    """Weight of the environment reward's group advantage in every token's advantage (0: reward only logged)."""
+
+    @model_validator(mode="after")
+    def _some_signal(self) -> OnPolicyDistillConfig:
+        if self.kl_coef == 0.0 and self.reward_coef == 0.0:
+            raise ValueError(
+                "orchestrator.on_policy_distill.kl_coef and reward_coef are both 0, so every advantage would be 0 "
+                "and the student would learn nothing; set kl_coef = 1 (distillation) and/or reward_coef > 0"
+            )
+        return self
+
+
 class OrchestratorConfig(Section):
     batch_size: int = Field(default=8, ge=1)
     """Rollouts per training step (tasks x rollouts_per_prompt)."""
@@ -215,6 +240,11 @@ class OrchestratorConfig(Section):
     """rl mode without an [inference] section: an already running server of the student to sample from."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Sampling arguments."""
+    teacher_model: EndpointConfig | None = None
+    """rl mode: a teacher endpoint that scores every token the student samples (on-policy distillation). It must
+    return prompt logprobs on its completions API (vLLM, `apprentice serve`) and share the student's tokenizer."""
+    on_policy_distill: OnPolicyDistillConfig | None = None
+    """With teacher_model: the mix of teacher signal and reward (default kl_coef = 1, reward_coef = 0)."""
     env: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(id="reverse-text")], min_length=1)
     """Environments, as [[orchestrator.env]] tables."""
 

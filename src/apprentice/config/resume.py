@@ -27,6 +27,8 @@ IDENTITY_KEYS = (
     "orchestrator.advantage_std_norm",
     "orchestrator.truncated",
     "orchestrator.rollout_model.model",
+    "orchestrator.teacher_model.model",
+    "orchestrator.on_policy_distill",
     "orchestrator.sampling",
     "orchestrator.env",
     "trainer.loss",

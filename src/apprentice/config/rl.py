@@ -21,7 +21,9 @@ def check_rl_config(cfg: Config) -> None:
             'trainer.loss.type = "rl" needs the inference logprobs of every sampled token, so '
             "orchestrator.use_token_client must be true in rl mode (set `use_token_client = true` under [orchestrator])"
         )
-    if orch.advantage == "group" and orch.rollouts_per_prompt < 2:
+    # Pure on-policy distillation (reward_coef = 0) learns from the teacher's per-token scores alone: no groups needed.
+    pure_distill = orch.teacher_model is not None and (orch.on_policy_distill is None or orch.on_policy_distill.reward_coef == 0)
+    if orch.advantage == "group" and orch.rollouts_per_prompt < 2 and not pure_distill:
         raise ConfigError(
             f'orchestrator.advantage = "group" compares each sample with the other samples of its task, but '
             f"orchestrator.rollouts_per_prompt = {orch.rollouts_per_prompt}: every advantage would be 0 and nothing "

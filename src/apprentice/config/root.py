@@ -86,3 +86,40 @@ class Config(Section):
                 "[orchestrator.rollout_model] with use_token_client = false and trainer.loss.type = \"sft\"."
             )
         return self
+
+    @model_validator(mode="after")
+    def _on_policy_distill_rules(self) -> Config:
+        orch = self.orchestrator
+        if orch.teacher_model is None:
+            if orch.on_policy_distill is not None:
+                raise ValueError(
+                    "[orchestrator.on_policy_distill] is set but [orchestrator.teacher_model] is not: the mix of "
+                    "teacher signal and reward applies to on-policy distillation only. Add [orchestrator.teacher_model] "
+                    "(the endpoint that scores the student's tokens) or remove [orchestrator.on_policy_distill]."
+                )
+            return self
+        if orch.rollout_model is not None:
+            raise ValueError(
+                "orchestrator.teacher_model and orchestrator.rollout_model are both set: teacher_model selects "
+                "on-policy distillation (the student samples, the teacher scores its tokens), rollout_model selects "
+                "off-policy distillation (the teacher samples). Who samples must be unambiguous: remove one of them."
+            )
+        if self.trainer.loss.type != "rl":
+            raise ValueError(
+                f'orchestrator.teacher_model is set (on-policy distillation), so trainer.loss.type must be "rl", '
+                f'got "{self.trainer.loss.type}": the teacher\'s per-token scores become advantages of the rl loss. '
+                f'Set [trainer.loss] type = "rl" (or pass --trainer.loss.type rl).'
+            )
+        if orch.skip_zero_advantage:
+            raise ValueError(
+                "orchestrator.teacher_model is set (on-policy distillation), so orchestrator.skip_zero_advantage must "
+                "be false: a group whose rewards are all equal still carries the teacher's per-token signal. "
+                "Set `skip_zero_advantage = false` under [orchestrator]."
+            )
+        if not orch.use_token_client:
+            raise ValueError(
+                "orchestrator.teacher_model is set (on-policy distillation), so orchestrator.use_token_client must be "
+                "true: the teacher scores the exact token ids the student sampled, against the student's logprobs. "
+                "Set `use_token_client = true` under [orchestrator]."
+            )
+        return self

@@ -51,6 +51,7 @@ from apprentice.orchestrator.batch import NothingToTrainError, empty_step_messag
 from apprentice.orchestrator.client import build_client
 from apprentice.orchestrator.evaluate import due, eval_policy
 from apprentice.orchestrator.metered import MeteredClient
+from apprentice.orchestrator.on_policy import OnPolicyDistiller
 from apprentice.orchestrator.policy import PolicySync, prepare_batch
 from apprentice.orchestrator.producer import Backpressure, Producer, RolloutPolicy, StepRollouts, TrainerBackpressure
 from apprentice.orchestrator.scheduler import TaskScheduler
@@ -59,6 +60,7 @@ from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trajectory import Trajectory
 from apprentice.transport import drop_unpackable, latest_step_batch, split_across_ranks, write_step_batch
+from apprentice.types import TrainingSample
 
 __all__ = ["NothingToTrainError", "main", "run"]
 
@@ -80,8 +82,13 @@ def load_student_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, float]:
-    """Set aside, render and write one step's batch (runs on the worker thread); its rollout/render metrics."""
+ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str, float]]]
+"""On-policy distillation's hook: rendered samples -> (the scored ones with token_advantages, distill/* metrics)."""
+
+
+def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None) -> dict[str, float]:
+    """Set aside, render, (score with the teacher,) write one step's batch (runs on the worker thread); its
+    rollout/render/distill metrics."""
     rl_metrics = prepare_batch(done.trajectories, done.step, cfg) if cfg.mode == "rl" else {}
     dropped: Counter[str] = Counter()
     kept: list[Trajectory] = []
@@ -96,6 +103,9 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, flo
     # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
     render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
+    if score is not None:
+        samples, distill_metrics = score(samples)
+        render_metrics |= distill_metrics
     if not samples:
         raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
     tasks = [f"{t['env']}/{t['task_id']}" for t in done.trajectories]
@@ -113,6 +123,12 @@ async def run(cfg: Config) -> None:
         check_rl_config(cfg)
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
     tokenizer = load_student_tokenizer(cfg)
+    distiller = None  # on-policy distillation: the teacher scores every sampled token (orchestrator/on_policy.py);
+    # its tokenizer is checked first: a config mistake should fail before anything else waits or spends
+    if orch.teacher_model is not None:
+        distiller = OnPolicyDistiller(orch.teacher_model, orch.on_policy_distill, max_concurrency=orch.max_concurrency,
+                                      cache_dir=output_dir / "teacher_cache")  # fmt: skip
+        await distiller.check_tokenizer(tokenizer, cfg.model.name)
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
     first, last = latest_step_batch(output_dir) + 1, cfg.trainer.max_steps
     ledger = SpendLedger(usage_path(output_dir), orch.rollout_model)
@@ -136,6 +152,10 @@ async def run(cfg: Config) -> None:
     bar = iter(progress_bar(range(first, last + 1), cfg.log, desc="orchestrator", unit="step"))
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")  # one thread: the tokenizer is not shared
     loop = asyncio.get_running_loop()
+    score: ScoreFn | None = None
+    if distiller is not None:  # the render thread hands the samples to the event loop, where the scoring client lives
+        scorer = distiller
+        score = lambda samples: asyncio.run_coroutine_threadsafe(scorer.apply(samples), loop).result()  # noqa: E731
     area, written_at = client.meter.area()
     next(bar, None)
     try:
@@ -144,7 +164,7 @@ async def run(cfg: Config) -> None:
             async for done in steps:
                 ready_at = time.monotonic()
                 metrics: dict[str, float] = {"step": done.step}
-                metrics.update(await loop.run_in_executor(worker, write_step, cfg, tokenizer, done))
+                metrics.update(await loop.run_in_executor(worker, write_step, cfg, tokenizer, done, score))
                 now_area, now = client.meter.area()
                 interval = max(now - written_at, 1e-9)
                 metrics.update(client.metrics(reset=True))
@@ -175,6 +195,8 @@ async def run(cfg: Config) -> None:
             eval_log.close()
         if policy is not None:
             await policy.aclose()
+        if distiller is not None:
+            await distiller.aclose()
         await client.aclose()
 
 

@@ -41,7 +41,8 @@ class LossInputs:
     loss_mask: torch.Tensor
     """[T] bool: positions whose target is trained."""
     advantages: torch.Tensor
-    """[T] float32 sequence advantage broadcast to positions."""
+    """[T] float32 advantage of each position's target: the sequence advantage broadcast, or per-token values
+    (on-policy distillation: kl_coef * (teacher_lp - student_lp) + reward_coef * group advantage)."""
     num_global_tokens: int
     """Loss tokens in the whole step across micro-batches and ranks (the normaliser); at least 1."""
 

@@ -46,7 +46,8 @@ class MicroBatch:
     inference_logprobs: torch.Tensor
     """[1, T] float32 inference logprob of the target token (0.0 where none)."""
     advantages: torch.Tensor
-    """[1, T] float32 the owning sample's advantage, per position."""
+    """[1, T] float32 advantage of the target at each position: the sample's per-token advantage of that target
+    token where it has them (shifted like the mask), else the sample's advantage."""
     cu_seqlens: torch.Tensor
     """[S + 1] int32 cumulative sample lengths (varlen attention boundaries)."""
     max_seqlen: int
@@ -124,7 +125,7 @@ def collate(samples: list[TrainingSample]) -> MicroBatch:
         tgt += s.token_ids[1:] + [0]
         mask += [bool(m) for m in s.loss_mask[1:]] + [False]
         lps += s.logprobs[1:] + [0.0]
-        adv += [s.advantage] * n
+        adv += s.token_advantages[1:] + [0.0] if s.token_advantages is not None else [s.advantage] * n
         cu.append(cu[-1] + n)
     return MicroBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),

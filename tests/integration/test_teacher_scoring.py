@@ -1,0 +1,244 @@
+"""Teacher scoring for on-policy distillation, through a real `apprentice serve` on loopback (tiny model, fp32):
+prompt logprobs equal a direct transformers forward pass, hidden prompts are honoured, the client's retry policy
+and cache apply (a resumed run pays nothing), and the startup tokenizer check refuses a different tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from fault_teacher import serve_asgi
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apprentice.clients.base import ClientError
+from apprentice.clients.scoring import TeacherScoringClient
+from apprentice.config import ConfigError, EndpointConfig
+from apprentice.inference.server import build_app
+from apprentice.orchestrator.on_policy import check_teacher_tokenizer
+from apprentice.testing.tiny import build_tiny_tokenizer, save_tiny_student
+
+CONVERSATION = [{"role": "user", "content": "Reverse the text: hello world"}]
+HIDDEN = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Reverse: ab"},
+          {"role": "assistant", "content": "ba"}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_student(tmp_path_factory.mktemp("tiny") / "teacher", seed=3)
+
+
+@pytest.fixture(scope="module")
+def teacher(model_dir: Path) -> Iterator[tuple[str, Any]]:
+    """(base_url, app) of a plain fp32 teacher whose first two /v1/completions requests fail with 503."""
+    app = build_app(model_dir, served_name="tiny", dtype="float32", device="cpu")
+    failures = {"left": 0}
+
+    @app.middleware("http")
+    async def flaky(request: Request, call_next: Any) -> Any:
+        if request.url.path == "/v1/completions" and failures["left"] > 0:
+            failures["left"] -= 1
+            return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}}, status_code=503)
+        return await call_next(request)
+
+    app.state.failures = failures
+    with serve_asgi(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> tuple[Any, Any]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def direct_logprobs(model: Any, ids: list[int]) -> list[float]:
+    """[T-1] logprob of ids[i] after ids[:i] for i >= 1, from one plain transformers forward pass in fp32."""
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+def sample_ids(tokenizer: Any, conversation: list[dict[str, Any]], completion: str) -> tuple[list[int], list[bool]]:
+    """A student sample: the rendered prompt plus a completion and its end-of-turn, with its loss mask."""
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return prompt + completion_ids, [False] * len(prompt) + [True] * len(completion_ids)
+
+
+def client(url: str, cache_dir: Path | None = None) -> TeacherScoringClient:
+    endpoint = EndpointConfig(base_url=url, model="tiny", max_retries=3, timeout_s=60)
+    return TeacherScoringClient(endpoint, max_concurrency=4, cache_dir=cache_dir, backoff_base_s=0.01, jitter_seed=0)
+
+
+def test_prompt_logprobs_equal_a_direct_forward_pass(teacher: tuple[str, Any], reference: tuple[Any, Any]) -> None:
+    url, _ = teacher
+    model, tokenizer = reference
+    ids, mask = sample_ids(tokenizer, CONVERSATION, "dlrow olleh")
+    scores = asyncio.run(client(url).score(ids))
+    assert scores.logprobs[0] is None and all(lp is not None for lp in scores.logprobs[1:])
+    expected = direct_logprobs(model, ids)
+    assert max(abs(a - b) for a, b in zip(scores.logprobs[1:], expected, strict=True)) < 1e-4  # type: ignore[operator]
+
+    per_token = asyncio.run(client(url).score_sample(ids, mask))
+    assert [lp for lp, m in zip(per_token, mask, strict=True) if not m] == [0.0] * mask.count(False)
+    trained = [i for i, m in enumerate(mask) if m]
+    assert max(abs(per_token[i] - expected[i - 1]) for i in trained) < 1e-4
+
+    # The raw vLLM shape: token id keys, the prompt token plus k alternatives with ranks, one generated token.
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 2, "return_token_ids": True}
+    data = httpx.post(f"{url}/completions", json=body, timeout=60).json()
+    (choice,) = data["choices"]
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 1 and data["usage"]["prompt_tokens"] == len(ids)
+    entry = choice["prompt_logprobs"][3]
+    assert str(ids[3]) in entry and 1 <= len(entry) <= 3
+    assert sorted(v["rank"] for k, v in entry.items() if k != str(ids[3]))[:2] == [1, 2]
+    assert abs(entry[str(ids[3])]["logprob"] - expected[2]) < 1e-4
+
+
+def test_hidden_prompt_is_scored_as_the_teacher_sees_the_conversation(model_dir: Path, reference: tuple[Any, Any]) -> None:
+    model, tokenizer = reference
+    app = build_app(model_dir, served_name="tiny", dtype="float32", device="cpu", prompt_prefix=HIDDEN)
+    ids, mask = sample_ids(tokenizer, CONVERSATION, "dlrow olleh")
+    teacher_view, _ = sample_ids(tokenizer, HIDDEN + CONVERSATION, "dlrow olleh")
+    with serve_asgi(app) as url:
+        per_token = asyncio.run(client(url).score_sample(ids, mask))
+    expected = direct_logprobs(model, teacher_view)
+    offset = len(teacher_view) - len(ids)
+    trained = [i for i, m in enumerate(mask) if m]
+    assert max(abs(per_token[i] - expected[i + offset - 1]) for i in trained) < 1e-4
+    plain = direct_logprobs(model, ids)
+    assert max(abs(per_token[i] - plain[i - 1]) for i in trained) > 1e-3  # the hidden prompt did change the scores
+
+
+def test_retries_counted_and_a_resumed_run_pays_nothing(teacher: tuple[str, Any], reference: tuple[Any, Any],
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    url, app = teacher
+    _, tokenizer = reference
+    samples = [sample_ids(tokenizer, [{"role": "user", "content": f"Reverse: {w}"}], w[::-1]) for w in ("abc", "hello", "fox")]
+
+    async def score_all(c: TeacherScoringClient) -> list[list[float]]:
+        return list(await asyncio.gather(*(c.score_sample(ids, mask) for ids, mask in samples)))
+
+    app.state.failures["left"] = 2
+    first = client(url, tmp_path / "teacher_cache")
+    paid = asyncio.run(score_all(first))
+    m = first.metrics()
+    assert m["distill/requests"] == 5 and m["distill/retries"] == 2 and m["distill/retries/server"] == 2
+    assert m["distill/responses"] == 3 and m["distill/cache_hits"] == 0
+
+    resumed = client(url, tmp_path / "teacher_cache")  # a new process on the same output directory
+    again = asyncio.run(score_all(resumed))
+    m = resumed.metrics()
+    assert again == paid and m["distill/cache_hits"] == 3 and m["distill/requests"] == 0
+
+    # A damaged entry (wrong shape) is a miss: asked again and replaced, the others still hit.
+    damaged = resumed._cache.path_for(resumed.build_score_request(samples[1][0]), "")  # type: ignore[union-attr]
+    entry = json.loads(damaged.read_text())
+    damaged.write_text(json.dumps({**entry, "response": {"logprobs": "not a list"}}))
+    third = client(url, tmp_path / "teacher_cache")
+    assert asyncio.run(score_all(third)) == paid
+    m = third.metrics()
+    assert m["distill/cache_hits"] == 2 and m["distill/requests"] == 1
+    assert json.loads(damaged.read_text())["response"]["logprobs"][0] is None
+
+
+def test_errors_are_counted_by_kind(teacher: tuple[str, Any]) -> None:
+    url, app = teacher
+
+    async def run() -> tuple[ClientError, ClientError, dict[str, float]]:
+        c = client(url)
+        with pytest.raises(ClientError) as bad:  # a token id outside the vocabulary: a 400, not retried
+            await c.score([1, 2, 10**6])
+        app.state.failures["left"] = 10  # more 503s than max_retries = 3
+        with pytest.raises(ClientError) as down:
+            await c.score([1, 2, 3])
+        app.state.failures["left"] = 0
+        return bad.value, down.value, c.metrics()
+
+    bad, down, m = asyncio.run(run())
+    assert bad.kind == "bad_request" and "prompt token ids must be in" in str(bad)
+    assert down.kind == "server" and m["distill/errors/server"] == 1 and m["distill/errors/bad_request"] == 1
+    assert m["distill/retries"] == 3
+
+
+def test_tokenizer_check_accepts_the_same_and_refuses_another(teacher: tuple[str, Any], model_dir: Path) -> None:
+    url, _ = teacher
+    same = AutoTokenizer.from_pretrained(model_dir)
+    asyncio.run(check_teacher_tokenizer(client(url), same, "student"))  # through the endpoint
+    other = build_tiny_tokenizer(vocab_size=400)  # fewer merges: the probe text splits differently
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(check_teacher_tokenizer(client(url), other, "student"))
+    message = str(info.value)
+    assert "does not share the student's tokenizer" in message and "first different at position" in message
+    assert "[orchestrator.rollout_model]" in message and url in message
+
+    local = TeacherScoringClient(EndpointConfig(base_url=url, model=str(model_dir)), max_concurrency=1, cache_dir=None)
+    asyncio.run(check_teacher_tokenizer(local, same, "student"))  # a local directory: its files are compared
+    with pytest.raises(ConfigError, match="their vocabularies differ"):
+        asyncio.run(check_teacher_tokenizer(local, other, "student"))
+
+
+def test_distiller_sets_token_advantages_and_sets_aside_unscorable_samples(teacher: tuple[str, Any],
+                                                                           reference: tuple[Any, Any]) -> None:  # fmt: skip
+    from apprentice.config.orchestrator import OnPolicyDistillConfig
+    from apprentice.orchestrator.on_policy import OnPolicyDistiller
+    from apprentice.types import TrainingSample
+
+    url, _ = teacher
+    model, tokenizer = reference
+    samples = []
+    for word, student_lp in (("abc", -1.0), ("hello", -2.0)):
+        ids, mask = sample_ids(tokenizer, [{"role": "user", "content": f"Reverse: {word}"}], word[::-1])
+        samples.append(TrainingSample(ids, mask, [student_lp if m else 0.0 for m in mask], advantage=0.5))
+    broken = TrainingSample([1, 2, 10**6], [False, True, True], [0.0, -1.0, -1.0], advantage=0.5)
+
+    async def run() -> tuple[list[TrainingSample], dict[str, float]]:
+        distiller = OnPolicyDistiller(EndpointConfig(base_url=url, model="tiny", max_retries=0),
+                                      OnPolicyDistillConfig(kl_coef=1.0, reward_coef=2.0), max_concurrency=2, cache_dir=None)  # fmt: skip
+        try:
+            return await distiller.apply([samples[0], broken, samples[1]])
+        finally:
+            await distiller.aclose()
+
+    kept, metrics = asyncio.run(run())
+    assert kept == [samples[0], samples[1]] and metrics["distill/set_aside/bad_request"] == 1
+    total, count = 0.0, 0
+    for s in kept:
+        teacher_lps = direct_logprobs(model, s.token_ids)
+        assert s.token_advantages is not None
+        for i, m in enumerate(s.loss_mask):
+            expected = (teacher_lps[i - 1] - s.logprobs[i]) + 2.0 * 0.5 if m else 0.0
+            assert abs(s.token_advantages[i] - expected) < 1e-4
+            if m:
+                total, count = total + s.logprobs[i] - teacher_lps[i - 1], count + 1
+    assert metrics["distill/scored_tokens"] == count and abs(metrics["distill/reverse_kl"] - total / count) < 1e-4
+    assert metrics["distill/scored_samples"] == 2 and metrics["distill/errors/bad_request"] == 1
+
+
+def test_completions_without_prompt_logprobs_generate_through_the_engine(teacher: tuple[str, Any],
+                                                                         reference: tuple[Any, Any]) -> None:  # fmt: skip
+    url, _ = teacher
+    model, tokenizer = reference
+    ids, _ = sample_ids(tokenizer, CONVERSATION, "")
+    ids = ids[:-1]  # the prompt up to the assistant header
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0, "return_token_ids": True}
+    (choice,) = httpx.post(f"{url}/completions", json=body, timeout=60).json()["choices"]
+    greedy, context = [], list(ids)
+    with torch.no_grad():
+        for _ in range(len(choice["token_ids"])):
+            greedy.append(int(model(torch.tensor([context])).logits[0, -1].argmax()))
+            context.append(greedy[-1])
+    assert choice["token_ids"] == greedy and choice["prompt_logprobs"] is None and 1 <= len(greedy) <= 4
+    for bad, param in (({"max_tokens": 0}, "max_tokens"), ({"prompt_logprobs": 0, "max_tokens": 2}, "max_tokens"),
+                       ({"prompt": []}, "prompt"), ({"prompt_logprobs": 21}, "prompt_logprobs")):  # fmt: skip
+        response = httpx.post(f"{url}/completions", json={**body, **bad}, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (bad, response.text)
