@@ -8,12 +8,10 @@ into the conversation or the next request.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from apprentice.clients.base import ChatResponse
-
-_THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
+from apprentice.render.reasoning import strip_think
 
 
 def assistant_message(response: ChatResponse, turn: int) -> dict[str, Any]:
@@ -91,6 +89,6 @@ def make_trajectory(
 
 def answer_text(message: dict[str, Any]) -> str:
     """The text an assistant message answers with: its content without `<think>` blocks (reasoning is not the
-    answer, whether the server split it into `reasoning_content` or left it inline)."""
-    content = message.get("content") or ""
-    return _THINK_RE.sub("", content).strip()
+    answer, whether the server split it into `reasoning_content` or left it inline; one definition of a think
+    block for scoring and rendering: render/reasoning.py)."""
+    return strip_think(message.get("content") or "").strip()

@@ -138,7 +138,9 @@ async def run(cfg: Config) -> None:
                 kept.append(trajectory)
             else:
                 dropped[reason] += 1
-        samples, render_stats = render_many(kept, tokenizer, reasoning=orch.reasoning)
+        samples, render_stats = render_many(
+            kept, tokenizer, reasoning=orch.reasoning, allow_control_tokens=orch.allow_control_tokens
+        )
         if not samples:
             raise NothingToTrainError(empty_step_message(step, trajectories, dropped, render_stats.metrics(), cfg))
         write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
