@@ -39,7 +39,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed trans
     _FAST_DISABLED = f"transformers has no {_err.name or 'chat-template helper'} ({_err})"
 
 # What a failing template raises: its own raise_exception (TemplateError), undefined fields, string + None.
-TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError)
+TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
 def disable_fast_path(reason: str) -> None:
