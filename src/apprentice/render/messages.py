@@ -65,7 +65,9 @@ from apprentice.render.template import ChatRenderer, FastPathBroken, first_stop,
 from apprentice.types import TrainingSample
 
 Message = dict[str, Any]
-_THINK_TAIL = re.compile(r"<think>\s*(?:</think>\s*)?$")
+# A generation prompt's trailing thought block: opened (the model reasons next) or closed empty (thinking off).
+# `<think>` (Qwen3, R1, QwQ, SmolLM3) and Gemma 4's thought channel.
+_THINK_TAIL = re.compile(r"(?:<think>\s*(?P<close></think>\s*)?|<\|channel>thought\s*(?P<close2><channel\|>\s*)?)$")
 _DUMMY = "\u2063dummy\u2063"
 
 
@@ -134,7 +136,10 @@ class TurnRenderer:
             return prompt, raw[len(extra) :]
         thought = reasoning_of(msg) if self.reasoning == "keep" else None
         thought = thought.strip("\n") if thought and thought.strip() else ""
-        if CLOSE not in extra:  # an opened block: the model writes reasoning, closes it, answers
+        closed = think is not None and bool(think.group("close") or think.group("close2"))
+        if not closed and not extra.startswith(OPEN):
+            raise RenderError("prefix_mismatch", f"{where}: the generation prompt opens a block {extra!r} the turn lacks")
+        if not closed:  # an opened <think>: the model writes reasoning, closes it, answers
             head_raw = raw.lstrip()
             if head_raw.startswith(OPEN) and CLOSE in head_raw:  # the teacher's own block, kept by the template
                 return prompt, head_raw[len(OPEN) :].lstrip("\n")

@@ -93,8 +93,8 @@ def template_traits(render: Callable[[list[Message]], str]) -> TemplateTraits:
     natural = ('{"probe": 1}', '{"probe":1}')
     string_ok = as_string is not None and any(n in as_string for n in natural) and '\\"probe' not in as_string
     dict_ok = as_dict is not None and any(n in as_dict for n in natural)
-    if dict_ok and not string_ok:
-        arguments = "dict"
+    if (dict_ok and not string_ok) or (as_string is None and as_dict is not None):
+        arguments = "dict"  # a string would be double-encoded, or the template iterates the arguments (`| items`)
     probe_args: Any = dict(_PROBE_ARGS) if arguments == "dict" else json.dumps(_PROBE_ARGS)
     empty = attempt(conv(probe_args, None, call_id)) is None and attempt(conv(probe_args, "", call_id)) is not None
     return TemplateTraits(arguments=arguments, empty_content=empty, short_ids=short)
