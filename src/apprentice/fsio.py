@@ -33,10 +33,31 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """`mkdir -p` where every directory created gets DIR_MODE (minus the umask), as `atomic_dir` gives its own."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=DIR_MODE)
+
+
+def set_modes(root: Path) -> None:
+    """Give every file below `root` FILE_MODE and every directory DIR_MODE (minus the umask), whatever wrote them
+    (torch, safetensors and transformers create files with their own modes)."""
+    os.chmod(root, DIR_MODE & ~_umask())
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), DIR_MODE & ~_umask())
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), FILE_MODE & ~_umask())
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Atomically and durably replace `path` with `data` (parents are created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -83,16 +104,18 @@ def replace_dir(src: Path, dst: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `final`; on success sync it and move it to `final`.
+    """Yield an empty temporary directory beside `final`; on success give its contents the standard modes, sync
+    it and move it to `final`.
 
     On an exception the temporary directory is removed and `final` is left as it was.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     os.chmod(tmp, DIR_MODE & ~_umask())
     try:
         yield tmp
+        set_modes(tmp)
         sync_tree(tmp)
         replace_dir(tmp, final)
     except BaseException:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from apprentice.config import LogConfig, write_atomic
+from apprentice.fsio import FILE_MODE
 
 T = TypeVar("T")
 
@@ -36,7 +37,8 @@ class MetricsLog:
         if resume_after is not None and path.is_file():
             kept = [row for row in read_metrics(path) if int(row.get("step", 0)) <= resume_after]
             write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
-        self._file = path.open("a")
+        # Created with the mode fsio gives the rewritten file, so a resume does not change it.
+        self._file = open(path, "a", opener=lambda p, flags: os.open(p, flags, FILE_MODE))
         if log_cfg.wandb_project:
             import wandb  # optional extra: pip install 'apprentice[wandb]'
 

@@ -4,19 +4,22 @@
     OUTPUT/rollouts/step_{n}/COMPLETE               JSON marker: world_size, sample/token counts, meta
     OUTPUT/trainer/progress.json                    the trainer's last finished step (backpressure)
 
-A step directory is built under a temporary name and renamed into place, so a reader never sees a partial
-step. Each rank file is a safetensors file (no pickle) holding the samples flattened into columns, with a
-sha256 of the columns in its metadata so that corrupt or truncated files fail with a `BatchError` naming the
-file instead of crashing deep inside torch.
+A step directory is built under a temporary name, fsync'ed and renamed into place (apprentice.fsio), so a
+reader never sees a partial step. Each rank file is a safetensors file (no pickle) holding the samples
+flattened into columns, with a sha256 of the columns in its metadata so that corrupt or truncated files fail
+with a `BatchError` naming the file (and the fix) instead of crashing deep inside torch.
+
+A stored batch can never wedge a rerun on its content: samples the trainer cannot pack (longer than
+trainer.micro_batch_tokens, or empty) are filtered out before writing (`drop_unpackable`, counted by the
+orchestrator as render/set_aside/too_long), and the trainer applies the same filter to what it reads, with a
+warning, for batches written under another limit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -26,19 +29,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from apprentice.config.load import write_atomic
+from apprentice import fsio
+from apprentice.errors import ApprenticeError
 from apprentice.types import TrainingSample
+
+log = logging.getLogger("apprentice.transport")
 
 MARKER = "COMPLETE"
 FORMAT_VERSION = "1"
 _COLUMNS = ("lengths", "advantages", "token_ids", "loss_mask", "logprobs")
 
 
-class BatchError(Exception):
+class BatchError(ApprenticeError):
     """A step batch that cannot be used (corrupt, truncated, wrong shape); the message names the file."""
 
 
-class BatchTimeoutError(TimeoutError):
+class BatchTimeoutError(ApprenticeError, TimeoutError):
     """No complete step batch appeared in time."""
 
 
@@ -80,7 +86,7 @@ def decode_samples(data: bytes, source: str) -> list[TrainingSample]:
         raise BatchError(f"{source}: step batch file lacks columns {missing}; rewrite it with write_step_batch")
     meta = _metadata(data)
     if meta.get("sha256") != _digest(tensors):
-        raise BatchError(f"{source}: checksum mismatch, the file is corrupt; delete its step directory and rewrite it")
+        raise BatchError(f"{source}: checksum mismatch, the file is corrupt")
     lengths = tensors["lengths"].tolist()
     total = sum(lengths)
     if any(n < 0 for n in lengths) or any(tensors[c].numel() != total for c in ("token_ids", "loss_mask", "logprobs")):
@@ -118,14 +124,10 @@ def write_step_batch(
     final = step_dir(output_dir, step)
     if (final / MARKER).is_file():
         raise FileExistsError(f"{final} is already complete; step batches are written once")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step_{step}.tmp-"))
-    try:
+    # An incomplete leftover of the same name (no marker) is replaced: nobody can be reading it as a batch.
+    with fsio.atomic_dir(final) as tmp:
         for rank, samples in enumerate(per_rank):
-            with open(tmp / f"rank_{rank}.safetensors", "wb") as f:
-                f.write(encode_samples(samples))
-                f.flush()
-                os.fsync(f.fileno())
+            fsio.write_bytes(tmp / f"rank_{rank}.safetensors", encode_samples(samples))
         marker = {
             "step": step,
             "world_size": len(per_rank),
@@ -133,13 +135,7 @@ def write_step_batch(
             "num_tokens": [sum(len(x) for x in s) for s in per_rank],
             "meta": meta or {},
         }
-        (tmp / MARKER).write_text(json.dumps(marker))
-        if final.exists():  # an incomplete leftover (no marker): nobody can be reading it as a batch
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fsio.write_text(tmp / MARKER, json.dumps(marker))
     return final
 
 
@@ -149,12 +145,20 @@ def read_step_marker(output_dir: Path, step: int) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        marker = json.loads(path.read_text())
+        marker = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BatchError(f"{path}: corrupt completion marker ({e})") from None
+        raise BatchError(f"{path}: corrupt completion marker ({e}). {_rewrite_fix(output_dir, step)}") from None
     if not isinstance(marker, dict) or not isinstance(marker.get("world_size"), int):
-        raise BatchError(f"{path}: completion marker lacks an integer world_size")
+        raise BatchError(f"{path}: completion marker lacks an integer world_size. {_rewrite_fix(output_dir, step)}")
     return marker
+
+
+def _rewrite_fix(output_dir: Path, step: int) -> str:
+    # The orchestrator resumes after the newest complete step, so a hole in the middle would never be refilled.
+    return (
+        f"Fix: delete {step_dir(output_dir, step)} and every later rollouts/step_* directory, then rerun: the "
+        f"orchestrator writes them again (teacher answers already paid for come from its cache)"
+    )
 
 
 def read_step_batch(output_dir: Path, step: int, rank: int) -> list[TrainingSample]:
@@ -171,8 +175,21 @@ def read_step_batch(output_dir: Path, step: int, rank: int) -> list[TrainingSamp
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise BatchError(f"{path}: missing although the step is marked complete") from None
-    return decode_samples(data, str(path))
+        raise BatchError(f"{path}: missing although the step is marked complete. {_rewrite_fix(output_dir, step)}") from None
+    try:
+        return decode_samples(data, str(path))
+    except BatchError as e:
+        raise BatchError(f"{e}. {_rewrite_fix(output_dir, step)}") from None
+
+
+def drop_unpackable(samples: list[TrainingSample], micro_batch_tokens: int) -> tuple[list[TrainingSample], int]:
+    """The samples the trainer can pack (1 to `micro_batch_tokens` tokens), in order, and how many were not.
+
+    The orchestrator calls it before writing a step, so no stored batch holds a sample the trainer would
+    refuse; the trainer calls it again on what it reads (a batch written under a larger limit).
+    """
+    kept = [s for s in samples if 0 < len(s) <= micro_batch_tokens]
+    return kept, len(samples) - len(kept)
 
 
 def wait_for_step_batch(
@@ -222,12 +239,34 @@ def _progress_path(output_dir: Path) -> Path:
 
 def write_trainer_progress(output_dir: Path, step: int) -> None:
     """Record (atomically) that the trainer finished optimizer step `step`."""
-    write_atomic(_progress_path(output_dir), json.dumps({"step": step}))
+    fsio.write_text(_progress_path(output_dir), json.dumps({"step": step}))
+
+
+class ProgressError(ApprenticeError):
+    """OUTPUT/trainer/progress.json cannot be read; the message names it and says how to fix it."""
 
 
 def read_trainer_progress(output_dir: Path) -> int:
-    """The trainer's last finished step (0 when it has not finished any)."""
+    """The trainer's last finished step (0 when it has not finished any).
+
+    The file is written atomically, so a garbled one was damaged from outside. Guessing a value would be
+    unsafe (0 can deadlock the orchestrator's backpressure against a trainer waiting for the next batch), so
+    it is a ProgressError naming the file; deleting it is safe because the trainer rewrites it every step.
+    """
     path = _progress_path(output_dir)
-    if not path.is_file():
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return 0
-    return int(json.loads(path.read_text())["step"])
+    try:
+        step = json.loads(raw.decode("utf-8"))["step"]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
+        step, problem = None, f"{type(e).__name__}: {e}"
+    else:
+        problem = f"step is {step!r}, not a whole number >= 0"
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ProgressError(
+            f"{path}: unreadable trainer progress file ({problem[:200]}). Fix: stop the run, delete the file and "
+            f"rerun; the trainer rewrites it after every step"
+        )
+    return step

@@ -155,17 +155,38 @@ def test_kill_9_then_rerun_resumes_without_paying_twice(student: Path, tmp_path:
     assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6] and steps[-1] == 6
     assert (output / "final" / "config.json").is_file()
     assert_no_secret(output)
+    assert SECRET not in rerun.stdout + rerun.stderr
+    assert_standard_modes(output)  # across the resume: checkpoints, metrics, caches, batches, final/
+
+
+def assert_standard_modes(output: Path) -> None:
+    from apprentice import fsio
+
+    for path in output.rglob("*"):
+        want = (fsio.DIR_MODE if path.is_dir() else fsio.FILE_MODE) & ~fsio._umask()
+        assert os.stat(path).st_mode & 0o777 == want, f"{path}: {oct(os.stat(path).st_mode & 0o777)}"
 
 
 def test_a_failing_trainer_stops_the_whole_run_with_a_clear_message(student: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
+    # A damaged stored batch for step 1 (its checksum no longer matches): the trainer fails on it while the
+    # orchestrator, continuing at step 2, would otherwise wait forever for it (backpressure): the launcher
+    # must stop both, and the trainer's message must name the file and the fix.
+    from apprentice.transport import rank_file, write_step_batch
+    from apprentice.types import TrainingSample
+
+    write_step_batch(output, 1, [[TrainingSample([1, 2, 3, 4], [False, True, True, True], [0.0] * 4, 1.0)]])
+    damaged = rank_file(output, 1, 0)
+    data = bytearray(damaged.read_bytes())
+    data[-5] ^= 0xFF
+    damaged.write_bytes(bytes(data))
     with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
-        # Every sample is longer than 16 tokens, so the trainer fails on its first batch while the orchestrator
-        # would otherwise wait forever for it (backpressure): the launcher must stop both.
-        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4, micro_batch_tokens=16)
+        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4)
         started = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "apprentice", "distill", str(config)], env=env_with_key(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "the trainer failed" in proc.stderr and "stopping orchestrator" in proc.stderr
-    assert "micro_batch_tokens" in proc.stdout  # the trainer's own error, streamed with its prefix
+    # The trainer's own error, streamed with its prefix: the file, what is wrong, and how to fix it.
+    assert f"{damaged}: checksum mismatch" in proc.stdout and "every later rollouts/step_* directory" in proc.stdout
+    assert "Traceback" not in proc.stdout
     assert time.monotonic() - started < 120

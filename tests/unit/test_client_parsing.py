@@ -99,8 +99,9 @@ def test_cache_keys_separate_samples_and_ignore_dict_order(tmp_path: Path) -> No
     assert cache_digest(request, "k") != cache_digest(request, "k2")
     assert cache_digest(request, "k") != cache_digest({**request, "model": "other-teacher"}, "k")
     cache = ResponseCache(tmp_path)
-    cache.put(request, "k", {"message": {"content": "x"}})
-    assert cache.get(reordered, "k") == {"message": {"content": "x"}} and cache.get(request, "k2") is None
+    stored = {"message": {"content": "x"}, "finish_reason": "stop"}
+    cache.put(request, "k", stored)
+    assert cache.get(reordered, "k") == stored and cache.get(request, "k2") is None
     assert not list(tmp_path.rglob("*.tmp"))
 
 

@@ -537,3 +537,90 @@ def test_credential_headers_are_rejected_without_echo() -> None:
         assert secret not in message
     ok = load_config([MINIMAL], ['--orchestrator.rollout_model.headers={"X-Title" = "apprentice"}'])
     assert ok.orchestrator.rollout_model is not None and ok.orchestrator.rollout_model.headers == {"X-Title": "apprentice"}
+
+
+# --- secrets: refused wherever they would be written, and never echoed -----------------------------------
+
+KEY = "sk-proj-" + "Rt5vQ8" * 6  # shaped like a real key; every assertion also checks a fragment of it
+
+
+def assert_refused_without_echo(overrides: list[str], *expected: str) -> str:
+    message = error_of([MINIMAL], overrides)
+    for text in expected:
+        assert text in message, (text, message)
+    assert KEY not in message and "Rt5vQ8" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"http://user:{KEY}@127.0.0.1:8000/v1", f"http://{KEY}@teacher.example/v1", f"https://teacher.example/v1?api_key={KEY}",
+     f"https://teacher.example/v1?key={KEY}", f"https://teacher.example/{KEY}/v1"],
+)
+def test_credentials_in_base_url_are_refused_without_echo(url: str) -> None:
+    message = assert_refused_without_echo([f"--orchestrator.rollout_model.base_url={url}"], "orchestrator.rollout_model.base_url", "must not carry a credential", "api_key_var")
+    assert "command line" in message
+
+
+def test_credentials_in_base_url_from_a_file_or_without_scheme_are_not_echoed(tmp_path: Path) -> None:
+    text = MINIMAL.read_text()
+    start = text.index("base_url = ")
+    end = text.index("\n", start)
+    cfg_file = write(tmp_path, "url.toml", text[:start] + f'base_url = "user:{KEY}@host/v1"' + text[end:])
+    message = error_of([cfg_file])
+    assert "base_url" in message and str(cfg_file) in message and KEY not in message and "Rt5vQ8" not in message
+
+
+@pytest.mark.parametrize("value", [f"Bearer {KEY}", f"Basic {KEY}", KEY, "hf_" + "a1B2c3D4" * 4, "7d865e959b2466918c9863afca942d0fb89d7c9ac0c99bafc3749504ded97730"])
+def test_credential_looking_header_values_are_refused_whatever_the_header_name(value: str) -> None:
+    overrides = [f'--orchestrator.rollout_model.headers={{"X-Auth" = "{value}"}}']
+    message = error_of([MINIMAL], overrides)
+    assert "X-Auth" in message and "looks like a credential" in message and "api_key_var" in message
+    assert value not in message and value.split()[-1][:12] not in message
+
+
+@pytest.mark.parametrize(
+    "extra_body",
+    ['{api_key = "abc"}', '{token = "abc"}', '{nested = {client_secret = "x"}}', '{password = "hunter2"}',
+     '{Authorization = "x"}', f'{{metadata = {{note = "{KEY}"}}}}', f'{{list = ["ok", "Bearer {KEY}"]}}'],
+)
+def test_credentials_in_extra_body_are_refused_without_echo(extra_body: str) -> None:
+    message = assert_refused_without_echo(
+        [f"--orchestrator.sampling.extra_body={extra_body}"], "orchestrator.sampling.extra_body", "looks like a credential", "teacher cache"
+    )
+    assert "hunter2" not in message
+
+
+def test_ordinary_extra_body_headers_and_env_args_still_load() -> None:
+    cfg = load_config(
+        [MINIMAL],
+        ['--orchestrator.sampling.extra_body={return_token_ids = true, skip_special_tokens = false, top_k = 20, '
+         'chat_template_kwargs = {enable_thinking = false}, max_tokens_total = 64, model_variant = "Qwen/Qwen3-0.6B-Instruct-2507"}',
+         '--orchestrator.rollout_model.headers={"X-Title" = "apprentice", "OpenAI-Project" = "proj_abcdefghijklmnopqrstuvw"}',
+         '--orchestrator.rollout_model.base_url=https://res.openai.azure.com/openai/deployments/gpt-4o-deployment-2024-08-06?api-version=2024-08-01-preview'],
+    )
+    assert cfg.orchestrator.sampling.extra_body["top_k"] == 20
+
+
+def test_credential_named_env_args_are_refused() -> None:
+    assert_refused_without_echo([f'--orchestrator.env=[{{id = "reverse-text", args = {{api_key = "{KEY}"}}}}]'], "args.api_key", "named like a credential")
+
+
+@pytest.mark.parametrize("pasted", [KEY, "sk_live_" + "Rt5vQ8" * 4, "ghp_Rt5vQ8Rt5vQ8Rt5vQ8Rt5vQ8"])
+def test_token_pasted_into_api_key_var_is_refused_even_when_it_is_a_valid_identifier(pasted: str) -> None:
+    message = error_of([MINIMAL], ["--orchestrator.rollout_model.api_key_var", pasted])
+    assert "NAME of an environment variable" in message and pasted not in message and "Rt5vQ8" not in message
+
+
+def test_pydantic_errors_do_not_print_rejected_values() -> None:
+    from pydantic import ValidationError
+
+    from apprentice.config import EndpointConfig
+
+    with pytest.raises(ValidationError) as info:  # built directly (eval --model URL), not through load_config
+        EndpointConfig(base_url=f"http://u:{KEY}@h/v1", model="m", timeout_s=KEY)  # type: ignore[arg-type]
+    assert "Rt5vQ8" not in str(info.value) and "Rt5vQ8" not in repr(info.value)
+
+
+def test_a_key_pasted_as_a_config_key_name_is_not_echoed() -> None:
+    assert_refused_without_echo([f"--orchestrator.sampling.{KEY}=1"], "orchestrator.sampling.<redacted>", "looks like a credential")

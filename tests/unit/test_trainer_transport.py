@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -9,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from apprentice import fsio
+from apprentice.errors import ApprenticeError
 from apprentice.transport import (
     BatchError,
     BatchTimeoutError,
+    ProgressError,
+    drop_unpackable,
     latest_step_batch,
     rank_file,
     read_step_batch,
@@ -83,8 +88,35 @@ def test_corrupt_file_is_a_batch_error_naming_the_file(tmp_path: Path, damage: s
     else:
         data = bytearray(b"not a batch at all")
     path.write_bytes(bytes(data))
-    with pytest.raises(BatchError, match=str(path)):
+    with pytest.raises(BatchError, match=str(path)) as info:
         read_step_batch(tmp_path, 2, 0)
+    # The fix must work with the orchestrator's resume rule (it continues after the newest complete step).
+    assert isinstance(info.value, ApprenticeError) and "every later rollouts/step_* directory" in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe", b"[1, 2]", b'{"world_size": "2"}'])
+def test_corrupt_marker_is_a_batch_error_naming_it(tmp_path: Path, content: bytes) -> None:
+    write_step_batch(tmp_path, 1, [make_samples(2)])
+    marker = step_dir(tmp_path, 1) / "COMPLETE"
+    marker.write_bytes(content)
+    with pytest.raises(BatchError, match=str(marker)):
+        read_step_batch(tmp_path, 1, 0)
+
+
+def test_written_files_have_the_standard_modes(tmp_path: Path) -> None:
+    write_step_batch(tmp_path, 1, [make_samples(2), make_samples(1)])
+    write_trainer_progress(tmp_path, 1)
+    for p in [step_dir(tmp_path, 1), *step_dir(tmp_path, 1).iterdir(), tmp_path / "trainer" / "progress.json"]:
+        want = (fsio.DIR_MODE if p.is_dir() else fsio.FILE_MODE) & ~fsio._umask()
+        assert os.stat(p).st_mode & 0o777 == want, p
+
+
+def test_unpackable_samples_are_dropped_and_counted() -> None:
+    samples = make_samples(20, seed=5) + [TrainingSample([], [], [], 0.0)]
+    kept, dropped = drop_unpackable(samples, 16)
+    assert [s for s in samples if 0 < len(s) <= 16] == kept
+    assert dropped == len(samples) - len(kept) and dropped > 1
+    assert drop_unpackable(kept, 16) == (kept, 0)
 
 
 def test_wrong_rank_and_incomplete_step(tmp_path: Path) -> None:
@@ -127,3 +159,13 @@ def test_trainer_progress(tmp_path: Path) -> None:
     assert read_trainer_progress(tmp_path) == 0
     write_trainer_progress(tmp_path, 5)
     assert read_trainer_progress(tmp_path) == 5
+
+
+@pytest.mark.parametrize("content", [b"", b'{"step": 3', b"\xff", b"[3]", b'{"stp": 3}', b'{"step": "3"}', b'{"step": -1}', b'{"step": true}'])
+def test_garbled_trainer_progress_is_a_clear_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    write_trainer_progress(tmp_path, 2)
+    path = tmp_path / "trainer" / "progress.json"
+    path.write_bytes(content)
+    with pytest.raises(ProgressError, match=rf"{path}: unreadable trainer progress file .*delete the file and rerun") as info:
+        read_trainer_progress(tmp_path)
+    assert isinstance(info.value, ApprenticeError)

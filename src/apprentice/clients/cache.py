@@ -9,17 +9,27 @@ tools, sampling; never headers, where credentials live) and the caller's rollout
 prompt (different keys) stay distinct while a resumed run finds each again. The endpoint URL is deliberately
 not part of the key: a teacher restarted on another port (or host) serving the same model name still hits.
 Each file holds {"key", "request", "response"}; the request is kept for debugging and to detect hash collisions.
-Writes are atomic (temp file in the same directory + os.replace): a run killed mid-write leaves no partial entry.
+Writes are atomic and durable (apprentice.fsio): a run killed mid-write leaves no partial entry.
+
+A stored entry is data from disk, not trusted: one that cannot be read (truncated, not UTF-8 or JSON) or has
+the wrong shape is a miss with one warning naming the file, and the fresh answer overwrites it. The response
+shape checked is the one the teacher client stores:
+
+    {"message": {"role": ..., "content": str | None, ...}, "finish_reason": str,
+     "prompt_ids": [int] | None, "completion_ids": [int] | None, "completion_logprobs": [float] | None}
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from apprentice.config import write_atomic
+from apprentice import fsio
+
+log = logging.getLogger("apprentice.teacher_cache")
 
 
 def cache_digest(request: dict[str, Any], key: str) -> str:
@@ -44,18 +54,67 @@ class ResponseCache:
         return self.cache_dir / digest[:2] / digest[2:4] / f"{digest}.json"
 
     def get(self, request: dict[str, Any], key: str) -> dict[str, Any] | None:
+        """The stored response, or None (a miss) when there is none or it cannot be trusted."""
         path = self.path_for(request, key)
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
+            entry = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            _warn_unusable(path, f"unreadable ({type(e).__name__}: {str(e)[:120]})")
+            return None
+        if not isinstance(entry, dict):
+            _warn_unusable(path, f"holds a JSON {type(entry).__name__}, not an object")
             return None
         # A sha256 collision is not a practical concern, but a hand-edited or foreign file must not be trusted.
         if entry.get("key") != key or entry.get("request") != json.loads(json.dumps(request)):
             return None
-        response: dict[str, Any] = entry["response"]
+        response = entry.get("response")
+        problem = response_problem(response)
+        if problem is not None:
+            _warn_unusable(path, problem)
+            return None
+        assert isinstance(response, dict)  # for mypy: response_problem checked it
         return response
 
     def put(self, request: dict[str, Any], key: str, response: dict[str, Any]) -> Path:
         path = self.path_for(request, key)
-        write_atomic(path, json.dumps({"key": key, "request": request, "response": response}, ensure_ascii=False))
+        entry = {"key": key, "request": request, "response": response}
+        try:
+            text = json.dumps(entry, ensure_ascii=False)
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (valid JSON, not UTF-8): store it escaped, losslessly
+            data = json.dumps(entry, ensure_ascii=True).encode("ascii")
+        fsio.write_bytes(path, data)
         return path
+
+
+def _warn_unusable(path: Path, problem: str) -> None:
+    log.warning("teacher cache entry %s %s; treating it as a miss (the new answer replaces it)", path, problem)
+
+
+def _is_list_of(value: Any, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, list) and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+
+
+def response_problem(response: Any) -> str | None:
+    """What is wrong with a stored response's shape (see the module docstring), or None when it is usable."""
+    if not isinstance(response, dict):
+        return f"has a response of type {type(response).__name__}, not an object"
+    message = response.get("message")
+    if not isinstance(message, dict):
+        return "has no message object in its response"
+    if not isinstance(message.get("content"), (str, type(None))):
+        return "has a message content that is neither text nor null"
+    if not isinstance(message.get("tool_calls"), (list, type(None))):
+        return "has tool_calls that are not a list"
+    if not isinstance(response.get("finish_reason"), str):
+        return "has no finish_reason string"
+    for name, kinds in (("prompt_ids", (int,)), ("completion_ids", (int,)), ("completion_logprobs", (int, float))):
+        value = response.get(name)
+        if value is not None and not _is_list_of(value, kinds):
+            return f"has a {name} that is not a list of numbers"
+    ids, lps = response.get("completion_ids"), response.get("completion_logprobs")
+    if ids is not None and lps is not None and len(ids) != len(lps):
+        return f"has {len(ids)} completion ids but {len(lps)} logprobs"
+    return None

@@ -8,4 +8,6 @@ from pydantic import BaseModel, ConfigDict
 class Section(BaseModel):
     """Base of all config sections. `extra="forbid"` makes typos fail loudly (DESIGN.md rule 5)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # hide_input_in_errors: str(ValidationError) would print every rejected value (a pasted API key included);
+    # load.format_errors decides what may be echoed.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, hide_input_in_errors=True)

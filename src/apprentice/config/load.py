@@ -20,6 +20,7 @@ import tomli_w
 from pydantic import BaseModel, ValidationError
 
 from apprentice.config.root import Config
+from apprentice.config.secrets import contains_secret, looks_like_credential
 from apprentice.errors import UsageError
 from apprentice.fsio import write_text
 
@@ -154,8 +155,9 @@ def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> C
         raise ConfigError(format_errors(e, origins)) from None
 
 
-# Fields whose values are never echoed in errors: a user may have pasted a secret there by mistake.
-_NEVER_ECHO = {"api_key_var", "headers"}
+# Fields whose values are never echoed in errors: a user may have pasted a secret there by mistake. Any other
+# value that looks like a credential (apprentice.config.secrets) is not echoed either.
+_NEVER_ECHO = {"api_key_var", "headers", "extra_body"}
 # ... nor a value given where one of these whole sections belongs (`--orchestrator.rollout_model sk-...`).
 _NEVER_ECHO_WHOLE = {"rollout_model", "student_endpoint"}
 
@@ -166,6 +168,9 @@ def format_errors(error: ValidationError, origins: Origins) -> str:
         loc, model = _resolve(err["loc"])
         key = ".".join(str(p) for p in loc)
         origin = _origin_of(loc, origins)
+        if any(looks_like_credential(str(p)) for p in loc):  # a key pasted where a key NAME belongs
+            lines.append(f"  - a key at {_redacted(loc)} looks like a credential; secrets must not go in the config{origin}")
+            continue
         if err["type"] == "extra_forbidden":
             section, name = ".".join(str(p) for p in loc[:-1]) or "top level", str(loc[-1])
             valid = sorted(model.model_fields) if model is not None else []
@@ -184,10 +189,19 @@ def format_errors(error: ValidationError, origins: Origins) -> str:
             fix = f"add a [{key}] section" if is_table else f"set {loc[-1]} = ... under [{section or 'top level'}]"
             lines.append(f"  - {key}: missing; this key is required: {fix}{origin}")
             continue
-        hidden = _NEVER_ECHO & {str(p) for p in loc} or str(loc[-1]) in _NEVER_ECHO_WHOLE or isinstance(err.get("input"), dict)
+        hidden = (
+            _NEVER_ECHO & {str(p) for p in loc}
+            or str(loc[-1]) in _NEVER_ECHO_WHOLE
+            or isinstance(err.get("input"), dict)
+            or contains_secret(err.get("input"))  # e.g. `base_url = "http://user:sk-...@host"`, a key in a list
+        )
         shown = "" if hidden else f" (got {err.get('input')!r})"
         lines.append(f"  - {key}: {msg}{shown}{origin}")
     return "\n".join(lines)
+
+
+def _redacted(loc: tuple[int | str, ...]) -> str:
+    return ".".join("<redacted>" if looks_like_credential(str(p)) else str(p) for p in loc) or "top level"
 
 
 def _resolve(loc: tuple[int | str, ...]) -> tuple[tuple[int | str, ...], type[BaseModel] | None]:

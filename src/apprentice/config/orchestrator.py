@@ -8,8 +8,12 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from apprentice.config.base import Section
+from apprentice.config.secrets import find_secret, looks_like_credential, url_secret_problem
 
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_USE_ENV = (
+    "Put the key in an environment variable and name it with api_key_var (sent as 'Authorization: Bearer ...')"
+)
 
 
 class EndpointConfig(Section):
@@ -33,6 +37,10 @@ class EndpointConfig(Section):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, url: str) -> str:
+        # Checked first and never echoed: the URL is written to OUTPUT/config.toml and printed in error messages.
+        problem = url_secret_problem(url)
+        if problem is not None:
+            raise ValueError(f"base_url must not carry a credential, but {problem}. {_USE_ENV}")
         if not re.match(r"^https?://[^/\s]+", url):
             raise ValueError("base_url must be an http(s) URL like 'http://127.0.0.1:8000/v1'")
         return url.rstrip("/")
@@ -40,14 +48,21 @@ class EndpointConfig(Section):
     @field_validator("headers")
     @classmethod
     def _no_secret_headers(cls, headers: dict[str, str]) -> dict[str, str]:
-        # Headers are written to OUTPUT/config.toml; a credential there would leak. Values are never echoed.
-        for name in headers:
+        # Headers are written to OUTPUT/config.toml; a credential there would leak. Values are never echoed, and a
+        # credential-looking value is refused whatever its header is called ("X-Auth: Bearer sk-...").
+        for name, value in headers.items():
             lowered = name.lower()
-            if lowered in ("authorization", "cookie", "proxy-authorization") or any(w in lowered for w in ("key", "token", "secret")):
+            if looks_like_credential(name):
+                raise ValueError(f"a header name looks like a credential; secrets must not go in the config. {_USE_ENV}")
+            if lowered in ("authorization", "cookie", "proxy-authorization") or any(w in lowered for w in ("key", "token", "secret", "password")):
                 raise ValueError(
                     f"header {name!r} looks like a credential; headers are written to OUTPUT/config.toml, so "
-                    "secrets must not go there. Put the key in an environment variable and name it with "
-                    "api_key_var (sent as 'Authorization: Bearer ...')"
+                    f"secrets must not go there. {_USE_ENV}"
+                )
+            if looks_like_credential(value):
+                raise ValueError(
+                    f"the value of header {name!r} looks like a credential (a key, 'Bearer ...' or a long random "
+                    f"token); headers are written to OUTPUT/config.toml, so secrets must not go there. {_USE_ENV}"
                 )
         return headers
 
@@ -55,7 +70,7 @@ class EndpointConfig(Section):
     @classmethod
     def _env_var_name(cls, name: str | None) -> str | None:
         # Never echo the value: a user who pasted the key itself here must not see it printed back.
-        if name is not None and not _ENV_VAR_NAME.match(name):
+        if name is not None and (not _ENV_VAR_NAME.match(name) or looks_like_credential(name)):
             raise ValueError(
                 "api_key_var must be the NAME of an environment variable (letters, digits, underscores), "
                 "e.g. api_key_var = \"OPENAI_API_KEY\"; put the key itself in that variable, never in the config"
@@ -77,7 +92,19 @@ class SamplingConfig(Section):
     seed: int | None = None
     """Per-request sampling seed, for endpoints that support it."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    """Extra request fields sent as-is (only for servers that accept them; hosted APIs may reject unknown fields)."""
+    """Extra request fields sent as-is (only for servers that accept them; hosted APIs may reject unknown fields).
+    No credentials: it is written to OUTPUT/config.toml and into every teacher cache entry."""
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_secret_in_extra_body(cls, extra_body: dict[str, Any]) -> dict[str, Any]:
+        where = find_secret(extra_body)
+        if where is not None:  # the path names keys only, never the value
+            raise ValueError(
+                f"extra_body.{where} looks like a credential (a key-like name or value); extra_body is sent with "
+                f"every request and written to OUTPUT/config.toml and every teacher cache entry. {_USE_ENV}"
+            )
+        return extra_body
 
 
 class EnvConfig(Section):
@@ -87,6 +114,18 @@ class EnvConfig(Section):
     """Keyword arguments of the environment's factory."""
     weight: float = Field(default=1.0, gt=0.0)
     """Relative share of each batch drawn from this environment."""
+
+    @field_validator("args")
+    @classmethod
+    def _no_secret_in_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        # Names only: argument values are arbitrary data (paths, prompts), but `api_key = "..."` is a credential.
+        where = find_secret(args, check_values=False)
+        if where is not None:
+            raise ValueError(
+                f"args.{where} is named like a credential; env args are written to OUTPUT/config.toml. Let the "
+                "environment read the secret from an environment variable instead (pass the variable's name)"
+            )
+        return args
 
 
 class OrchestratorConfig(Section):

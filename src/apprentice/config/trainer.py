@@ -79,7 +79,8 @@ class TrainerConfig(Section):
     max_steps: int = Field(default=100, ge=1)
     """Number of optimizer steps of the run."""
     micro_batch_tokens: int = Field(default=4096, ge=16)
-    """Tokens per packed micro-batch (per rank); samples longer than this are an error."""
+    """Tokens per packed micro-batch (per rank); longer samples are set aside by the orchestrator
+    (render/set_aside/too_long) and skipped by the trainer (loss/skipped_samples)."""
     grad_clip: float = Field(default=1.0, gt=0.0)
     """Clip the global gradient norm to this value."""
     num_processes: int = Field(default=1, ge=1, le=1024)

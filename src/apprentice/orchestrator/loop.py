@@ -30,7 +30,13 @@ from apprentice.orchestrator.client import build_client
 from apprentice.orchestrator.scheduler import Slot, TaskScheduler
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
-from apprentice.transport import latest_step_batch, read_trainer_progress, split_across_ranks, write_step_batch
+from apprentice.transport import (
+    drop_unpackable,
+    latest_step_batch,
+    read_trainer_progress,
+    split_across_ranks,
+    write_step_batch,
+)
 
 log = logging.getLogger("apprentice.orchestrator")
 
@@ -82,7 +88,7 @@ def rollout_metrics(trajectories: list[dict[str, Any]], dropped: Counter[str]) -
 
 
 def empty_step_message(step: int, trajectories: list[dict[str, Any]], dropped: Counter[str], render: dict[str, float], cfg: Config) -> str:
-    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/")}
+    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/") and v}
     first_error = next((t["error_message"] for t in trajectories if t.get("error_message")), None)
     hints = []
     if any(r.startswith("client/") for r in reasons):
@@ -91,7 +97,9 @@ def empty_step_message(step: int, trajectories: list[dict[str, Any]], dropped: C
         hints.append(f"check that {where} is up and the API key variable is set")
     if "truncated" in reasons:
         hints.append("raise orchestrator.sampling.max_tokens or set orchestrator.truncated = \"keep\"")
-    if any(r.startswith("set_aside/") for r in reasons):
+    if reasons.get("set_aside/too_long"):
+        hints.append("raise trainer.micro_batch_tokens or lower orchestrator.sampling.max_tokens: rendered samples are longer than a micro-batch")
+    if any(r.startswith("set_aside/") and r != "set_aside/too_long" for r in reasons):
         hints.append("see render/set_aside/* in OUTPUT/orchestrator/metrics.jsonl: the student's chat template cannot represent these rollouts")
     return (
         f"step {step}: none of the {len(trajectories)} rollouts could be trained on (set aside: {reasons})"
@@ -141,13 +149,16 @@ async def run(cfg: Config) -> None:
         samples, render_stats = render_many(
             kept, tokenizer, reasoning=orch.reasoning, allow_control_tokens=orch.allow_control_tokens
         )
+        # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
+        samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
+        render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
         if not samples:
-            raise NothingToTrainError(empty_step_message(step, trajectories, dropped, render_stats.metrics(), cfg))
+            raise NothingToTrainError(empty_step_message(step, trajectories, dropped, render_metrics, cfg))
         write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
 
         metrics: dict[str, float] = {"step": step}
         metrics.update(rollout_metrics(trajectories, dropped))
-        metrics.update(render_stats.metrics())
+        metrics.update(render_metrics)
         metrics.update(client.metrics(reset=True))
         metrics["perf/step_time_s"] = time.monotonic() - started
         metrics["perf/backpressure_wait_s"] = waited

@@ -3,16 +3,28 @@
     step_{n}/state/                  model + optimizer, torch.distributed.checkpoint (sharded under FSDP2)
     step_{n}/rng_rank_{r}.safetensors  each rank's torch RNG states
     step_{n}/trainer_state.json      step, data position, scheduler, world size, python RNG
+    step_{n}/MANIFEST.json           size and sha256 of every file above
     step_{n}/COMPLETE                written last
 
-Every rank writes into `.step_{n}.tmp`; after a barrier rank 0 adds the marker and renames the directory into
-place, so a `kill -9` at any moment leaves either the previous complete checkpoint or the new one, never a
-half-written one that looks complete. Leftover temporary directories are removed at the next start.
+Every rank writes into `.step_{n}.tmp`; after a barrier rank 0 hashes what was written (reading it back from
+disk), writes the manifest and the marker, fsyncs the tree and renames it into place, so a `kill -9` at any
+moment leaves either the previous complete checkpoint or the new one, never a half-written one that looks
+complete. Leftover temporary directories are removed at the next start.
+
+On resume the newest complete checkpoint is verified against its manifest before anything is loaded: a
+truncated, garbled or bit-flipped file is named in a warning, the checkpoint is renamed aside (to
+`step_{n}.corrupt`, kept for inspection) and the previous complete one is used; the steps after it are
+retrained from the step batches still on disk. sha256 (hashlib, no new dependency) because with the CPU's SHA
+extensions it ran at 1.35 GB/s here against 0.73 GB/s for blake2b; bench/ckpt_hash.py measured the manifest of
+a 500 MB checkpoint at 1.2-1.9 s against 3.9-4.5 s for the save itself (shared, loaded 2-core CPU machine).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import random
 import shutil
 import warnings
@@ -21,14 +33,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.optim.lr_scheduler import LambdaLR
 
+from apprentice import fsio
+from apprentice.errors import ApprenticeError
 from apprentice.trainer.world import World, barrier
 
+log = logging.getLogger("apprentice.trainer")
+
 MARKER = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+CORRUPT_SUFFIX = ".corrupt"
+FORMAT = 2
+"""Marker format: 2 = the checkpoint has a MANIFEST.json (1, or no "format" key: written before checksums)."""
+_CHUNK = 8 << 20
+
+
+class CheckpointError(ApprenticeError):
+    """A checkpoint that cannot be used (corrupt, truncated, written for another world size); names the file."""
 
 
 @dataclass
@@ -46,7 +72,7 @@ def checkpoints_root(output_dir: Path) -> Path:
 
 
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete checkpoint, oldest first."""
+    """(step, dir) of every complete checkpoint, oldest first (complete = has its marker; not yet verified)."""
     root = checkpoints_root(output_dir)
     found = [
         (int(p.name[5:]), p)
@@ -64,7 +90,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def remove_partial(output_dir: Path, world: World) -> None:
     """Rank 0 deletes temporary directories a killed run left behind; everyone waits for it."""
     if world.is_main:
-        for tmp in checkpoints_root(output_dir).glob(".step_*.tmp"):
+        root = checkpoints_root(output_dir)
+        for tmp in [*root.glob(".step_*.tmp"), *root.glob(".step_*.old-*")]:
             shutil.rmtree(tmp, ignore_errors=True)
     barrier(world)
 
@@ -74,6 +101,132 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.get_rng_state()
     return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _data_files(directory: Path) -> list[Path]:
+    """Every file of a checkpoint except the manifest and the marker, sorted."""
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER))
+
+
+def write_manifest(directory: Path) -> dict[str, Any]:
+    """Hash every file of `directory` as it is on disk, give it the standard mode, write MANIFEST.json."""
+    fsio.set_modes(directory)  # DCP and safetensors create files with their own modes
+    files = {
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in _data_files(directory)
+    }
+    manifest = {"format": FORMAT, "algorithm": "sha256", "files": files}
+    fsio.write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Check every file against the manifest; raise CheckpointError naming the first bad file.
+
+    A checkpoint written before manifests existed (marker format 1) is accepted unverified, with a warning.
+    """
+    marker = _read_json(directory / MARKER, "completion marker")
+    version = marker.get("format", 1)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{directory / MARKER}: completion marker has a non-integer format {str(version)[:40]!r}")
+    if version < FORMAT:
+        log.warning("%s has no checksum manifest (written by an older apprentice): loading it unverified", directory)
+        return
+    manifest = _read_json(directory / MANIFEST, "checksum manifest")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{directory / MANIFEST}: lists no files; the manifest is corrupt")
+    for name, expected in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        if not isinstance(expected, dict):
+            raise CheckpointError(f"{directory / MANIFEST}: the entry for {name} is not an object; the manifest is corrupt")
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {expected.get('size')} (truncated or overwritten)")
+        if file_sha256(path) != expected.get("sha256"):
+            raise CheckpointError(f"{path}: sha256 mismatch, the file is corrupt")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def choose_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint that verifies; None when there is none at all.
+
+    Newer ones that fail verification are logged (naming the bad file) and renamed to `step_{n}.corrupt`
+    so that neither this run's pruning nor a later resume mistakes them for good ones. When every complete
+    checkpoint fails, nothing is renamed and a CheckpointError lists them all: starting over silently from
+    step 0 would throw the run's progress away.
+    """
+    candidates = complete_checkpoints(output_dir)
+    failures: list[tuple[Path, CheckpointError]] = []
+    for _step, path in reversed(candidates):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("checkpoint %s failed verification: %s; trying the previous one", path.name, e)
+            failures.append((path, e))
+            continue
+        for bad, _ in failures:
+            aside = bad.with_name(bad.name + CORRUPT_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(bad, aside)
+            log.warning("moved the corrupt checkpoint aside to %s; resuming from %s (the steps after it are retrained)", aside, path)
+        if failures:
+            fsio.fsync_dir(path.parent)
+        return path
+    if failures:
+        details = "; ".join(str(e) for _, e in failures)
+        raise CheckpointError(
+            f"no checkpoint in {checkpoints_root(output_dir)} passes verification ({details}). Restore the files "
+            f"from a backup, or move the checkpoints directory aside to retrain from step 1"
+        )
+    return None
+
+
+def resume(
+    output_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    world: World,
+) -> int:
+    """Collective: load the newest verified checkpoint (rank 0 verifies, every rank loads); steps done (0 if none)."""
+    choice: list[str | None] = [None]
+    error: list[str | None] = [None]
+    if world.is_main:
+        try:
+            found = choose_checkpoint(output_dir)
+            choice[0] = str(found) if found is not None else None
+        except CheckpointError as e:
+            error[0] = str(e)
+    if world.distributed and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise CheckpointError(error[0])
+    if choice[0] is None:
+        return 0
+    return load_checkpoint(Path(choice[0]), model, optimizer, scheduler, world).step
 
 
 def save_checkpoint(
@@ -90,7 +243,7 @@ def save_checkpoint(
     tmp, final = root / f".step_{step}.tmp", root / f"step_{step}"
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fsio.make_dirs(tmp)
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # DCP warns that a 1-process save is 1-process, even with no_dist=True
@@ -104,17 +257,28 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "python_rng": _python_rng_to_json(random.getstate()),
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        fsio.write_text(tmp / "trainer_state.json", json.dumps(state))
     barrier(world)
     if world.is_main:
-        (tmp / MARKER).write_text(json.dumps({"step": step}))
-        if final.exists():  # re-saving a step after a resume: the old copy is complete but superseded
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for _, old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        fsio.sync_tree(tmp)  # the data is durable before the manifest vouches for it
+        write_manifest(tmp)
+        fsio.write_text(tmp / MARKER, json.dumps({"step": step, "format": FORMAT}))
+        # Re-saving a step after a resume replaces the old copy (complete but superseded); replace_dir fsyncs.
+        fsio.replace_dir(tmp, final)
+        prune(output_dir, step, keep)
     barrier(world)
     return final
+
+
+def prune(output_dir: Path, newest: int, keep: int) -> None:
+    """Delete complete checkpoints older than the newest `keep`, counting the one just written (`newest`).
+
+    Only checkpoints older than `newest` are candidates, and `newest` itself was hashed from disk a moment ago,
+    so pruning never deletes the only verified checkpoint.
+    """
+    older = [path for step, path in complete_checkpoints(output_dir) if step < newest]
+    for old in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -125,10 +289,10 @@ def load_checkpoint(
     world: World,
 ) -> TrainerState:
     """Restore everything `save_checkpoint` wrote, in place. Collective under FSDP2."""
-    raw = json.loads((path / "trainer_state.json").read_text())
+    raw = _read_json(path / "trainer_state.json", "trainer state")
     if raw["world_size"] != world.world_size:
         # The sharded state itself could be resharded by DCP, but per-rank RNG and the data split could not.
-        raise RuntimeError(
+        raise CheckpointError(
             f"{path} was written by {raw['world_size']} trainer rank(s), this run has {world.world_size}; "
             f"resume with the same trainer.num_processes or start a new output_dir"
         )

@@ -7,15 +7,14 @@ loads a partial model.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from apprentice import fsio
 
 EXPORT_MARKER = ".complete"
 
@@ -43,29 +42,14 @@ def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: 
     state = full_state_dict(model)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
+        # fsio.atomic_dir: standard file modes (mkdtemp alone would leave the directory 0700), fsync, rename.
+        with fsio.atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if model.generation_config is not None:
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / EXPORT_MARKER).write_text("")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if dist.is_initialized():
         dist.barrier()
     return path if is_main else None
 
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is first renamed aside, so `dst` is never half-written."""
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
-        os.rename(dst, trash / dst.name)
-        os.rename(src, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(src, dst)

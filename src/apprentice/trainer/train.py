@@ -9,6 +9,7 @@ metrics line carries "step": n. A restarted run resumes from the newest complete
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -36,8 +37,17 @@ from apprentice.trainer.world import (
     shard_model,
     shutdown,
 )
-from apprentice.transport import BatchError, read_step_marker, wait_for_step_batch, write_trainer_progress
+from apprentice.transport import (
+    BatchError,
+    drop_unpackable,
+    read_step_marker,
+    step_dir,
+    wait_for_step_batch,
+    write_trainer_progress,
+)
 from apprentice.types import TrainingSample
+
+log = logging.getLogger("apprentice.trainer")
 
 
 @dataclass
@@ -67,12 +77,9 @@ def main(cfg: Config) -> None:
         scheduler = build_scheduler(optimizer, cfg.trainer.optim, cfg.trainer.max_steps)
         loss_fn = build_loss(cfg.trainer.loss)
 
-        # Resume from the newest complete checkpoint, if any.
+        # Resume from the newest complete checkpoint that passes verification, if any.
         ckpt.remove_partial(output_dir, world)
-        start_step = 0
-        latest = ckpt.latest_checkpoint(output_dir)
-        if latest is not None:
-            start_step = ckpt.load_checkpoint(latest, model, optimizer, scheduler, world).step
+        start_step = ckpt.resume(output_dir, model, optimizer, scheduler, world)
         logger = MetricsLogger(
             output_dir, cfg.log, enabled=world.is_main, start_step=start_step, max_steps=cfg.trainer.max_steps,
             run_config=cfg.model_dump(mode="json"),
@@ -82,6 +89,7 @@ def main(cfg: Config) -> None:
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
+            samples, unpackable = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world, device)
             t_start = time.perf_counter()
             result = train_step(model, samples, loss_fn, cfg.trainer.micro_batch_tokens, params, cfg.trainer.grad_clip,
                                 world, device)
@@ -99,6 +107,7 @@ def main(cfg: Config) -> None:
                 "perf/padding_fraction": result.pad_tokens / max(1, result.tokens + result.pad_tokens),
                 "perf/step_s": elapsed,
                 "perf/wait_s": t_start - t_wait,
+                "loss/skipped_samples": unpackable,
             })
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
@@ -123,6 +132,23 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
             f"{world.world_size}; set trainer.num_processes = {world.world_size} for the orchestrator too"
         )
     return samples
+
+
+def skip_unpackable(
+    samples: list[TrainingSample], micro_batch_tokens: int, output_dir: Path, step: int, world: World,
+    device: torch.device,
+) -> tuple[list[TrainingSample], float]:
+    """Drop samples no micro-batch can hold (a batch stored under a larger limit), so a rerun is never stuck
+    on it; each rank warns for its own file. Returns the kept samples and the count over all ranks."""
+    kept, dropped = drop_unpackable(samples, micro_batch_tokens)
+    if dropped:
+        log.warning(
+            "%s/rank_%d.safetensors: skipped %d sample(s) that are empty or longer than trainer.micro_batch_tokens "
+            "= %d (written under another limit?); counted as loss/skipped_samples",
+            step_dir(output_dir, step), world.rank, dropped, micro_batch_tokens,
+        )
+    (total,) = all_reduce_sum([float(dropped)], device, world)
+    return kept, total
 
 
 def train_step(
