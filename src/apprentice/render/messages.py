@@ -162,11 +162,8 @@ class TurnRenderer:
                 "no_end_of_turn", f"{where}: no end-of-turn token (one of {self.markers}) in the rendered turn"
             )
         completion = body[: stop[1]]
-        reasoning, answer, _ = split_think(msg.get("content") or "") if isinstance(msg.get("content"), str) else (
-            None,
-            "",
-            True,
-        )
+        content = msg.get("content")
+        answer = split_think(content)[1] if isinstance(content, str) else ""
         thought = reasoning_of(msg)
         has_calls = bool(msg.get("tool_calls"))
         check_rendered(msg, completion, thought, where)
