@@ -275,5 +275,17 @@ def check_principle(
             assert sample.token_ids[end - 1] == tok.convert_tokens_to_ids(eot), f"turn {n} does not end with {eot}"
         assert sum(t in stops for t in sample.token_ids[len(ids) : end]) == (0 if cut else 1), f"turn {n}: several end tokens"
         covered[s][len(ids) : end] = [True] * (end - len(ids))
+        # Every tool call is in the trained text: each argument value, outside the teacher's prose.
+        trained = tok.decode(sample.token_ids[len(ids) : end])
+        message = step["completion"][-1]
+        for prose in (message.get("content"), message.get("reasoning_content")):
+            if isinstance(prose, str) and prose.strip():
+                trained = trained.replace(prose.strip(), "", 1)
+        for call in message.get("tool_calls") or []:
+            args = call["function"]["arguments"]
+            values = json.loads(args) if isinstance(args, str) else args
+            for value in values.values():
+                forms = {str(value), json.dumps(value, ensure_ascii=False), json.dumps(value)}
+                assert any(f in trained for f in forms), f"turn {n}: tool call argument {value!r} is not trained"
     for sample, cov in zip(samples, covered, strict=True):
         assert sample.loss_mask == cov, "masked tokens outside the turns"

@@ -34,8 +34,8 @@ EXPECTED: dict[str, tuple[int, set[str]]] = {
     "llama3.2": (4, {"template_dropped", "template_error"}),
     "mistral-nemo": (5, {"template_dropped"}),  # content beside calls is not rendered
     "gemma2": (1, {"template_dropped", "template_error"}),  # no system role, no tool role, no tool calls
-    "phi3.5": (3, {"template_dropped"}),  # tool calls are not rendered
-    "smollm3": (3, {"template_dropped"}),  # tool calls are not rendered
+    "phi3.5": (2, {"template_dropped"}),  # tool calls are not rendered
+    "smollm3": (2, {"template_dropped"}),  # tool calls are not rendered
     "gpt-oss": (6, {"template_dropped"}),  # only the first of parallel calls is rendered
 }
 
@@ -74,6 +74,14 @@ def test_tokenizers_match_published_test_vectors() -> None:
     assert family("llama3.2")("Hello, world!", add_special_tokens=False)["input_ids"] == [9906, 11, 1917, 0]
     assert family("qwen3").convert_tokens_to_ids(["<|im_end|>", "<think>"]) == [151645, 151667]
     assert family("llama3.2").convert_tokens_to_ids(["<|eot_id|>", "<|start_header_id|>"]) == [128009, 128006]
+
+
+def test_a_dropped_call_is_not_hidden_by_its_name_in_the_reasoning() -> None:
+    tok = family("phi3.5")  # renders no tool calls; the reasoning says "use the calculator"
+    conversation = next(c for c in agent_traces() if c["name"] == "reasoning_tool_round")
+    with pytest.raises(RenderError) as err:
+        render_trajectory(as_trajectory(conversation), tok)
+    assert err.value.kind == "template_dropped" and "calculator" in str(err.value)
 
 
 def test_phi_turns_end_at_end_token_and_merge() -> None:

@@ -189,15 +189,21 @@ def check_rendered(msg: Message, completion: str, thought: str | None, where: st
     content = msg.get("content")
     if isinstance(content, str) and split_think(content)[1].strip() not in completion:
         raise RenderError("template_dropped", f"{where}: the chat template did not render the turn's content")
+    # Count each call's name in what the template wrote besides the teacher's prose (a reasoning that says "use
+    # the calculator" must not stand in for a dropped `calculator` call).
+    rest = completion
+    for piece in (split_think(content)[1] if isinstance(content, str) else "", thought or ""):
+        if piece.strip():
+            rest = rest.replace(piece.strip(), "", 1)
     names: dict[str, int] = {}
     for call in msg.get("tool_calls") or []:
         name = str((call.get("function") or call).get("name", ""))
         names[name] = names.get(name, 0) + 1
     for name, count in names.items():
-        if completion.count(name) < count:
+        if rest.count(name) < count:
             raise RenderError(
                 "template_dropped",
-                f"{where}: the chat template rendered {completion.count(name)} of {count} tool call(s) {name!r}",
+                f"{where}: the chat template rendered {rest.count(name)} of {count} tool call(s) {name!r}",
             )
     if thought and thought.strip() and thought.strip() not in completion:
         raise RenderError("template_dropped", f"{where}: reasoning = \"keep\" but the template did not render it")
