@@ -6,11 +6,13 @@ Config-taking commands share one shape: `apprentice CMD CONFIG.toml [MORE.toml .
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from apprentice.config import Config, ConfigError, dump_config, load_config
+from apprentice.config import Config, ConfigError, ModelConfig, dump_config, load_config
 from apprentice.errors import ApprenticeError, UsageError
 
 USAGE = """usage: apprentice COMMAND [ARGS]
@@ -96,6 +98,43 @@ def check_environments(cfg: Config) -> None:
             raise ConfigError(f"orchestrator.env[{i}]: {e}") from None
 
 
+def _hub_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a valid repo id at all
+        return False
+
+
+def check_student(model: ModelConfig) -> None:
+    """Fail before any process starts when the student cannot be found, naming the key and the fix.
+
+    A local directory must hold a Hugging Face model (config.json, or model.gguf_file); anything else is taken for
+    a Hugging Face id, which offline (HF_HUB_OFFLINE=1) must already be in the local cache.
+    """
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    for key, source, needed in (
+        ("model.name", model.name, model.gguf_file or "config.json"),
+        ("model.tokenizer", model.tokenizer, "tokenizer_config.json"),
+    ):
+        if source is None:
+            continue
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if key == "model.name" and not (path / needed).is_file():
+                what = f"model.gguf_file = {needed!r}" if model.gguf_file else "config.json"
+                raise ConfigError(f"{key} = {source!r} is a directory without {what}: not a Hugging Face model directory. Fix: point {key} at the directory save_pretrained wrote (or set model.gguf_file)")
+            continue
+        if source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or path.exists():
+            raise ConfigError(f"{key} = {source!r}: no such model directory. Fix: point {key} at a local model directory or use a Hugging Face id")
+        if offline and not _hub_cached(source, needed):
+            raise ConfigError(
+                f"{key} = {source!r} is not a local directory, and as a Hugging Face id it is not in the local cache "
+                f"while HF_HUB_OFFLINE=1. Fix: use a local model directory, or download it once with network access"
+            )
+
+
 def _configured(argv: Sequence[str], command: str, *, mode: str | None = None, flags: Sequence[str] = ()) -> tuple[Config, ConfigArgs] | None:
     """Load and validate the config of a command; with --dry-run print it and return None (nothing to run)."""
     args = parse_config_args(argv, flags)
@@ -112,8 +151,10 @@ def _configured(argv: Sequence[str], command: str, *, mode: str | None = None, f
 def cmd_distill(argv: Sequence[str]) -> int:
     if (loaded := _configured(argv, "distill", mode="distill")) is None:
         return 0
-    from apprentice.launcher import run_distill
+    from apprentice.launcher import check_teacher_key, run_distill
 
+    check_teacher_key(loaded[0])
+    check_student(loaded[0].model)
     return run_distill(loaded[0])
 
 
@@ -127,6 +168,7 @@ def cmd_rl(argv: Sequence[str]) -> int:
 def cmd_train(argv: Sequence[str]) -> int:
     if (loaded := _configured(argv, "train")) is None:
         return 0
+    check_student(loaded[0].model)
     from apprentice.trainer.train import main as train_main
 
     train_main(loaded[0])
@@ -136,6 +178,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 def cmd_orchestrate(argv: Sequence[str]) -> int:
     if (loaded := _configured(argv, "orchestrate")) is None:
         return 0
+    check_student(loaded[0].model)
     from apprentice.orchestrator.loop import main as orchestrate_main
 
     orchestrate_main(loaded[0])
@@ -150,8 +193,18 @@ def cmd_eval(argv: Sequence[str]) -> int:
     from apprentice.eval import main as eval_main
 
     cfg, args = loaded
-    num_tasks = int(args.flags["num-tasks"]) if "num-tasks" in args.flags else None
+    num_tasks = _positive_int(args.flags["num-tasks"], "--num-tasks") if "num-tasks" in args.flags else None
     return eval_main(cfg, args.flags["model"], num_tasks=num_tasks)
+
+
+def _positive_int(value: str, flag: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UsageError(f"{flag} takes a positive whole number (how many tasks per environment), got {value!r}")
+    return number
 
 
 def cmd_serve(argv: Sequence[str]) -> int:

@@ -9,6 +9,10 @@ or key involved and says how to fix it. Unexpected errors are not wrapped: they 
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
 
 class ApprenticeError(Exception):
     """An expected failure with a message for the user; subclass it, set `exit_code` (1 runtime, 2 usage)."""
@@ -20,3 +24,17 @@ class UsageError(ApprenticeError):
     """The command line or the config is wrong: nothing was started."""
 
     exit_code = 2
+
+
+def exit_on_user_error(main: Callable[[], object]) -> NoReturn:
+    """Run a process's `main` and exit: 0, or an `ApprenticeError`'s one-line message and its exit code.
+
+    For entry points run as `python -m apprentice.<module>` (the `apprentice` CLI does the same in `cli.main`).
+    Unexpected errors propagate with their traceback.
+    """
+    try:
+        main()
+    except ApprenticeError as e:
+        print(f"apprentice: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    sys.exit(0)

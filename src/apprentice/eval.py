@@ -16,10 +16,15 @@ import httpx
 
 from apprentice.clients.base import ChatClient, ClientError
 from apprentice.clients.openai_client import OpenAIChatClient
-from apprentice.config import Config, EndpointConfig
+from apprentice.config import Config, ConfigError, EndpointConfig
 from apprentice.envs.base import Environment, Task
 from apprentice.envs.registry import load_environment
+from apprentice.errors import UsageError
 from apprentice.inference.launch import local_server
+
+
+class ModelPathError(UsageError, FileNotFoundError):
+    """`--model` names neither a URL nor a directory."""
 
 
 @dataclass
@@ -48,7 +53,7 @@ def endpoint_for(cfg: Config, model: str, server_args: list[str] | None = None) 
         yield EndpointConfig(base_url=model, model=served_model_name(model.rstrip("/")))
         return
     if not Path(model).exists():
-        raise FileNotFoundError(f"--model {model!r} is neither an http(s) URL nor an existing directory")
+        raise ModelPathError(f"--model {model!r} is neither an http(s) URL nor an existing directory: pass a model directory (e.g. OUTPUT/final) or an OpenAI-compatible base URL")
     with local_server(model, extra_args=server_args, log_path=Path(cfg.output_dir) / "eval_server.log") as base_url:
         yield EndpointConfig(base_url=base_url, model=served_model_name(base_url))
 
@@ -62,7 +67,7 @@ async def evaluate_endpoint(cfg: Config, endpoint: EndpointConfig, num_tasks: in
             env = load_environment(env_cfg, seed=cfg.seed)
             tasks = env.tasks("eval")[:num_tasks]
             if not tasks:
-                raise ValueError(f"environment {env.name!r} has no eval tasks; give it eval tasks (see its args) to evaluate")
+                raise ConfigError(f"environment {env.name!r} has no eval tasks; give it eval tasks (see its args) to evaluate")
             outcomes = await asyncio.gather(*(_safe_rollout(env, task, client, i) for i, task in enumerate(tasks)))
             rewards = [r for r in outcomes if r is not None]
             results.append(EnvResult(env.name, len(tasks), sum(rewards) / len(tasks), len(tasks) - len(rewards)))

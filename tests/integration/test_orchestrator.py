@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -110,7 +112,14 @@ def test_resume_reuses_cached_teacher_answers(student: Path, tmp_path: Path, mon
         assert len(teacher.chat_requests()) == paid + 6, "step 2 must come from the cache; only step 3 is paid"
     rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]  # the redone step 2 is logged once, as redone
-    assert rows[1]["teacher/cache_hits"] == 6 and rows[1].get("teacher/requests", 0) == 0
+    # Step 2's own rollouts were all answered from the cache and paid nothing (teacher/requests counts the
+    # requests sent since step 1 was written, which may include step 3's: the producer runs ahead).
+    assert rows[1]["teacher/cache_hits"] == 6 and rows[1]["teacher/responses"] == 6
+    assert rows[1]["teacher/usage/prompt_tokens"] == 0 and rows[1]["teacher/usage/completion_tokens"] == 0
+    assert rows[2]["teacher/cache_hits"] == 0 and rows[2]["teacher/usage/completion_tokens"] > 0
+    # The run's total is what the teacher reported for the 18 paid answers, persisted for the spend cap.
+    usage = json.loads((output / "orchestrator" / "usage.json").read_text())
+    assert usage["prompt_tokens"] == rows[2]["teacher/usage_total/prompt_tokens"] > 0
     marker = read_step_marker(output, 2)
     assert marker is not None
 
@@ -143,6 +152,12 @@ def test_backpressure_waits_for_the_trainer(student: Path, tmp_path: Path, monke
             return seen
 
         assert asyncio.run(drive()) == [1, 2, 3]
+    rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    # Steps 2 and 3 each opened only after the test's trainer stand-in moved on (>= 0.5 s later).
+    assert rows[0]["perf/wait_trainer_s"] < 0.4 and all(r["perf/wait_trainer_s"] >= 0.4 for r in rows[1:])
+    for row in rows:
+        assert 0.0 <= row["teacher/inflight_mean"] <= 4.0 and row["teacher/inflight_busy"] == row["teacher/inflight_mean"] / 4
+    assert rows[0]["teacher/inflight_mean"] > 0.0
 
 
 def test_no_teacher_request_carries_logprob_or_token_fields_with_tools(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,3 +202,87 @@ def test_a_step_with_nothing_to_train_stops_with_the_cause(student: Path, tmp_pa
     with FaultTeacher(api_key=SECRET, respond=reverse_last_user, rule=lambda i, body: Fault.truncated()) as teacher:
         with pytest.raises(NothingToTrainError, match="max_tokens"):
             asyncio.run(run(make_config(tmp_path / "out2", student, teacher.base_url)))
+
+    # The packing limit: every rendered sample is longer than a micro-batch. A runtime error (exit code 1).
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
+        cfg = make_config(tmp_path / "out3", student, teacher.base_url)
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"micro_batch_tokens": 16})})
+        with pytest.raises(NothingToTrainError, match="raise trainer.micro_batch_tokens") as too_long:
+            asyncio.run(run(cfg))
+    assert too_long.value.exit_code == 1 and "too_long" in str(too_long.value)
+
+
+def test_spend_cap_stops_after_the_last_complete_step_and_resumes_when_raised(student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from apprentice.orchestrator.spend import SpendCapReached
+
+    monkeypatch.setenv("TEACHER_KEY", SECRET)
+    output = tmp_path / "out"
+
+    def capped(cfg: Config, max_tokens_total: int) -> Config:
+        teacher = cfg.orchestrator.rollout_model.model_copy(update={"max_tokens_total": max_tokens_total})  # type: ignore[union-attr]
+        return cfg.model_copy(update={"orchestrator": cfg.orchestrator.model_copy(update={"rollout_model": teacher})})
+
+    with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
+        # Step 1's six rollouts are all in flight at once (max_concurrency 6); the first answer exhausts the cap,
+        # so step 1 completes and is written, and no request of step 2 is ever sent.
+        cfg = make_config(output, student, teacher.base_url, max_concurrency=6)
+        with pytest.raises(SpendCapReached) as info:
+            asyncio.run(run(capped(cfg, 1)))
+        assert "stopped after step 1" in str(info.value) and "max_tokens_total" in str(info.value)
+        assert latest_step_batch(output) == 1 and len(teacher.chat_requests()) == 6
+        paid = json.loads((output / "orchestrator" / "usage.json").read_text())
+        assert paid["prompt_tokens"] > 0 and paid["completion_tokens"] > 0
+
+        # The same cap again: nothing is sent, and the ledger is unchanged.
+        with pytest.raises(SpendCapReached, match="nothing was sent"):
+            asyncio.run(run(capped(cfg, 1)))
+        assert len(teacher.chat_requests()) == 6
+
+        # A raised cap resumes at step 2; the run's total keeps counting from where it was.
+        asyncio.run(run(capped(cfg, 10**9)))
+        assert latest_step_batch(output) == 3 and len(teacher.chat_requests()) == 18
+    total = json.loads((output / "orchestrator" / "usage.json").read_text())
+    rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert total["prompt_tokens"] == sum(r["teacher/usage/prompt_tokens"] for r in rows) > paid["prompt_tokens"]
+    assert total["completion_tokens"] == rows[-1]["teacher/usage_total/completion_tokens"]
+
+
+@pytest.mark.slow  # ~30 s: two real processes; tests/unit/test_launcher.py covers the launcher's part cheaply
+def test_distill_exits_with_the_spend_cap_code_after_training_the_written_steps(student: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from apprentice.orchestrator.spend import EXIT_SPEND_CAP
+    from apprentice.transport import read_trainer_progress
+
+    output = tmp_path / "out"
+    with FaultTeacher(respond=reverse_last_user) as teacher:
+        config = tmp_path / "distill.toml"
+        config.write_text(f"""
+output_dir = "{output}"
+[model]
+name = "{student}"
+[orchestrator]
+batch_size = 4
+max_concurrency = 4
+max_async_level = 1
+use_token_client = false
+[orchestrator.rollout_model]
+base_url = "{teacher.base_url}"
+model = "teacher"
+max_tokens_total = 1
+[[orchestrator.env]]
+id = "reverse-text"
+[trainer]
+max_steps = 5
+[trainer.loss]
+type = "sft"
+[log]
+progress = false
+""")
+        env = os.environ | {"HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "apprentice", "distill", str(config)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == EXIT_SPEND_CAP, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "spend cap" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert latest_step_batch(output) == 1 and read_trainer_progress(output) == 1  # step 1 was trained, not lost

@@ -193,3 +193,15 @@ def test_tool_calculator_conversation_renders_with_a_chat_template() -> None:
     assert text.endswith(f"<|im_start|>assistant\n{task.answer}<|im_end|>\n")
     ids = tokenizer.apply_chat_template(conversation, tools=traj["tools"], tokenize=True)
     assert len(ids) > 0
+
+
+def test_one_tool_call_normaliser_fills_ids_serialises_arguments_and_refuses_nameless_calls() -> None:
+    from apprentice.trajectory import normalize_tool_call
+
+    call = normalize_tool_call({"function": {"name": "calc", "arguments": {"x": "é"}}}, "call_0_0")
+    assert call == {"id": "call_0_0", "type": "function", "function": {"name": "calc", "arguments": '{"x": "é"}'}}
+    assert normalize_tool_call({"id": "c9", "function": {"name": "f"}}, "unused")["function"]["arguments"] == "{}"
+    assert normalize_tool_call({"id": "c9", "function": {"name": "f", "arguments": "{}"}}, "unused")["id"] == "c9"
+    for broken in ({"function": {"arguments": "{}"}}, {"id": "c1"}, {"function": {"name": ""}}):
+        with pytest.raises(ValueError, match="tool call without"):
+            normalize_tool_call(broken, "call_0_0")

@@ -16,6 +16,15 @@ _USE_ENV = (
 )
 
 
+class TokenPrice(Section):
+    """What an endpoint charges, per million tokens (any currency; `max_cost` uses the same one)."""
+
+    prompt_per_mtok: float = Field(ge=0.0)
+    """Price of one million prompt (input) tokens."""
+    completion_per_mtok: float = Field(ge=0.0)
+    """Price of one million completion (output) tokens, reasoning tokens included."""
+
+
 class EndpointConfig(Section):
     """An OpenAI-compatible chat endpoint. The API key is read from an environment variable at request time."""
 
@@ -33,6 +42,23 @@ class EndpointConfig(Section):
     """Retries on 429, 5xx, timeouts and connection errors (exponential backoff with jitter)."""
     max_requests_per_s: float | None = Field(default=None, gt=0.0)
     """Client-side request-rate limit; None means unlimited (bounded only by max_concurrency)."""
+    max_tokens_total: int | None = Field(default=None, ge=1)
+    """Spend cap: once this endpoint has been paid this many tokens over the whole run (prompt + completion,
+    reasoning included; resumed attempts included, from OUTPUT/orchestrator/usage.json), the run stops cleanly
+    after its last complete step (exit code 3). Raise it and rerun to resume. None: no token cap."""
+    price: TokenPrice | None = None
+    """Price table of this endpoint's model, for `teacher/usage/cost` and `max_cost`."""
+    max_cost: float | None = Field(default=None, gt=0.0)
+    """Spend cap in the price table's currency, counted like max_tokens_total; needs `price`."""
+
+    @model_validator(mode="after")
+    def _cost_cap_needs_price(self) -> EndpointConfig:
+        if self.max_cost is not None and self.price is None:
+            raise ValueError(
+                "max_cost needs a price table: add price = { prompt_per_mtok = ..., completion_per_mtok = ... } "
+                "(the endpoint's prices per million tokens)"
+            )
+        return self
 
     @field_validator("base_url")
     @classmethod

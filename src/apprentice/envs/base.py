@@ -1,6 +1,7 @@
 """The Environment interface the orchestrator runs. Built-ins and user environments implement it.
 
-A rollout returns a trajectory dict (DESIGN.md section 4; built by `envs.trajectory`):
+A rollout returns a `apprentice.trajectory.Trajectory` (a typed dict, DESIGN.md section 4; built by
+`envs.trajectory`):
     {"steps": [{"prompt": [...], "completion": [...], "tokens": {...} optional}, ...],
      "tools": [...] or None, "reward": float, "metrics": {name: float}, "error": str | None,
      "task_id": str, "env": str, "truncated": bool}
@@ -15,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from apprentice.clients.base import ChatClient
+from apprentice.errors import UsageError
+from apprentice.trajectory import Trajectory
 
 Split = Literal["train", "eval"]
 
 
-class EnvError(ValueError):
+class EnvError(UsageError, ValueError):
     """An environment that cannot be built: unknown id, bad args, unreadable dataset. The message names the
     environment, file or argument at fault and says how to fix it."""
 
@@ -48,7 +51,7 @@ class Environment(Protocol):
         """All tasks of a split, in a fixed order (the orchestrator samples from them with its own seed)."""
         ...
 
-    async def rollout(self, task: Task, client: ChatClient, key: str) -> dict[str, Any]:
+    async def rollout(self, task: Task, client: ChatClient, key: str) -> Trajectory:
         """Run one episode with `client` and return its scored trajectory. `key` prefixes the client keys.
 
         Client failures (`ClientError`) propagate: the orchestrator counts and drops the rollout.

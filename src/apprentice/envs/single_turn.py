@@ -8,6 +8,7 @@ from typing import Any
 from apprentice.clients.base import ChatClient
 from apprentice.envs.base import Split, Task
 from apprentice.envs.trajectory import answer_text, assistant_message, make_step, make_trajectory
+from apprentice.trajectory import Trajectory
 
 ScoreFn = Callable[[str, Task], tuple[float, dict[str, float]]]
 """(answer text without think blocks, task) -> (reward, metrics with bare names)."""
@@ -28,7 +29,7 @@ class SingleTurnEnv:
             raise ValueError(f"environment {self.name!r}: unknown split {split!r}; use 'train' or 'eval'")
         return list(self._splits[split])
 
-    async def rollout(self, task: Task, client: ChatClient, key: str) -> dict[str, Any]:
+    async def rollout(self, task: Task, client: ChatClient, key: str) -> Trajectory:
         prompt = [dict(m) for m in task.prompt]
         response = await client.chat(prompt, tools=None, key=f"{key}/turn-0")
         message = assistant_message(response, turn=0)

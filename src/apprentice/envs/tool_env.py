@@ -16,6 +16,7 @@ from apprentice.clients.base import ChatClient
 from apprentice.envs.base import Split, Task
 from apprentice.envs.single_turn import ScoreFn
 from apprentice.envs.trajectory import answer_text, assistant_message, make_step, make_trajectory
+from apprentice.trajectory import ToolCall, Trajectory, TrajectoryStep
 
 
 class ToolError(ValueError):
@@ -52,7 +53,7 @@ class ToolEnv:
             raise ValueError(f"environment {self.name!r}: unknown split {split!r}; use 'train' or 'eval'")
         return list(self._splits[split])
 
-    def call_tool(self, call: dict[str, Any]) -> tuple[str, bool]:
+    def call_tool(self, call: ToolCall) -> tuple[str, bool]:
         """(result text, ok) for one tool call of an assistant message."""
         name, raw_args = call["function"]["name"], call["function"]["arguments"]
         tool = self._by_name.get(name)
@@ -69,16 +70,16 @@ class ToolEnv:
         except ValueError as e:  # ToolError and the tools' own input errors (CalculatorError, ...)
             return f"Error: {e}", False
 
-    async def rollout(self, task: Task, client: ChatClient, key: str) -> dict[str, Any]:
-        messages = [dict(m) for m in task.prompt]
-        steps: list[dict[str, Any]] = []
+    async def rollout(self, task: Task, client: ChatClient, key: str) -> Trajectory:
+        messages: list[dict[str, Any]] = [dict(m) for m in task.prompt]
+        steps: list[TrajectoryStep] = []
         truncated = answered = False
         num_tool_calls = tool_errors = 0
         for turn in range(self.max_turns):
             response = await client.chat([dict(m) for m in messages], tools=self.tools, key=f"{key}/turn-{turn}")
             message = assistant_message(response, turn)
             steps.append(make_step(messages, [message], response))
-            messages.append(message)
+            messages.append(dict(message))
             calls = message.get("tool_calls", [])
             answered = not calls
             if response.finish_reason == "length":

@@ -18,6 +18,7 @@ need more (containers, MCP tool servers, a runtime at scoring time, LLM judges) 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from apprentice.clients.base import ChatClient
 from apprentice.envs.base import EnvError, Split, Task
 from apprentice.envs.trajectory import assistant_message, make_step, make_trajectory
+from apprentice.trajectory import Trajectory
 
 if TYPE_CHECKING:
     import verifiers.v1 as vf
@@ -131,7 +133,7 @@ class VerifiersEnv:
             raise ValueError(f"environment {self.name!r}: unknown split {split!r}; use 'train' or 'eval'")
         return list(self._splits[split])
 
-    async def rollout(self, task: Task, client: ChatClient, key: str) -> dict[str, Any]:
+    async def rollout(self, task: Task, client: ChatClient, key: str) -> Trajectory:
         vf_task = self._vf_tasks[task.id]
         prompt = [dict(m) for m in task.prompt]
         response = await client.chat(prompt, tools=None, key=f"{key}/turn-0")
@@ -152,7 +154,7 @@ class VerifiersEnv:
             truncated=response.finish_reason == "length",
         )
 
-    def _trace(self, vf_task: Any, prompt: list[dict[str, Any]], message: dict[str, Any], finish: str) -> vf.Trace:
+    def _trace(self, vf_task: Any, prompt: list[dict[str, Any]], message: Mapping[str, Any], finish: str) -> vf.Trace:
         """The verifiers Trace its scoring functions read: prompt nodes, then the sampled assistant node."""
         from verifiers.v1.dialects.chat import parse_message
 

@@ -1,172 +1,165 @@
-"""The orchestrator process: for each step, roll out tasks, score, render, split per rank, hand to the trainer.
+"""The orchestrator process: a continuous producer of rollouts, and a writer of step batches in step order.
 
-    step n:  wait until the trainer is at most max_async_level steps behind (backpressure)
-             -> tasks of step n (deterministic in (seed, n))
-             -> rollouts, concurrently (the client bounds requests in flight)
-             -> set aside failed / truncated rollouts (counted by kind)
-             -> render with the student tokenizer (unrenderable ones counted by kind)
-             -> OUTPUT/rollouts/step_n/ (atomic), metrics line
+    producer (producer.py): up to max_concurrency rollouts in flight, across the steps the backpressure rule
+                            allows (at most max_async_level steps ahead of the trainer's last finished step)
+    writer (this file), for each step n in order, once all of step n's rollouts are done:
+        -> set aside failed / truncated rollouts (counted by kind)
+        -> render with the student tokenizer, on a worker thread (unrenderable ones counted by kind)
+        -> OUTPUT/rollouts/step_n/ (atomic), metrics line, usage ledger
 
 Resuming is restarting: the next step is the one after the newest complete batch on disk, and the teacher
-cache answers any request already paid for.
+cache answers any request already paid for. A spend cap (spend.py) stops the run after its last complete step.
+
+Metrics per step, beyond rollout/*, render/* and the client's teacher/* counters (those count since the
+previous step was written):
+    teacher/inflight_mean   time-averaged requests in flight since the previous step was written
+    teacher/inflight_busy   the same divided by max_concurrency
+    teacher/responses, teacher/cache_hits, teacher/usage/{prompt,completion,reasoning}_tokens   of this step's
+                            own rollouts; teacher/usage_total/* for the whole run (and .../cost with a price table)
+    perf/wait_trainer_s     seconds step n waited for the trainer before it could open (backpressure)
+    perf/wait_rollouts_s    seconds the writer waited for step n's last rollout
+    perf/render_s           rendering and writing the batch
+    perf/step_time_s        from step n opening to its batch written
+    perf/step_interval_s    since the previous batch was written
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from apprentice.clients.base import ChatClient, ClientError
 from apprentice.config import Config, load_config
-from apprentice.envs.base import Environment
 from apprentice.envs.registry import load_environment
+from apprentice.errors import ApprenticeError, UsageError, exit_on_user_error
 from apprentice.metrics import MetricsLog, progress_bar
+from apprentice.orchestrator.batch import NothingToTrainError, empty_step_message, rollout_metrics, set_aside_reason
 from apprentice.orchestrator.client import build_client
-from apprentice.orchestrator.scheduler import Slot, TaskScheduler
+from apprentice.orchestrator.metered import MeteredClient
+from apprentice.orchestrator.producer import Producer, StepRollouts, TrainerBackpressure
+from apprentice.orchestrator.scheduler import TaskScheduler
+from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
-from apprentice.transport import (
-    drop_unpackable,
-    latest_step_batch,
-    read_trainer_progress,
-    split_across_ranks,
-    write_step_batch,
-)
+from apprentice.trajectory import Trajectory
+from apprentice.transport import drop_unpackable, latest_step_batch, split_across_ranks, write_step_batch
+
+__all__ = ["NothingToTrainError", "main", "run"]
 
 log = logging.getLogger("apprentice.orchestrator")
 
 
-class NothingToTrainError(RuntimeError):
-    """A whole step produced no trainable sample: training on nothing would only hide the cause."""
+def usage_path(output_dir: Path) -> Path:
+    return output_dir / "orchestrator" / "usage.json"
 
 
-async def rollout_one(env: Environment, slot: Slot, client: ChatClient, step: int) -> dict[str, Any]:
-    """One scored trajectory; a client failure becomes a trajectory with `error` set (counted, not fatal)."""
-    key = f"step{step}/{env.name}/{slot.task.id}/sample{slot.sample}"
+def load_student_tokenizer(cfg: Config) -> Any:
     try:
-        trajectory = await env.rollout(slot.task, client, key)
-    except ClientError as e:
-        return {"steps": [], "env": env.name, "task_id": slot.task.id, "reward": 0.0, "error": f"client/{e.kind}", "error_message": str(e)}
-    trajectory.setdefault("env", env.name)
-    trajectory.setdefault("task_id", slot.task.id)
-    return trajectory
+        return load_tokenizer(cfg.model)
+    except OSError as e:  # transformers' "not a local folder and not a valid model identifier" and kin
+        source = cfg.model.tokenizer or cfg.model.name
+        raise UsageError(
+            f"cannot load the student tokenizer from {source!r} (model.tokenizer / model.name): {str(e).splitlines()[0]} "
+            f"Fix: point model.name at a local model directory or a Hugging Face id available offline"
+        ) from None
 
 
-def set_aside_reason(trajectory: dict[str, Any], truncated_policy: str) -> str | None:
-    """Why a rollout is not trained on, or None to keep it."""
-    if trajectory.get("error"):
-        return str(trajectory["error"])
-    if not trajectory.get("steps"):
-        return "no_steps"
-    if trajectory.get("truncated") and truncated_policy == "drop":
-        return "truncated"
-    return None
-
-
-def rollout_metrics(trajectories: list[dict[str, Any]], dropped: Counter[str]) -> dict[str, float]:
-    metrics: dict[str, float] = {"rollout/trajectories": float(len(trajectories))}
-    scored = [t for t in trajectories if not t.get("error")]
-    if scored:
-        metrics["rollout/reward"] = sum(float(t.get("reward", 0.0)) for t in scored) / len(scored)
-    by_env: dict[str, list[float]] = {}
-    for t in scored:
-        by_env.setdefault(str(t["env"]), []).append(float(t.get("reward", 0.0)))
-        for name, value in (t.get("metrics") or {}).items():
-            by_env.setdefault(f"{t['env']}/{name}", []).append(float(value))
-    for name, values in by_env.items():
-        suffix = name if "/" in name else f"{name}/reward"
-        metrics[f"rollout/{suffix}"] = sum(values) / len(values)
-    metrics["rollout/set_aside"] = float(sum(dropped.values()))
-    for reason, count in dropped.items():
-        metrics[f"rollout/set_aside/{reason}"] = float(count)
-    return metrics
-
-
-def empty_step_message(step: int, trajectories: list[dict[str, Any]], dropped: Counter[str], render: dict[str, float], cfg: Config) -> str:
-    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/") and v}
-    first_error = next((t["error_message"] for t in trajectories if t.get("error_message")), None)
-    hints = []
-    if any(r.startswith("client/") for r in reasons):
-        endpoint = cfg.orchestrator.rollout_model or cfg.orchestrator.student_endpoint
-        where = endpoint.base_url if endpoint is not None else "the inference server"
-        hints.append(f"check that {where} is up and the API key variable is set")
-    if "truncated" in reasons:
-        hints.append("raise orchestrator.sampling.max_tokens or set orchestrator.truncated = \"keep\"")
-    if reasons.get("set_aside/too_long"):
-        hints.append("raise trainer.micro_batch_tokens or lower orchestrator.sampling.max_tokens: rendered samples are longer than a micro-batch")
-    if any(r.startswith("set_aside/") and r != "set_aside/too_long" for r in reasons):
-        hints.append("see render/set_aside/* in OUTPUT/orchestrator/metrics.jsonl: the student's chat template cannot represent these rollouts")
-    return (
-        f"step {step}: none of the {len(trajectories)} rollouts could be trained on (set aside: {reasons})"
-        + (f"; first error: {first_error}" if first_error else "")
-        + (f". Fix: {'; '.join(hints)}" if hints else "")
+def write_step(cfg: Config, tokenizer: Any, done: StepRollouts) -> dict[str, float]:
+    """Set aside, render and write one step's batch (runs on the worker thread); its rollout/render metrics."""
+    dropped: Counter[str] = Counter()
+    kept: list[Trajectory] = []
+    for trajectory in done.trajectories:
+        reason = set_aside_reason(trajectory, cfg.orchestrator.truncated)
+        if reason is None:
+            kept.append(trajectory)
+        else:
+            dropped[reason] += 1
+    # A Trajectory is a dict; render_many is annotated with the plain dict type it has always accepted.
+    samples, render_stats = render_many(
+        cast(list[dict[str, Any]], kept),
+        tokenizer,
+        reasoning=cfg.orchestrator.reasoning,
+        allow_control_tokens=cfg.orchestrator.allow_control_tokens,
     )
-
-
-async def wait_for_trainer(output_dir: Path, step: int, max_async_level: int) -> float:
-    """Block until step `step` is within max_async_level of the trainer's last finished step; seconds waited."""
-    start = time.monotonic()
-    announced = False
-    while step - 1 - read_trainer_progress(output_dir) > max_async_level:
-        if not announced:
-            log.info("step %d: waiting for the trainer (max_async_level=%d)", step, max_async_level)
-            announced = True
-        await asyncio.sleep(0.2)
-    return time.monotonic() - start
+    # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
+    samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
+    render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
+    if not samples:
+        raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
+    tasks = [f"{t['env']}/{t['task_id']}" for t in done.trajectories]
+    write_step_batch(Path(cfg.output_dir), done.step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": tasks})
+    metrics = rollout_metrics(done.trajectories, dropped) | render_metrics
+    if done.discarded:
+        metrics["rollout/stale_discarded"] = float(done.discarded)
+    return metrics
 
 
 async def run(cfg: Config) -> None:
     orch = cfg.orchestrator
     output_dir = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model)
-    envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]
+    envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
+    tokenizer = load_student_tokenizer(cfg)
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
-    client = build_client(cfg)
-    first = latest_step_batch(output_dir) + 1
-    metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log, resume_after=first - 1)
+    first, last = latest_step_batch(output_dir) + 1, cfg.trainer.max_steps
+    ledger = SpendLedger(usage_path(output_dir), orch.rollout_model)
+    if first <= last and (reason := ledger.exhausted()) is not None:
+        raise SpendCapReached(f"{reason}; nothing was sent. {_resume_hint(first)}")
+    client = MeteredClient(build_client(cfg), ledger)
+    producer = Producer(envs, scheduler, client, max_concurrency=orch.max_concurrency, ledger=ledger,
+                        backpressure=TrainerBackpressure(output_dir, orch.max_async_level))  # fmt: skip
+    # wandb: the trainer logs these lines to the run's one wandb run (see apprentice.metrics).
+    metrics_log = MetricsLog(output_dir / "orchestrator" / "metrics.jsonl", cfg.log, resume_after=first - 1, use_wandb=False)
     if first > 1:
         log.info("resuming: steps 1..%d are already written, continuing at step %d", first - 1, first)
-    bar = progress_bar(range(first, cfg.trainer.max_steps + 1), cfg.log, desc="orchestrator", unit="step")
-    for step in bar:
-        waited = await wait_for_trainer(output_dir, step, orch.max_async_level)
-        started = time.monotonic()
-        slots = scheduler.step(step)
-        trajectories = await asyncio.gather(*(rollout_one(envs[s.env_index], s, client, step) for s in slots))
+    bar = iter(progress_bar(range(first, last + 1), cfg.log, desc="orchestrator", unit="step"))
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")  # one thread: the tokenizer is not shared
+    loop = asyncio.get_running_loop()
+    area, written_at = client.meter.area()
+    next(bar, None)
+    try:
+        async with contextlib.aclosing(producer.steps(first, last)) as steps:
+            waiting_since = time.monotonic()
+            async for done in steps:
+                ready_at = time.monotonic()
+                metrics: dict[str, float] = {"step": done.step}
+                metrics.update(await loop.run_in_executor(worker, write_step, cfg, tokenizer, done))
+                now_area, now = client.meter.area()
+                interval = max(now - written_at, 1e-9)
+                metrics.update(client.metrics(reset=True))
+                metrics.update(done.account.metrics())
+                metrics.update(ledger.metrics())
+                metrics["teacher/inflight_mean"] = (now_area - area) / interval
+                metrics["teacher/inflight_busy"] = metrics["teacher/inflight_mean"] / orch.max_concurrency
+                metrics["perf/wait_trainer_s"] = done.wait_trainer_s
+                metrics["perf/wait_rollouts_s"] = ready_at - waiting_since
+                metrics["perf/render_s"] = now - ready_at
+                metrics["perf/step_time_s"] = now - done.opened_at
+                metrics["perf/step_interval_s"] = interval
+                area, written_at, waiting_since = now_area, now, now
+                ledger.save()
+                metrics_log.write(metrics)
+                next(bar, None)
+    except SpendCapReached as e:
+        done_step = latest_step_batch(output_dir)
+        raise SpendCapReached(f"{e}; stopped after step {done_step}, the last complete one. {_resume_hint(done_step + 1)}") from None
+    finally:
+        ledger.save()
+        metrics_log.close()
+        worker.shutdown(wait=True)
+        await client.aclose()
 
-        dropped: Counter[str] = Counter()
-        kept = []
-        for trajectory in trajectories:
-            reason = set_aside_reason(trajectory, orch.truncated)
-            if reason is None:
-                kept.append(trajectory)
-            else:
-                dropped[reason] += 1
-        samples, render_stats = render_many(
-            kept, tokenizer, reasoning=orch.reasoning, allow_control_tokens=orch.allow_control_tokens
-        )
-        # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
-        samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
-        render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
-        if not samples:
-            raise NothingToTrainError(empty_step_message(step, trajectories, dropped, render_metrics, cfg))
-        write_step_batch(output_dir, step, split_across_ranks(samples, cfg.trainer.num_processes), {"tasks": [f"{t['env']}/{t['task_id']}" for t in trajectories]})
 
-        metrics: dict[str, float] = {"step": step}
-        metrics.update(rollout_metrics(trajectories, dropped))
-        metrics.update(render_metrics)
-        metrics.update(client.metrics(reset=True))
-        metrics["perf/step_time_s"] = time.monotonic() - started
-        metrics["perf/backpressure_wait_s"] = waited
-        metrics_log.write(metrics)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(reward=f"{metrics.get('rollout/reward', 0.0):.3f}", samples=len(samples), dropped=sum(dropped.values()))
-    metrics_log.close()
-    await client.aclose()
+def _resume_hint(step: int) -> str:
+    return (
+        f"Raise orchestrator.rollout_model.max_tokens_total (or max_cost) and rerun the same command to resume at "
+        f"step {step}; answers already paid for come from OUTPUT/teacher_cache"
+    )
 
 
 def main(cfg: Config) -> None:
@@ -175,10 +168,13 @@ def main(cfg: Config) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         asyncio.run(run(cfg))
-    except NothingToTrainError as e:  # an expected failure (teacher down, every turn truncated): say why, no traceback
+    except SpendCapReached as e:  # a clean stop, not a failure: the launcher lets the trainer finish the written steps
+        log.warning("stopped: %s", e)
+        sys.exit(e.exit_code)
+    except ApprenticeError as e:  # an expected failure (teacher down, every turn truncated): say why, no traceback
         log.error("%s", e)
-        sys.exit(1)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
-    main(load_config(sys.argv[1:2], sys.argv[2:]))
+    exit_on_user_error(lambda: main(load_config(sys.argv[1:2], sys.argv[2:])))

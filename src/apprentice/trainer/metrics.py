@@ -22,7 +22,7 @@ class MetricsLogger:
         self.enabled = enabled
         self._bar: Any = None
         # On resume, lines for steps after the checkpoint are dropped: those steps are about to be redone.
-        self._log = MetricsLog(metrics_path(output_dir), log, enabled=enabled, resume_after=start_step, wandb_config=run_config)
+        self._log = MetricsLog(metrics_path(output_dir), log, enabled=enabled, resume_after=start_step, wandb_config=run_config, wandb_also=Path(output_dir) / "orchestrator" / "metrics.jsonl")
         if enabled and log.progress:
             from tqdm import tqdm
 

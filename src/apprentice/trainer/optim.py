@@ -9,9 +9,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from apprentice.config.trainer import OptimConfig
+from apprentice.errors import ApprenticeError
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(ApprenticeError, RuntimeError):
     """Loss or gradient norm became NaN/inf; the step was not applied."""
 
 

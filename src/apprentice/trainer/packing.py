@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from apprentice.errors import ApprenticeError
 from apprentice.types import TrainingSample
 
 
-class PackingError(ValueError):
+class PackingError(ApprenticeError, ValueError):
     """A sample that cannot be packed (longer than a micro-batch)."""
 
 

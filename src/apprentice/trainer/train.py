@@ -20,6 +20,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config, load_config
+from apprentice.errors import exit_on_user_error
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
 from apprentice.trainer.export import export_hf
@@ -212,4 +213,4 @@ def check_finite(step: int, result: StepResult, output_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(load_config(sys.argv[1:2], sys.argv[2:]))
+    exit_on_user_error(lambda: main(load_config(sys.argv[1:2], sys.argv[2:])))

@@ -1,0 +1,141 @@
+"""The orchestrator's view of its rollout client: requests in flight over time, usage per step, the spend cap.
+
+`MeteredClient` wraps the run's client (same `chat` signature, so environments cannot tell). It
+
+  - integrates the number of `chat` calls in flight over time (`InflightMeter`): the time-averaged value over a
+    step interval is `teacher/inflight_mean`, and over a run divided by max_concurrency, the busy fraction;
+  - charges each response's usage to the step whose rollout asked for it (a context variable set by the
+    producer per rollout task), and to the run's `SpendLedger`; cache hits are free;
+  - refuses new requests once the ledger reports a cap reached (`SpendCapReached`).
+
+Usage per response: `response.usage` (an OpenAI `usage` dict) when the client exposes it; otherwise the
+increase of the client's cumulative `teacher/prompt_tokens` / `teacher/completion_tokens` counters across the
+call. That increase is exact: the client adds a response's tokens after its last await and returns without
+yielding to the event loop, so no other call's tokens can land between the addition and this wrapper's read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from apprentice.clients.base import ChatResponse
+from apprentice.orchestrator.spend import SpendCapReached, SpendLedger, Usage
+
+
+class CountingClient(Protocol):
+    """The rollout client as the orchestrator uses it (OpenAIChatClient satisfies it)."""
+
+    async def chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, key: str = ""
+    ) -> ChatResponse: ...
+
+    def metrics(self, reset: bool = False) -> dict[str, float]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class StepAccount:
+    """What the rollouts of one step cost: their responses, cache hits and paid usage."""
+
+    responses: int = 0
+    cache_hits: int = 0
+    usage: Usage = field(default_factory=Usage)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"teacher/responses": float(self.responses), "teacher/cache_hits": float(self.cache_hits)}
+        out.update(self.usage.metrics("teacher/usage"))
+        return out
+
+
+current_account: ContextVar[StepAccount | None] = ContextVar("current_account", default=None)
+"""The account of the step whose rollout is running in this task (set by the producer per rollout task)."""
+
+
+class InflightMeter:
+    """The time integral of a count (requests in flight), so any interval's time average is two reads away."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.count = 0
+        self._area = 0.0
+        self._since = clock()
+
+    def change(self, delta: int) -> None:
+        now = self.clock()
+        self._area += self.count * (now - self._since)
+        self._since = now
+        self.count += delta
+
+    def area(self) -> tuple[float, float]:
+        """(integral of the count so far, now): the mean over [t0, t1] is (area1 - area0) / (t1 - t0)."""
+        now = self.clock()
+        return self._area + self.count * (now - self._since), now
+
+
+_TOKEN_COUNTERS = {"prompt_tokens": "teacher/prompt_tokens", "completion_tokens": "teacher/completion_tokens",
+                   "reasoning_tokens": "teacher/reasoning_tokens"}  # fmt: skip
+
+
+class MeteredClient:
+    """A `ChatClient` that meters requests in flight, charges usage per step and enforces the spend cap."""
+
+    def __init__(self, inner: CountingClient, ledger: SpendLedger | None = None) -> None:
+        self.inner = inner
+        self.ledger = ledger
+        self.meter = InflightMeter()
+        self._seen = self._token_counters()
+
+    async def chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, key: str = ""
+    ) -> ChatResponse:
+        if self.ledger is not None and (reason := self.ledger.exhausted()) is not None:
+            raise SpendCapReached(reason)
+        self.meter.change(+1)
+        try:
+            response = await self.inner.chat(messages, tools=tools, key=key)
+        finally:
+            self.meter.change(-1)
+            paid = self._counter_increase()  # read before anything can yield (see the module docstring)
+        usage = self._usage(response, paid)
+        if self.ledger is not None:
+            self.ledger.add(usage)
+        account = current_account.get()
+        if account is not None:
+            account.responses += 1
+            account.cache_hits += int(response.cached)
+            account.usage.add(usage)
+        return response
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """The wrapped client's counters (since the previous reset: interval semantics)."""
+        out = self.inner.metrics(reset=reset)
+        if reset:
+            self._seen = self._token_counters()
+        return out
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def _token_counters(self) -> Usage:
+        counters = self.inner.metrics(reset=False)
+        return Usage(*(int(counters.get(name, 0.0)) for name in _TOKEN_COUNTERS.values()))
+
+    def _counter_increase(self) -> Usage:
+        now = self._token_counters()
+        seen, self._seen = self._seen, now
+        return Usage(now.prompt_tokens - seen.prompt_tokens, now.completion_tokens - seen.completion_tokens,
+                     now.reasoning_tokens - seen.reasoning_tokens)  # fmt: skip
+
+    @staticmethod
+    def _usage(response: ChatResponse, counted: Usage) -> Usage:
+        if response.cached:
+            return Usage()
+        raw = getattr(response, "usage", None)
+        if isinstance(raw, dict):
+            return Usage.from_openai(raw)
+        return counted
