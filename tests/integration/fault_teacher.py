@@ -9,6 +9,12 @@ It stands in for a hosted chat API (the one thing tests cannot reach) and behave
 Answers are deterministic: by default the assistant echoes the last user message (`"echo: ..."`); pass
 `respond=` to answer differently (e.g. reverse the text so that a reverse-text student can learn from it).
 
+Provider profiles (`FaultTeacher(provider=...)`, see `PROVIDERS`) behave like a given server beyond the strict
+schema: OpenAI's reasoning models (refuse `max_tokens` and non-default temperature/top_p, report reasoning
+tokens), DeepSeek (`reasoning_content`), OpenRouter (`reasoning`), a server without a reasoning parser (`<think>`
+in content) and llama.cpp's llama-server (accepts its own sampling fields, `Server: llama.cpp`, `timings`, and a
+500 "Failed to parse tool call arguments as JSON" for non-JSON tool-call arguments in the history).
+
 Faults are scripted per request, two ways that compose:
   - `teacher.push(Fault.rate_limit(retry_after=0.05), Fault.server_error())`: a FIFO consumed by the next
     requests in arrival order (handy for one client call at a time);
@@ -61,12 +67,20 @@ class Fault:
     kind: str
     """"status" (an HTTP error), "slow" (sleep then answer), "drop" (close the socket without a response),
     "malformed" (200 with invalid JSON), "empty" (empty content), "truncated" (finish_reason "length"),
-    "tool_call" (answer with a tool call)."""
+    "tool_call" (answer with a tool call), "raw" (200 with `body` as is), "drip" (the headers, then the body one
+    byte every `delay_s`), "huge" (a valid answer of `size` bytes, streamed until the client hangs up),
+    "answer" (200 with `answer` merged into the normal message, `usage` and `finish_reason` overridden)."""
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     message: str = ""
     tool_call: dict[str, Any] | None = None
+    body: bytes = b""
+    size: int = 0
+    declare_length: bool = True
+    answer: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    finish_reason: str | None = None
 
     @staticmethod
     def rate_limit(retry_after: float | None = None) -> Fault:
@@ -102,8 +116,58 @@ class Fault:
         return Fault("truncated")
 
     @staticmethod
-    def call_tool(name: str, arguments: dict[str, Any]) -> Fault:
+    def call_tool(name: str, arguments: dict[str, Any] | str) -> Fault:
+        """A tool call; a str `arguments` is sent as generated (e.g. not JSON at all)."""
         return Fault("tool_call", tool_call={"name": name, "arguments": arguments})
+
+    @staticmethod
+    def raw(body: bytes) -> Fault:
+        return Fault("raw", body=body)
+
+    @staticmethod
+    def drip(interval_s: float) -> Fault:
+        return Fault("drip", delay_s=interval_s)
+
+    @staticmethod
+    def huge(size: int, *, declare_length: bool = True) -> Fault:
+        return Fault("huge", size=size, declare_length=declare_length)
+
+    @staticmethod
+    def reply(answer: dict[str, Any] | None = None, *, usage: dict[str, Any] | None = None, finish_reason: str | None = None) -> Fault:
+        return Fault("answer", answer=answer, usage=usage, finish_reason=finish_reason)
+
+
+@dataclass(frozen=True)
+class Provider:
+    """How a particular server departs from the strict schema (see PROVIDERS)."""
+
+    extra_fields: frozenset[str] = frozenset()
+    """Request fields accepted beyond the OpenAI schema."""
+    reasoning: str | None = None
+    """Where the answer's reasoning goes: "reasoning_content", "reasoning", "think" (inline) or None (hidden)."""
+    refuse_max_tokens: bool = False
+    """400 on `max_tokens`, asking for `max_completion_tokens` (OpenAI reasoning models)."""
+    default_sampling_only: bool = False
+    """400 on a temperature or top_p other than 1 (OpenAI reasoning models)."""
+    reasoning_tokens: int = 0
+    """Reported as usage.completion_tokens_details.reasoning_tokens (and added to completion_tokens)."""
+    server_header: str | None = None
+    timings: bool = False
+    """llama.cpp adds a `timings` object to every answer."""
+    parse_tool_arguments: bool = False
+    """llama.cpp parses every tool call's arguments in the history: a 500 when they are not JSON."""
+
+
+LLAMA_CPP_FIELDS = frozenset({"top_k", "min_p", "typical_p", "repeat_penalty", "mirostat", "n_probs", "cache_prompt", "id_slot"})
+PROVIDERS = {
+    "openai": Provider(),
+    "openai-reasoning": Provider(refuse_max_tokens=True, default_sampling_only=True, reasoning_tokens=7),
+    "deepseek": Provider(reasoning="reasoning_content"),
+    "openrouter": Provider(reasoning="reasoning", reasoning_tokens=5),
+    "think-inline": Provider(reasoning="think"),
+    "llama.cpp": Provider(extra_fields=LLAMA_CPP_FIELDS, reasoning="reasoning_content", server_header="llama.cpp",
+                          timings=True, parse_tool_arguments=True),
+}  # fmt: skip
 
 
 @dataclass
@@ -141,16 +205,22 @@ class FaultTeacher:
         respond: Callable[[dict[str, Any]], str] = echo,
         rule: Callable[[int, dict[str, Any]], Fault | None] | None = None,
         model: str = "fault-teacher",
+        provider: str = "openai",
     ) -> None:
         self.api_key = api_key
         self.respond = respond
         self.rule = rule
         self.model = model
+        self.provider = PROVIDERS[provider]
         self.requests: list[RecordedRequest] = []
+        self.bytes_sent = 0
+        """Body bytes written by "huge" and "drip" faults (how much the client let us send)."""
+        self.server_errors: list[str] = []
+        """Messages of the provider-behaviour errors answered (400s of a reasoning model, llama.cpp's 500s)."""
         self._script: deque[Fault] = deque()
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fault-teacher", daemon=True
@@ -203,11 +273,28 @@ class FaultTeacher:
                 return self._script.popleft()
         return self.rule(index, body) if self.rule is not None else None
 
+    def _provider_error(self, body: dict[str, Any]) -> tuple[int, str, str | None] | None:
+        """(status, message, param) of the provider's own refusal of a schema-valid request, or None."""
+        p = self.provider
+        if p.refuse_max_tokens and "max_tokens" in body:
+            return 400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.", "max_tokens"
+        for name in ("temperature", "top_p"):
+            if p.default_sampling_only and name in body and body[name] != 1:
+                return 400, f"Unsupported value: '{name}' does not support {body[name]} with this model. Only the default (1) value is supported.", name
+        if p.parse_tool_arguments:
+            for message in body["messages"]:
+                for call in message.get("tool_calls") or []:
+                    try:
+                        json.loads(call["function"]["arguments"])
+                    except (ValueError, KeyError, TypeError):
+                        return 500, "Failed to parse tool call arguments as JSON: [json.exception.parse_error.101] parse error", None
+        return None
+
     def _validate(self, body: Any) -> tuple[str, str | None] | None:
         """(message, param) of the first schema violation, or None."""
         if not isinstance(body, dict):
             return "The request body must be a JSON object.", None
-        unknown = sorted(set(body) - OPENAI_CHAT_FIELDS)
+        unknown = sorted(set(body) - OPENAI_CHAT_FIELDS - self.provider.extra_fields)
         if unknown:
             return f"Unrecognized request argument supplied: {unknown[0]}", unknown[0]
         for required in ("model", "messages"):
@@ -242,25 +329,48 @@ class FaultTeacher:
                     "type": "function",
                     "function": {
                         "name": fault.tool_call["name"],
-                        "arguments": json.dumps(fault.tool_call["arguments"]),
+                        "arguments": args if isinstance(args := fault.tool_call["arguments"], str) else json.dumps(args),
                     },
                 }
             ]
             finish = "tool_calls"
+        if fault is not None and fault.kind == "answer":
+            message.update(fault.answer or {})
+            finish = finish if fault.finish_reason is None else fault.finish_reason
+        reasoning = f"The user wrote {len(echo(body))} characters."
+        if self.provider.reasoning == "think":
+            message["content"] = f"<think>\n{reasoning}\n</think>\n\n{message['content'] or ''}"
+        elif self.provider.reasoning is not None and "reasoning_content" not in message:
+            message[self.provider.reasoning] = reasoning
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body["messages"])
-        completion_tokens = len(str(message["content"] or "").split())
-        return {
+        completion_tokens = len(str(message["content"] or "").split()) + self.provider.reasoning_tokens
+        usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+        if self.provider.reasoning_tokens:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.provider.reasoning_tokens}
+        if fault is not None and fault.usage is not None:
+            usage = fault.usage
+        out = {
             "id": f"chatcmpl-{next(self._ids)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
             "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": usage,
         }
+        if self.provider.timings:
+            out["timings"] = {"prompt_n": prompt_tokens, "predicted_n": completion_tokens}
+        return out
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up (a timeout, a cancelled run) is expected here, not an error to print."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -278,13 +388,38 @@ def _make_handler(teacher: FaultTeacher) -> type[BaseHTTPRequestHandler]:
             self._send_raw(status, json.dumps(payload).encode(), headers)
 
         def _send_raw(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
+            self._send_head(status, len(data), headers)
+            self.wfile.write(data)
+
+        def _send_head(self, status: int, length: int | None, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
+            if length is not None:
+                self.send_header("Content-Length", str(length))
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            self.wfile.flush()
+
+        def version_string(self) -> str:
+            return teacher.provider.server_header or super().version_string()
+
+        def _stream(self, chunks: Iterator[bytes], length: int | None, interval_s: float = 0.0) -> None:
+            """Write `chunks` one by one (sleeping between them) until done or the client hangs up."""
+            try:
+                self._send_head(200, length)
+                for chunk in chunks:
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+                    with teacher._lock:
+                        teacher.bytes_sent += len(chunk)
+                    if interval_s:
+                        time.sleep(interval_s)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
 
         def _authorized(self) -> bool:
             if teacher.api_key is None:
@@ -326,6 +461,13 @@ def _make_handler(teacher: FaultTeacher) -> type[BaseHTTPRequestHandler]:
                 message, param = problem
                 self._send_json(400, _error_body(message, "invalid_request_error", param, "invalid_request"))
                 return
+            refusal = teacher._provider_error(body)
+            if refusal is not None:
+                status, message, param = refusal
+                teacher.server_errors.append(message)
+                kind = "invalid_request_error" if status < 500 else "server_error"
+                self._send_json(status, _error_body(message, kind, param, "unsupported_parameter" if param else None))
+                return
             fault = teacher._next_fault(index, body)
             if fault is not None and fault.kind == "status":
                 kind = "rate_limit_error" if fault.status == 429 else "server_error"
@@ -335,6 +477,18 @@ def _make_handler(teacher: FaultTeacher) -> type[BaseHTTPRequestHandler]:
                 self.connection.close()  # no status line at all: the client sees a dropped connection
             elif fault is not None and fault.kind == "malformed":
                 self._send_raw(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "message": {"role": ')
+            elif fault is not None and fault.kind == "raw":
+                self._send_raw(200, fault.body)
+            elif fault is not None and fault.kind == "drip":
+                data = json.dumps(teacher._completion(body, None)).encode()
+                self._stream((data[i : i + 1] for i in range(len(data))), len(data), fault.delay_s)
+            elif fault is not None and fault.kind == "huge":
+                head = b'{"id": "chatcmpl-huge", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "'
+                tail = b'"}}]}'
+                n = max(0, fault.size - len(head) - len(tail))
+                block = b"x" * 65536
+                pieces = itertools.chain([head], (block[: min(65536, n - i)] for i in range(0, n, 65536)), [tail])
+                self._stream(pieces, fault.size if fault.declare_length else None)
             else:
                 if fault is not None and fault.kind == "slow":
                     time.sleep(fault.delay_s)

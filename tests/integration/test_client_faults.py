@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fault_teacher import Fault, FaultTeacher
 
-from apprentice.clients.base import ChatResponse, ClientError
+from apprentice.clients.base import ChatResponse, ClientError, TeacherAuthError
 from apprentice.clients.openai_client import OpenAIChatClient
 from apprentice.config import EndpointConfig, SamplingConfig
 
@@ -83,12 +83,13 @@ def test_plain_request_sends_only_openai_fields_key_and_headers(teacher: FaultTe
     assert request.headers["authorization"] == f"Bearer {SECRET}"
     assert request.headers["x-team"] == "apprentice-tests"
     assert request.body is not None
-    assert set(request.body) == {"model", "messages", "temperature", "top_p", "max_tokens", "stop", "seed"}
+    assert set(request.body) == {"model", "messages", "temperature", "max_tokens", "stop", "seed"}  # top_p unset: not sent
     assert request.body["messages"] == MESSAGES and request.body["stop"] == ["\n\n"]
     assert teacher.unknown_fields() == [] and teacher.token_fields() == []
     m = client.metrics()
     assert m["teacher/requests"] == 1 and m["teacher/retries"] == 0 and m["teacher/cache_hits"] == 0
     assert m["teacher/prompt_tokens"] > 0 and m["teacher/latency_s"] > 0
+    assert response.usage is not None and response.usage.prompt_tokens == m["teacher/prompt_tokens"]
 
 
 def test_retries_429_with_retry_after_then_5xx_drop_malformed_timeout(teacher: FaultTeacher) -> None:
@@ -145,9 +146,9 @@ def test_strict_server_rejects_extra_body_field_and_client_reports_it(teacher: F
 def test_missing_key_variable_names_it_and_sends_nothing(teacher: FaultTeacher, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_VAR)
     client = make_client(teacher)
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(TeacherAuthError) as info:
         chat(client)
-    assert info.value.kind == "auth" and KEY_VAR in str(info.value)
+    assert info.value.exit_code == 1 and KEY_VAR in str(info.value)
     assert teacher.chat_requests() == []
 
 
@@ -156,9 +157,11 @@ def test_wrong_key_is_auth_error_and_key_is_read_at_request_time(
 ) -> None:
     client = make_client(teacher)
     monkeypatch.setenv(KEY_VAR, "sk-wrong")
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(TeacherAuthError) as info:
         chat(client)
-    assert info.value.kind == "auth" and "sk-wrong" not in str(info.value)
+    assert KEY_VAR in str(info.value) and "HTTP 401" in str(info.value) and "sk-wrong" not in str(info.value)
+    assert len(teacher.chat_requests()) == 1  # not retried
+    assert client.metrics()["teacher/errors/auth"] == 1
 
 
 def test_empty_truncated_and_tool_call_responses_are_classified(teacher: FaultTeacher) -> None:

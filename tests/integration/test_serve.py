@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -202,19 +203,65 @@ def test_api_key_is_required_when_configured(model_dir: Path) -> None:
 def test_load_weights_swaps_the_model(model_dir: Path, tmp_path: Path) -> None:
     other = save_tiny_student(tmp_path / "other", seed=1)
     new_model = AutoModelForCausalLM.from_pretrained(other).eval()
-    app = build_app(model_dir, served_name="tiny")
-    request: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "temperature": 0,
-                               "logprobs": True, "return_token_ids": True}  # fmt: skip
+    # The trainer's layout: OUTPUT/weights/step_{n}/ with a COMPLETE marker written last.
+    step_dir = tmp_path / "weights" / "step_3"
+    shutil.copytree(other, step_dir)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(other, truncated)
+    (truncated / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes()[:1000])
+    app = build_app(model_dir, served_name="tiny", api_key="sk-load")
+    auth = {"Authorization": "Bearer sk-load"}
+    sampled: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "max_tokens": 12, "temperature": 1.0, "seed": 4}
+    greedy: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "temperature": 0,
+                              "logprobs": True, "return_token_ids": True}  # fmt: skip
+
+    def answer(url: str) -> str:
+        r = httpx.post(f"{url}/chat/completions", json=sampled, headers=auth, timeout=60)
+        return str(r.json()["choices"][0]["message"]["content"])
+
+    def load(url: str, path: Path, step: int) -> httpx.Response:
+        return httpx.post(f"{url}/load_weights", json={"path": str(path), "step": step}, headers=auth, timeout=60)
+
     with serve_asgi(app) as url:
-        missing = httpx.post(f"{url}/load_weights", json={"path": str(tmp_path / "nope")}, timeout=30)
-        assert missing.status_code == 400 and missing.json()["error"]["param"] == "path"
-        loaded = httpx.post(f"{url}/load_weights", json={"path": str(other)}, timeout=60)
-        assert loaded.status_code == 200 and loaded.json()["weights_version"] == 1
-        body = httpx.post(f"{url}/chat/completions", json=request, timeout=60).json()
+        assert httpx.get(f"{url}/weights", headers=auth, timeout=30).json() == {"step": 0, "path": str(model_dir)}
+        first = answer(url)
+        # The endpoints need the key like every other one.
+        assert httpx.post(f"{url}/load_weights", json={"path": str(other), "step": 1}, timeout=30).status_code == 401
+        assert httpx.get(f"{url}/weights", timeout=30).status_code == 401
+        for bad, words in [(tmp_path / "nope", "does not exist"), (step_dir, "COMPLETE"),
+                           (truncated, "could not be loaded"), (tmp_path, "config.json")]:  # fmt: skip
+            refused = load(url, bad, 1)
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "path", refused.text
+            assert words in refused.json()["error"]["message"]
+        assert answer(url) == first  # nothing changed by the refused loads
+
+        # A generation in flight when the weights change finishes on the old weights.
+        long = {**sampled, "max_tokens": 400}
+        before = httpx.post(f"{url}/chat/completions", json=long, headers=auth, timeout=60).json()["choices"][0]
+        with httpx.stream("POST", f"{url}/chat/completions", json={**long, "stream": True}, headers=auth,
+                          timeout=60) as stream:  # fmt: skip
+            lines = stream.iter_lines()
+            head = [next(lines) for _ in range(3)]  # the role chunk and the first deltas: decoding has started
+            loaded = load(url, other, 1)
+            events = [json.loads(x[6:]) for x in [*head, *lines] if x.startswith("data: {")]
+        assert loaded.status_code == 200 and loaded.json() == {"step": 1, "path": str(other)}
+        in_flight = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        assert in_flight == before["message"]["content"]
+        assert httpx.get(f"{url}/weights", headers=auth, timeout=30).json() == {"step": 1, "path": str(other)}
+        second = answer(url)
+        assert second != first  # same prompt, same seed, other weights
+        body = httpx.post(f"{url}/chat/completions", json=greedy, headers=auth, timeout=60).json()
+
+        assert load(url, model_dir, 2).json() == {"step": 2, "path": str(model_dir)}
+        assert answer(url) == first  # the first weights are back
+        (step_dir / "COMPLETE").write_text("{}")
+        assert load(url, step_dir, 3).status_code == 200
+        assert answer(url) == second
+        stats = httpx.get(f"{url.removesuffix('/v1')}/stats", headers=auth, timeout=30).json()
+        assert stats["inference/weights_version"] == 3 and stats["inference/weights_step"] == 3
     choice = body["choices"][0]
     served = [e["logprob"] for e in choice["logprobs"]["content"]]
     assert served == pytest.approx(forward_logprobs(new_model, body["prompt_token_ids"], choice["token_ids"]), abs=1e-4)
-    assert json.dumps(body)  # plain JSON all the way
 
 
 def test_prompt_prefix_messages_are_prepended_and_hidden(model_dir: Path, tmp_path: Path) -> None:

@@ -22,6 +22,11 @@ def test_missing_api_key_variable_exits_2_naming_it(tmp_path: Path, capsys: obje
     assert "APPRENTICE_SERVE_TEST_UNSET" in capsys.readouterr().err  # type: ignore[attr-defined]
 
 
+def test_non_positive_body_cap_exits_2(tmp_path: Path, capsys: object) -> None:
+    assert main([str(tmp_path), "--max-body-mb", "0"]) == 2
+    assert "--max-body-mb" in capsys.readouterr().err  # type: ignore[attr-defined]
+
+
 def test_serve_process_with_key_and_hidden_system_prompt(tmp_path: Path) -> None:
     model_dir = save_tiny_student(tmp_path / "student")
     prompt_file = tmp_path / "hidden.txt"
@@ -29,7 +34,8 @@ def test_serve_process_with_key_and_hidden_system_prompt(tmp_path: Path) -> None
     port = free_port()
     env = {**os.environ, "SERVE_KEY": "sk-cli", "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "apprentice.inference.server", str(model_dir), "--port", str(port),
-            "--api-key-var", "SERVE_KEY", "--system-prompt-file", str(prompt_file), "--max-batch-size", "4"]  # fmt: skip
+            "--api-key-var", "SERVE_KEY", "--system-prompt-file", str(prompt_file), "--max-batch-size", "4",
+            "--max-body-mb", "0.01"]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -53,6 +59,8 @@ def test_serve_process_with_key_and_hidden_system_prompt(tmp_path: Path) -> None
         assert r["choices"][0]["finish_reason"] in ("stop", "length")
         prompt = AutoTokenizer.from_pretrained(model_dir).decode(r["prompt_token_ids"])
         assert "HIDDEN INSTRUCTIONS" in prompt  # prepended by the server, never sent by the client
+        big = {**body, "messages": [{"role": "user", "content": "x" * 20_000}]}  # over --max-body-mb 0.01
+        assert httpx.post(f"{base}/v1/chat/completions", json=big, headers=headers, timeout=60).status_code == 413
     finally:
         proc.terminate()
         proc.wait(timeout=30)

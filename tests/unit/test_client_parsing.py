@@ -26,8 +26,9 @@ def make(use_token_client: bool, **sampling: object) -> OpenAIChatClient:
 
 
 def test_teacher_body_has_only_hosted_api_fields() -> None:
-    body = make(False, stop=["\n"], seed=1).build_request([{"role": "user", "content": "hi"}], None)
+    body = make(False, stop=["\n"], seed=1, temperature=0.7, top_p=0.9).build_request([{"role": "user", "content": "hi"}], None)
     assert set(body) == {"model", "messages", "temperature", "top_p", "max_tokens", "stop", "seed"}
+    assert (body["temperature"], body["top_p"]) == (0.7, 0.9)
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert make(False).build_request([], tools)["tools"] == tools
 
@@ -126,13 +127,25 @@ def test_seed_is_derived_per_rollout_key() -> None:
 
 
 def test_empty_answer_is_an_error_for_a_teacher_but_a_rollout_for_the_token_client() -> None:
-    from apprentice.clients.base import ClientError
+    from apprentice.clients.openai_client import _SetAside
 
     choice = {"message": {"content": ""}, "finish_reason": "stop", "token_ids": [2],
               "logprobs": {"content": [{"token": "", "logprob": -0.1}]}}  # fmt: skip
     data = {"prompt_token_ids": [1], "choices": [choice]}
-    with pytest.raises(ClientError) as info:
+    with pytest.raises(_SetAside) as info:  # set aside (and cached) by chat(), raised as ClientError("empty")
         make(False)._parse(data)
     assert info.value.kind == "empty"
-    response, _ = make(True)._parse(data)
+    response = make(True)._parse(data)
     assert response.completion_ids == [2] and make(True).metrics()["teacher/empty"] == 0
+
+
+def test_cache_keeps_set_aside_verdicts_and_rejects_broken_ones(tmp_path: Path) -> None:
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    cache = ResponseCache(tmp_path)
+    verdict = {"set_aside": {"kind": "empty", "message": "the teacher returned an empty answer"}, "usage": {"prompt_tokens": 3}}
+    cache.put(request, "k", verdict)
+    assert cache.get(request, "k") == verdict
+    cache.put(request, "k", {"set_aside": {"kind": "empty"}})  # no message: not a verdict this client wrote
+    assert cache.get(request, "k") is None
+    cache.put(request, "k", {"message": {"content": "x"}, "finish_reason": "stop", "usage": 12})
+    assert cache.get(request, "k") is None

@@ -5,13 +5,58 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from apprentice.errors import ApprenticeError
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens one request was billed for, as the server reported them (0 where it reported nothing)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Everything generated, reasoning included (OpenAI's convention; llama.cpp and vLLM count the same way)."""
+    reasoning_tokens: int = 0
+    """The part of completion_tokens spent on reasoning (`usage.completion_tokens_details.reasoning_tokens`)."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens the provider served from its prompt cache (`usage.prompt_tokens_details.cached_tokens`)."""
+
+    @staticmethod
+    def from_json(usage: Any) -> Usage:
+        """From a response's `usage` object; anything missing or malformed counts as 0."""
+        if not isinstance(usage, dict):
+            return Usage()
+        completion_details = usage.get("completion_tokens_details")
+        prompt_details = usage.get("prompt_tokens_details")
+        return Usage(
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
+            reasoning_tokens=_count(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
+            cached_prompt_tokens=_count(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        )
+
+    @staticmethod
+    def from_dict(stored: Any) -> Usage | None:
+        """From `as_dict()` output read back from disk; None when there is none."""
+        if not isinstance(stored, dict):
+            return None
+        return Usage(**{name: _count(stored.get(name)) for name in Usage.__dataclass_fields__})
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "reasoning_tokens": self.reasoning_tokens, "cached_prompt_tokens": self.cached_prompt_tokens}  # fmt: skip
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
+
 
 @dataclass
 class ChatResponse:
     """One assistant turn returned by an OpenAI-compatible endpoint."""
 
     message: dict[str, Any]
-    """The assistant message in OpenAI chat format: role, content (may be None), tool_calls, reasoning_content."""
+    """The assistant message in OpenAI chat format: role, content (may be None), tool_calls, reasoning_content
+    (the teacher's reasoning, whether it came as `reasoning_content`, `reasoning` or a `<think>` block)."""
     finish_reason: str
     """"stop", "length" (cut off by max_tokens), "tool_calls", ..."""
     prompt_ids: list[int] | None = None
@@ -22,14 +67,31 @@ class ChatResponse:
     """Token client only: logprob of each generated token under the sampling policy."""
     cached: bool = False
     """True when served from the teacher response cache instead of a request."""
+    usage: Usage | None = None
+    """What the request that produced this answer was billed (also on cache hits, where nothing was paid now)."""
 
 
 class ClientError(Exception):
-    """A request that failed for good (after retries, or a non-retryable 4xx). `kind` is a metric name suffix."""
+    """A request that failed for good (after retries, a non-retryable 4xx, or an answer set aside as unusable).
 
-    def __init__(self, kind: str, message: str) -> None:
+    `kind` is a metric name suffix (`teacher/errors/<kind>`). `usage` is set when the teacher answered and was
+    paid (an empty, oversized or invalid answer), so spend accounting sees it; None when nothing was billed.
+    """
+
+    def __init__(self, kind: str, message: str, usage: Usage | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.usage = usage
+
+
+class TeacherAuthError(ApprenticeError):
+    """The endpoint refused our credentials (401/403) or the API-key variable is unset: every further request
+    would fail the same way, so the run stops with this message (exit code 1) instead of setting rollouts aside.
+
+    Deliberately not a `ClientError`: code that sets failed rollouts aside must not swallow it.
+    """
+
+    kind = "auth"
 
 
 class ChatClient(Protocol):
@@ -40,6 +102,7 @@ class ChatClient(Protocol):
 
         `key` identifies the rollout and turn (e.g. "env/task-17/sample-2/turn-0"): two samples of the same prompt
         get different keys, so a response cache keyed by (request, key) keeps them distinct while a resumed run
-        finds each one again. Raises `ClientError` when the request fails for good.
+        finds each one again. Raises `ClientError` when the request fails for good, `TeacherAuthError` when the
+        endpoint refuses the credentials.
         """
         ...

@@ -16,7 +16,12 @@ the wrong shape is a miss with one warning naming the file, and the fresh answer
 shape checked is the one the teacher client stores:
 
     {"message": {"role": ..., "content": str | None, ...}, "finish_reason": str,
-     "prompt_ids": [int] | None, "completion_ids": [int] | None, "completion_logprobs": [float] | None}
+     "prompt_ids": [int] | None, "completion_ids": [int] | None, "completion_logprobs": [float] | None,
+     "usage": {"prompt_tokens": int, ...} | None}
+
+or, for an answer that was paid for but set aside (empty, oversized, invalid text), only the verdict:
+
+    {"set_aside": {"kind": str, "message": str}, "usage": {...} | None}
 """
 
 from __future__ import annotations
@@ -101,6 +106,13 @@ def response_problem(response: Any) -> str | None:
     """What is wrong with a stored response's shape (see the module docstring), or None when it is usable."""
     if not isinstance(response, dict):
         return f"has a response of type {type(response).__name__}, not an object"
+    if not isinstance(response.get("usage"), (dict, type(None))):
+        return "has a usage that is not an object"
+    if "set_aside" in response:
+        verdict = response["set_aside"]
+        if not (isinstance(verdict, dict) and isinstance(verdict.get("kind"), str) and isinstance(verdict.get("message"), str)):
+            return "has a set_aside verdict without a kind and message"
+        return None
     message = response.get("message")
     if not isinstance(message, dict):
         return "has no message object in its response"

@@ -1,52 +1,84 @@
-"""The teacher client: the official `openai` async client with our own retry policy, rate limit and cache.
+"""The teacher client: OpenAI-compatible chat completions over httpx, with our own retry policy, limits and cache.
 
 Policy (one place, counted in `metrics()`):
   - at most `max_concurrency` requests in flight, request starts spaced by `endpoint.max_requests_per_s`;
-  - retried up to `endpoint.max_retries` times with exponential backoff and full jitter: 429 (waiting at least
-    the server's Retry-After), 5xx, timeouts, dropped connections and malformed response bodies;
-  - never retried: other 4xx (the server's message is raised as `ClientError`), a missing API-key variable,
-    and an empty teacher answer (`ClientError("empty")`: a teacher that answers nothing usually does so again,
-    retrying would pay twice); with the token client an empty answer is a valid rollout and is returned;
+  - each attempt has a total deadline of `endpoint.timeout_s` (not per read) and reads at most
+    `endpoint.max_response_bytes` (clients/http.py);
+  - retried up to `endpoint.max_retries` times with exponential backoff and full jitter: 429 (waiting the server's
+    Retry-After, up to `endpoint.max_retry_after_s`; a longer one gives the request up), 5xx, timeouts, dropped
+    connections and bodies that are not JSON;
+  - never retried: other 4xx (`ClientError` with the server's message), a 5xx saying the request itself cannot be
+    parsed (llama.cpp's "Failed to parse tool call arguments as JSON": retrying sends the same bytes again);
+  - 401/403 or an unset API-key variable: `TeacherAuthError` (an `ApprenticeError`): the run stops with a message
+    naming the variable, because every further request would fail the same way;
+  - answers the teacher did send but that must not be trained on are set aside as `ClientError(kind)`, with the
+    usage they cost, and cached so a resumed run does not pay for them again: `empty` (nothing but perhaps
+    reasoning; the token client returns it, a student's silence is a rollout), `invalid_text` (not UTF-8, lone
+    surrogates), `oversized` (over the byte cap, or past max_tokens by its usage or length);
   - a turn cut off by max_tokens is returned with finish_reason "length" and counted (`teacher/truncated`):
     the orchestrator applies the user's truncation policy.
-The openai client's own retries are disabled so that every attempt is ours and counted.
 
-Request bodies hold only fields a hosted OpenAI-compatible API accepts (model, messages, tools, temperature,
-top_p, max_tokens, stop, seed) plus `sampling.extra_body`; `logprobs` and `return_token_ids` are added only
+Request bodies hold only fields a hosted OpenAI-compatible API accepts (model, messages, tools, the sampling
+fields that are set, the token-limit field named by `sampling.max_tokens_field`, stop, seed), the optional
+`prompt_cache_key` / `user` tags, plus `sampling.extra_body`; `logprobs` and `return_token_ids` are added only
 with `use_token_client` (apprentice serve and vLLM understand them; hosted APIs reject the latter).
+
+Usage: every paid request's `Usage` is on its `ChatResponse.usage` (or `ClientError.usage` when set aside),
+summed in the `teacher/prompt_tokens`, `teacher/completion_tokens`, `teacher/reasoning_tokens` and
+`teacher/cached_prompt_tokens` counters, and passed to `on_usage(key, usage)` when given. Cache hits cost
+nothing: they are not counted, and a cached set-aside verdict raises `ClientError` with `usage=None`. (The
+orchestrator charges usage per step from these as `teacher/usage/*`: orchestrator/metered.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
+import re
 import time
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import openai
+import httpx
 
-from apprentice.clients.base import ChatResponse, ClientError
+from apprentice.clients.base import ChatResponse, ClientError, TeacherAuthError, Usage
 from apprentice.clients.cache import ResponseCache
+from apprentice.clients.http import BodyTooLarge, RawResponse, post
+from apprentice.clients.parse import (
+    TokenFieldsMissing,
+    Unusable,
+    check_size,
+    check_text,
+    decode_body,
+    is_empty,
+    parse_completion,
+)
 from apprentice.clients.ratelimit import RateLimiter, backoff_delay, parse_retry_after
+from apprentice.clients.wire import prompt_cache_key, wire_message
 from apprentice.config import EndpointConfig, SamplingConfig
 
-# Request fields the openai SDK takes as keyword arguments; anything else travels in `extra_body`.
-_SDK_FIELDS = frozenset({"model", "messages", "tools", "temperature", "top_p", "max_tokens", "stop", "seed", "n",
-                         "logprobs", "top_logprobs"})  # fmt: skip
-# HTTP status -> ClientError kind for failures that are not retried.
-_STATUS_KINDS = {400: "bad_request", 401: "auth", 403: "auth", 404: "not_found", 413: "bad_request",
-                 422: "bad_request"}  # fmt: skip
-# The SDK requires some credential at construction; the real one is set per request (or omitted) below.
-_PLACEHOLDER_KEY = "set-per-request"
+__all__ = ["OpenAIChatClient", "TokenFieldsMissing", "parse_completion", "wire_message"]
 
+log = logging.getLogger("apprentice.teacher")
 
-class TokenFieldsMissing(ValueError):
-    """The token client asked for token ids / logprobs and the server did not return them (not worth a retry)."""
+# HTTP status -> ClientError kind for failures that are not retried (401/403 stop the run instead).
+_STATUS_KINDS = {400: "bad_request", 404: "not_found", 413: "bad_request", 422: "bad_request"}
+# A 5xx whose message says the request itself is unparseable is deterministic: the same bytes fail again.
+_UNPARSEABLE_REQUEST = re.compile(r"(?i)failed to parse|could not parse|cannot parse|invalid json|parse error")
+# Request fields that tag a request for the provider; they are not part of what is asked, so not of the cache key.
+_TAG_FIELDS = ("prompt_cache_key", "user")
+# Waiting this long before a retry is logged: a silent multi-minute pause looks like a hang.
+_LONG_WAIT_S = 5.0
+_BASE_RESPONSE_BYTES = 4 * 1024 * 1024
+_RESPONSE_BYTES_PER_TOKEN = 1024
+
+UsageListener = Callable[[str, Usage], None]
 
 
 class _Retryable(Exception):
@@ -58,18 +90,17 @@ class _Retryable(Exception):
         self.retry_after_s = retry_after_s
 
 
-# Message fields of the chat-completions schema. Trajectories carry more (the teacher's `reasoning_content` of
-# earlier turns, kept for training); strict hosted APIs reject such fields in requests, so they stay home.
-WIRE_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal"})
+class _SetAside(Exception):
+    """The teacher answered (and was paid) but the answer is unusable: not retried, cached, raised as ClientError."""
 
-
-def wire_message(message: dict[str, Any]) -> dict[str, Any]:
-    """`message` with only the fields a hosted OpenAI-compatible API accepts."""
-    return {k: v for k, v in message.items() if k in WIRE_MESSAGE_FIELDS}
+    def __init__(self, kind: str, message: str, usage: Usage) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.usage = usage
 
 
 class OpenAIChatClient:
-    """`ChatClient` over any OpenAI-compatible chat endpoint (hosted API, vLLM, `apprentice serve`).
+    """`ChatClient` over any OpenAI-compatible chat endpoint (hosted API, vLLM, llama.cpp, `apprentice serve`).
 
     One instance per endpoint and event loop. `cache_dir` (OUTPUT/teacher_cache in distill mode) enables the
     response cache: a (request, key) pair seen before is answered from disk without a request.
@@ -85,46 +116,54 @@ class OpenAIChatClient:
         cache_dir: Path | None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
-        max_retry_after_s: float = 300.0,
         jitter_seed: int | None = None,
+        on_usage: UsageListener | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.sampling = sampling
         self.use_token_client = use_token_client
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
-        self.max_retry_after_s = max_retry_after_s
+        self.on_usage = on_usage
+        self.max_response_bytes = endpoint.max_response_bytes or (
+            _BASE_RESPONSE_BYTES + _RESPONSE_BYTES_PER_TOKEN * sampling.max_tokens
+        )
+        self._url = f"{endpoint.base_url}/chat/completions"
         self._rng = random.Random(jitter_seed)
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._limiter = RateLimiter(endpoint.max_requests_per_s)
         self._cache = ResponseCache(cache_dir) if cache_dir is not None else None
-        self._openai = openai.AsyncOpenAI(
-            api_key=_PLACEHOLDER_KEY,
-            base_url=endpoint.base_url,
-            timeout=endpoint.timeout_s,
-            max_retries=0,
-            default_headers=dict(endpoint.headers),
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(endpoint.timeout_s),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            headers={"User-Agent": "apprentice", **endpoint.headers},
+            follow_redirects=False,
         )
         self._counters: dict[str, float] = defaultdict(float)
         self._latencies_s: list[float] = []
+        self._warned_server = False
 
     # ---- public API ----
 
     def build_request(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, key: str = ""
     ) -> dict[str, Any]:
-        """The exact JSON body sent for one turn (also the cache key's request part).
+        """The exact JSON body sent for one turn (less the tag fields, also the cache key's request part).
 
         With `sampling.seed` set, the seed sent is derived from (seed, key): reproducible per rollout, yet the
         samples of one prompt (different keys) differ instead of being copies of each other.
         """
         s = self.sampling
-        if not self.use_token_client:
-            messages = [wire_message(m) for m in messages]
-        body: dict[str, Any] = {"model": self.endpoint.model, "messages": messages}
+        wire = messages if self.use_token_client else [wire_message(m) for m in messages]
+        body: dict[str, Any] = {"model": self.endpoint.model, "messages": wire}
         if tools:
             body["tools"] = tools
-        body.update(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens)
+        # Unset means "not sent" (the server's default, the only value some reasoning APIs accept); the token
+        # client always sends both: rl-mode importance ratios assume untempered sampling.
+        for name, value in (("temperature", s.temperature), ("top_p", s.top_p)):
+            if value is not None or self.use_token_client:
+                body[name] = 1.0 if value is None else value
+        body[s.max_tokens_field] = s.max_tokens
         if s.stop is not None:
             body["stop"] = list(s.stop)
         if s.seed is not None:
@@ -132,34 +171,47 @@ class OpenAIChatClient:
         body.update(s.extra_body)
         if self.use_token_client:
             body.update(logprobs=True, return_token_ids=True)
+        if self.endpoint.prompt_cache_key:
+            body["prompt_cache_key"] = prompt_cache_key(messages)
+        if self.endpoint.user is not None:
+            body["user"] = self.endpoint.user
         return body
 
     async def chat(
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, key: str = ""
     ) -> ChatResponse:
         body = self.build_request(messages, tools, key)
+        cache_request = {k: v for k, v in body.items() if k not in _TAG_FIELDS}
         if self._cache is not None:
-            stored = self._cache.get(body, key)
+            stored = self._cache.get(cache_request, key)
             if stored is not None:
                 self._counters["teacher/cache_hits"] += 1
-                return self._deliver(_response_from_dict(stored, cached=True))
+                return self._deliver(self._from_cache(stored))
         try:
-            data = await self._request_with_retries(body)
+            response = await self._request_with_retries(body)
+        except _SetAside as aside:
+            self._paid(key, aside.usage)
+            self._counters[f"teacher/errors/{aside.kind}"] += 1
+            if self._cache is not None:
+                self._cache.put(cache_request, key, {"set_aside": {"kind": aside.kind, "message": str(aside)}, "usage": aside.usage.as_dict()})
+            raise ClientError(aside.kind, str(aside), aside.usage) from None
         except ClientError as e:
             self._counters[f"teacher/errors/{e.kind}"] += 1
             raise
-        response, usage = data
-        for name in ("prompt_tokens", "completion_tokens"):
-            self._counters[f"teacher/{name}"] += float(usage.get(name) or 0)
+        except TeacherAuthError:
+            self._counters["teacher/errors/auth"] += 1
+            raise
+        assert response.usage is not None
+        self._paid(key, response.usage)
         if self._cache is not None:
-            self._cache.put(body, key, _response_to_dict(response))
+            self._cache.put(cache_request, key, _response_to_dict(response))
         return self._deliver(response)
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """Counters since construction (or the last `reset=True` call), all under `teacher/`."""
         out = dict(self._counters)
-        for name in ("teacher/requests", "teacher/retries", "teacher/cache_hits", "teacher/truncated",
-                     "teacher/empty"):  # fmt: skip
+        for name in ("teacher/requests", "teacher/retries", "teacher/cache_hits", "teacher/truncated", "teacher/empty",
+                     "teacher/prompt_tokens", "teacher/completion_tokens", "teacher/reasoning_tokens"):  # fmt: skip
             out.setdefault(name, 0.0)
         if self._latencies_s:
             out["teacher/latency_s"] = sum(self._latencies_s) / len(self._latencies_s)
@@ -170,7 +222,7 @@ class OpenAIChatClient:
         return out
 
     async def aclose(self) -> None:
-        await self._openai.close()
+        await self._http.aclose()
 
     # ---- internals ----
 
@@ -180,172 +232,196 @@ class OpenAIChatClient:
             self._counters["teacher/truncated"] += 1
         return response
 
-    def _auth_headers(self) -> dict[str, Any]:
+    def _paid(self, key: str, usage: Usage) -> None:
+        for name, value in usage.as_dict().items():
+            self._counters[f"teacher/{name}"] += value
+        if self.on_usage is not None:
+            self.on_usage(key, usage)
+
+    def _from_cache(self, stored: dict[str, Any]) -> ChatResponse:
+        usage = Usage.from_dict(stored.get("usage"))
+        aside = stored.get("set_aside")
+        if isinstance(aside, dict):
+            kind = str(aside.get("kind", "empty"))
+            self._counters[f"teacher/errors/{kind}"] += 1
+            # usage=None: nothing is paid for a cache hit (ChatResponse.usage below keeps what it once cost).
+            raise ClientError(kind, f"{aside.get('message', '')} (answer from the teacher cache, not paid again)")
+        return ChatResponse(
+            message=stored["message"],
+            finish_reason=stored["finish_reason"],
+            prompt_ids=stored.get("prompt_ids"),
+            completion_ids=stored.get("completion_ids"),
+            completion_logprobs=stored.get("completion_logprobs"),
+            cached=True,
+            usage=usage,
+        )
+
+    def _api_key(self) -> str | None:
         var = self.endpoint.api_key_var
         if var is None:
-            return {"Authorization": openai.Omit()}  # no key configured: send no Authorization header at all
+            return None  # no key configured: send no Authorization header at all
         key = os.environ.get(var)
         if not key:
-            raise ClientError(
-                "auth",
-                f"the teacher's API key is read from the environment variable {var!r} "
-                f"(orchestrator.rollout_model.api_key_var), which is not set: export {var}=... and rerun",
+            raise TeacherAuthError(
+                f"the API key of {self.endpoint.base_url} is read from the environment variable {var!r} "
+                f"(orchestrator.rollout_model.api_key_var), which is not set: export {var}=... and rerun"
             )
-        return {"Authorization": f"Bearer {key}"}
+        return key
 
-    async def _request_with_retries(self, body: dict[str, Any]) -> tuple[ChatResponse, dict[str, Any]]:
-        headers = self._auth_headers()
+    async def _request_with_retries(self, body: dict[str, Any]) -> ChatResponse:
+        api_key = self._api_key()
+        headers = {"Content-Type": "application/json"}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key}"
+        try:
+            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ClientError("invalid_text", "the conversation holds a lone surrogate (not text): it cannot be sent") from None
         max_retries = self.endpoint.max_retries
         for attempt in range(max_retries + 1):
             try:
                 async with self._semaphore:
                     await self._limiter.acquire()
-                    return await self._attempt(body, headers)
+                    return await self._attempt(body, payload, headers, api_key)
             except _Retryable as failure:
                 if attempt == max_retries:
                     raise ClientError(
                         failure.kind, f"{failure} (gave up after {max_retries + 1} attempts to {self.endpoint.base_url})"
-                    ) from failure
+                    ) from None
+                delay = self._retry_delay(attempt, failure)
                 self._counters["teacher/retries"] += 1
                 self._counters[f"teacher/retries/{failure.kind}"] += 1
-                delay = backoff_delay(attempt, base_s=self.backoff_base_s, max_s=self.backoff_max_s, rng=self._rng)
-                if failure.retry_after_s is not None:
-                    delay = max(delay, min(failure.retry_after_s, self.max_retry_after_s))
+                self._counters["teacher/retry_wait_s"] += delay
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _attempt(self, body: dict[str, Any], headers: dict[str, Any]) -> tuple[ChatResponse, dict[str, Any]]:
-        kwargs = {k: v for k, v in body.items() if k in _SDK_FIELDS}
-        extra = {k: v for k, v in body.items() if k not in _SDK_FIELDS}
+    def _retry_delay(self, attempt: int, failure: _Retryable) -> float:
+        delay = backoff_delay(attempt, base_s=self.backoff_base_s, max_s=self.backoff_max_s, rng=self._rng)
+        if failure.retry_after_s is not None:
+            cap = self.endpoint.max_retry_after_s
+            if failure.retry_after_s > cap:
+                raise ClientError(
+                    failure.kind,
+                    f"{self.endpoint.base_url} asked to wait {failure.retry_after_s:.0f} s before retrying ({failure}; "
+                    f"Retry-After), more than orchestrator.rollout_model.max_retry_after_s = {cap:g}: gave this request "
+                    "up. Raise max_retry_after_s to wait that long, or lower max_requests_per_s / max_concurrency",
+                )
+            delay = max(delay, failure.retry_after_s)
+        if delay >= _LONG_WAIT_S:
+            log.warning("teacher %s: %s; waiting %.0f s before retry %d of %d",
+                        self.endpoint.base_url, failure, delay, attempt + 1, self.endpoint.max_retries)  # fmt: skip
+        return delay
+
+    async def _attempt(self, body: dict[str, Any], payload: bytes, headers: dict[str, str], api_key: str | None) -> ChatResponse:
         self._counters["teacher/requests"] += 1
         start = time.monotonic()
+        timeout_s = self.endpoint.timeout_s
         try:
-            raw = await self._openai.chat.completions.with_raw_response.create(
-                **kwargs, extra_body=extra or None, extra_headers=headers
-            )
-        except openai.APIStatusError as e:
-            status = e.status_code
-            message = _server_message(e)
-            if status == 429:
-                raise _Retryable("rate_limit", f"HTTP 429: {message}", parse_retry_after(e.response.headers.get("retry-after"))) from e
-            if status >= 500:
-                raise _Retryable("server", f"HTTP {status}: {message}") from e
-            raise ClientError(
-                _STATUS_KINDS.get(status, "client_error"), f"{self.endpoint.base_url} answered HTTP {status}: {message}"
-            ) from e
-        except openai.APITimeoutError as e:  # before APIConnectionError: it is a subclass
-            raise _Retryable("timeout", f"no answer within timeout_s={self.endpoint.timeout_s}") from e
-        except openai.APIConnectionError as e:
-            raise _Retryable("connection", f"connection failed: {e.__cause__ or e}") from e
+            raw = await post(self._http, self._url, payload, headers, deadline_s=timeout_s, max_bytes=self.max_response_bytes)
+        except BodyTooLarge as e:
+            raise _SetAside("oversized", f"{e} (endpoint.max_response_bytes): set aside, never rendered", Usage()) from None
+        except (TimeoutError, httpx.TimeoutException):
+            raise _Retryable("timeout", f"no complete answer within timeout_s={timeout_s:g} (a total deadline per request)") from None
+        except httpx.TransportError as e:
+            raise _Retryable("connection", f"connection failed: {type(e).__name__}: {e}") from None
+        if not 200 <= raw.status < 300:
+            self._raise_for_status(raw, api_key)
         try:
-            data = json.loads(raw.text)
-        except ValueError as e:
+            data = decode_body(raw.body)
+        except Unusable as e:
+            raise _SetAside(e.kind, str(e), Usage()) from None
+        except ValueError:
             self._counters["teacher/malformed"] += 1
-            raise _Retryable("malformed", f"response body is not JSON: {raw.text[:200]!r}") from e
+            raise _Retryable("malformed", f"response body is not JSON: {raw.body[:200]!r}") from None
         self._latencies_s.append(time.monotonic() - start)
+        self._check_server(raw, data, body)
         return self._parse(data)
 
-    def _parse(self, data: Any) -> tuple[ChatResponse, dict[str, Any]]:
+    def _raise_for_status(self, raw: RawResponse, api_key: str | None) -> None:
+        status = raw.status
+        message = _server_message(raw.body, api_key)
+        if status in (401, 403):
+            var = self.endpoint.api_key_var
+            fix = (f"check the key in the environment variable {var!r} (orchestrator.rollout_model.api_key_var)"
+                   if var else "set orchestrator.rollout_model.api_key_var to the name of the variable holding the key")  # fmt: skip
+            raise TeacherAuthError(f"{self.endpoint.base_url} refused the credentials (HTTP {status}: {message}): {fix}")
+        if status == 429:
+            raise _Retryable("rate_limit", f"HTTP 429: {message}", parse_retry_after(raw.headers.get("retry-after")))
+        if status >= 500 and _UNPARSEABLE_REQUEST.search(message):
+            raise ClientError("unparseable_request", f"{self.endpoint.base_url} cannot parse the request (HTTP {status}: "
+                                                     f"{message}); not retried, the same request would fail again")  # fmt: skip
+        if status >= 500:
+            raise _Retryable("server", f"HTTP {status}: {message}")
+        raise ClientError(_STATUS_KINDS.get(status, "client_error"), f"{self.endpoint.base_url} answered HTTP {status}: {message}")
+
+    def _parse(self, data: dict[str, Any]) -> ChatResponse:
+        usage = Usage.from_json(data.get("usage"))
         try:
             response = parse_completion(data, use_token_client=self.use_token_client)
         except TokenFieldsMissing as e:
             self._counters["teacher/malformed"] += 1
-            raise ClientError("malformed", str(e)) from e
+            raise ClientError("malformed", str(e)) from None
         except ValueError as e:
             self._counters["teacher/malformed"] += 1
-            raise _Retryable("malformed", f"malformed response: {e}") from e
-        usage = data.get("usage") or {}
-        if _is_empty(response) and response.finish_reason != "length":
+            raise _Retryable("malformed", f"malformed response: {e}") from None
+        response.usage = usage
+        try:
+            check_text(response.message)
+            check_size(response, usage.completion_tokens, max_tokens=self.sampling.max_tokens, tolerance=self.sampling.max_tokens_tolerance)
+        except Unusable as e:
+            raise _SetAside(e.kind, str(e), usage) from None
+        if is_empty(response) and response.finish_reason != "length":
             self._counters["teacher/empty"] += 1
             # A student (token client, rl mode) that says nothing is a rollout to learn from; a teacher is not.
-            if self.use_token_client:
-                return response, usage if isinstance(usage, dict) else {}
-            raise ClientError("empty", f"the teacher returned an empty answer (finish_reason={response.finish_reason!r})")
-        return response, usage if isinstance(usage, dict) else {}
+            if not self.use_token_client:
+                reasoned = " after reasoning" if response.message.get("reasoning_content") else ""
+                raise _SetAside("empty", f"the teacher returned an empty answer{reasoned} (finish_reason={response.finish_reason!r})", usage)
+        return response
+
+    def _check_server(self, raw: RawResponse, data: Any, body: dict[str, Any]) -> None:
+        """Warn once when the server's samples cannot follow the configured distribution."""
+        if self._warned_server or self.use_token_client:
+            return
+        llama_cpp = raw.headers.get("server", "").lower().startswith("llama.cpp") or (isinstance(data, dict) and "timings" in data)
+        if not llama_cpp:
+            return
+        self._warned_server = True
+        defaults = {"temperature": "0.8", "top_p": "0.95", "top_k": "40", "min_p": "0.05"}
+        unset = [f"{name} = {value}" for name, value in defaults.items() if name not in body]
+        if unset:
+            self._counters["teacher/warnings/sampling_mismatch"] += 1
+            log.warning(
+                "teacher %s is llama.cpp's llama-server, which samples with its own %s unless the request sets them: "
+                "its answers are not the distribution orchestrator.sampling asks for. Set orchestrator.sampling."
+                "temperature and top_p, and extra_body = { top_k = 0, min_p = 0.0 } (0 turns both off); see "
+                "docs/distillation.md", self.endpoint.base_url, ", ".join(unset))  # fmt: skip
+        if "tools" in body:
+            log.warning("teacher %s is llama.cpp's llama-server: it drops `tools` silently when the model's chat "
+                        "template does not render them; start it with --jinja and check one tool call by hand",
+                        self.endpoint.base_url)  # fmt: skip
 
 
-def _server_message(e: openai.APIStatusError) -> str:
-    body = e.body
-    if isinstance(body, dict):
-        error = body.get("error", body)
+def _server_message(body: bytes, api_key: str | None) -> str:
+    """The error message of an OpenAI-style error body (or the body's text), never echoing our API key."""
+    text = body.decode("utf-8", errors="replace")
+    message = text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed)
         if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-    return str(e.message)
-
-
-def _is_empty(response: ChatResponse) -> bool:
-    content = response.message.get("content")
-    return not (content and content.strip()) and not response.message.get("tool_calls")
-
-
-def _text(content: Any) -> str | None:
-    """Message content as a string: None, a string, or a list of content parts (text parts joined)."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
-    raise ValueError(f"message.content has unexpected type {type(content).__name__}")
-
-
-def _tool_call(call: Any) -> dict[str, Any]:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        raise ValueError(f"tool call without a function object: {call!r}")
-    fn = call["function"]
-    if not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise ValueError(f"tool call without a name: {call!r}")
-    arguments = fn.get("arguments")
-    # Some servers send arguments as an object; the chat format (and our renderer) expects a JSON string.
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-    return {"id": str(call.get("id") or ""), "type": "function", "function": {"name": fn["name"], "arguments": arguments}}
-
-
-def parse_completion(data: Any, *, use_token_client: bool) -> ChatResponse:
-    """First choice of a chat-completions JSON body as a normalised `ChatResponse`; ValueError if malformed."""
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-        raise ValueError("no 'choices' array")
-    choice = data["choices"][0]
-    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
-        raise ValueError("choices[0] has no 'message' object")
-    raw = choice["message"]
-    message: dict[str, Any] = {"role": "assistant", "content": _text(raw.get("content"))}
-    if raw.get("tool_calls"):
-        if not isinstance(raw["tool_calls"], list):
-            raise ValueError("message.tool_calls is not an array")
-        message["tool_calls"] = [_tool_call(c) for c in raw["tool_calls"]]
-    # vLLM calls it `reasoning_content` (older) or `reasoning` (newer); keep it under the one name we use.
-    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        message["reasoning_content"] = reasoning
-    response = ChatResponse(message=message, finish_reason=str(choice.get("finish_reason") or "unknown"))
-    if use_token_client:
-        prompt_ids = data.get("prompt_token_ids", choice.get("prompt_token_ids"))
-        completion_ids = choice.get("token_ids")
-        content_lps = (choice.get("logprobs") or {}).get("content")
-        if not isinstance(prompt_ids, list) or not isinstance(completion_ids, list) or not isinstance(content_lps, list):
-            raise TokenFieldsMissing(
-                "use_token_client needs prompt_token_ids, choices[].token_ids and logprobs in the response; "
-                "serve the model with `apprentice serve` or vLLM >= 0.10.2"
-            )
-        if len(content_lps) != len(completion_ids):
-            raise ValueError(f"{len(completion_ids)} token ids but {len(content_lps)} logprobs")
-        response.prompt_ids = [int(t) for t in prompt_ids]
-        response.completion_ids = [int(t) for t in completion_ids]
-        response.completion_logprobs = [float(lp["logprob"]) for lp in content_lps]
-    return response
+            message = str(error["message"])
+        elif isinstance(error, str):
+            message = error
+    if api_key:
+        message = message.replace(api_key, "[API key]")
+    message = message.strip()
+    return message[:500] + ("..." if len(message) > 500 else "")
 
 
 def _response_to_dict(r: ChatResponse) -> dict[str, Any]:
     return {"message": r.message, "finish_reason": r.finish_reason, "prompt_ids": r.prompt_ids,
-            "completion_ids": r.completion_ids, "completion_logprobs": r.completion_logprobs}  # fmt: skip
-
-
-def _response_from_dict(d: dict[str, Any], *, cached: bool) -> ChatResponse:
-    return ChatResponse(
-        message=d["message"],
-        finish_reason=d["finish_reason"],
-        prompt_ids=d.get("prompt_ids"),
-        completion_ids=d.get("completion_ids"),
-        completion_logprobs=d.get("completion_logprobs"),
-        cached=cached,
-    )
+            "completion_ids": r.completion_ids, "completion_logprobs": r.completion_logprobs,
+            "usage": r.usage.as_dict() if r.usage is not None else None}  # fmt: skip

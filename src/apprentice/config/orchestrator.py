@@ -42,6 +42,17 @@ class EndpointConfig(Section):
     """Retries on 429, 5xx, timeouts and connection errors (exponential backoff with jitter)."""
     max_requests_per_s: float | None = Field(default=None, gt=0.0)
     """Client-side request-rate limit; None means unlimited (bounded only by max_concurrency)."""
+    max_retry_after_s: float = Field(default=300.0, ge=0.0)
+    """Longest wait a 429's Retry-After may impose before a retry; a longer one gives the request up (counted as
+    `teacher/errors/rate_limit`) instead of stalling the run. Waits over 5 s are logged."""
+    max_response_bytes: int | None = Field(default=None, ge=1024)
+    """Largest response body read; a bigger one is cut off and set aside (`oversized`). None: 4 MiB plus 1 KiB
+    per sampling.max_tokens, ample for any answer within max_tokens (logprobs included)."""
+    prompt_cache_key: bool = False
+    """Send `prompt_cache_key` (a hash of the conversation's first user turn and what precedes it) so a provider
+    with prompt caching routes the samples and turns of one prompt together. Off: the field is not sent."""
+    user: str | None = Field(default=None, min_length=1, max_length=64)
+    """A stable tag sent as the request's `user` field (e.g. "apprentice-distill"); None sends no `user`."""
     max_tokens_total: int | None = Field(default=None, ge=1)
     """Spend cap: once this endpoint has been paid this many tokens over the whole run (prompt + completion,
     reasoning included; resumed attempts included, from OUTPUT/orchestrator/usage.json), the run stops cleanly
@@ -105,14 +116,23 @@ class EndpointConfig(Section):
 
 
 class SamplingConfig(Section):
-    """Sampling arguments. Only fields every OpenAI-compatible API accepts are sent to a teacher."""
+    """Sampling arguments. Only fields every OpenAI-compatible API accepts are sent to a teacher, and a field
+    left unset is not sent at all (the server's default applies)."""
 
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    """Sampling temperature."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    """Nucleus sampling threshold."""
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    """Sampling temperature. Unset: not sent to a teacher, whose default applies (1.0 on OpenAI-style APIs; vLLM
+    uses the model's generation_config); the token client (rl mode) always sends it, 1.0 when unset, because
+    the trainer's importance ratios assume untempered sampling. Reasoning APIs accept only their default."""
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Nucleus sampling threshold. Unset: not sent to a teacher (server default); 1.0 for the token client."""
     max_tokens: int = Field(default=512, ge=1)
-    """Maximum tokens generated per assistant turn."""
+    """Maximum tokens generated per assistant turn (the teacher's reasoning included)."""
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    """The request field that carries max_tokens: OpenAI's reasoning models refuse "max_tokens" and want
+    "max_completion_tokens"; most other servers (vLLM, llama.cpp, DeepSeek) read "max_tokens"."""
+    max_tokens_tolerance: float = Field(default=0.25, ge=0.0, le=10.0)
+    """A teacher answer longer than max_tokens * (1 + tolerance) tokens (by the response's usage, or by its text
+    at 32 characters per token) ignored max_tokens: it is set aside as `oversized`, never rendered or cached."""
     stop: list[str] | None = None
     """Stop strings."""
     seed: int | None = None

@@ -16,6 +16,12 @@ temperature 1 and top_p 1 they are exactly the sampling distribution.
 
 Runs in a thread because generation blocks: torch releases the GIL in its kernels, so the server's event loop
 keeps answering (streaming, /v1/models) while a batch decodes.
+
+One request never fails another: an error while sampling or detokenizing one row fails that row's request only
+(the other rows keep decoding), and an error of the whole batch (a forward pass that raises) re-runs each
+request of the batch alone, so that only the request that causes it fails (a streaming request that already
+sent text gets the error instead, since its text cannot be taken back). A request whose Future is cancelled
+(the client went away) stops decoding at the next token and is dropped from the queue if it has not started.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (like vLLM): dividing logits by ~0 overflows to inf/NaN."""
 
 
 @dataclass
@@ -42,6 +51,11 @@ class SamplingParams:
     """Seeds choice k with seed + k (reproducible for the same batch composition)."""
     top_logprobs: int = 0
     """Alternatives reported per generated token (0: none)."""
+
+    @property
+    def stop_hold(self) -> int:
+        """Characters of streamed text held back because they may begin a stop string."""
+        return max(map(len, self.stop), default=1) - 1
 
 
 @dataclass
@@ -71,6 +85,10 @@ class _Request:
     n: int
     on_delta: DeltaCallback | None
     future: Future[list[Completion]]
+    error: BaseException | None = None
+    """Set when this request failed on its own; its rows stop and its Future gets the exception."""
+    sent_text: bool = False
+    """Whether on_delta was called (a failed batch cannot re-run this request without repeating its text)."""
 
 
 class _Row:
@@ -102,6 +120,7 @@ class BatchEngine:
         *,
         max_batch_size: int = 32,
         batch_window_s: float = 0.005,
+        weights_path: str = "",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -111,7 +130,11 @@ class BatchEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.stats: dict[str, float] = {"inference/batches": 0, "inference/requests": 0, "inference/sequences": 0,
-                                        "inference/generated_tokens": 0, "inference/weights_version": 0}  # fmt: skip
+                                        "inference/generated_tokens": 0, "inference/weights_version": 0,
+                                        "inference/weights_step": 0, "inference/failed_requests": 0,
+                                        "inference/cancelled_requests": 0, "inference/solo_reruns": 0}  # fmt: skip
+        self.weights: dict[str, Any] = {"step": 0, "path": weights_path}
+        """Trainer step and directory of the weights that requests admitted now sample with (step 0: initial)."""
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._carry: deque[_Request] = deque()
         self._thread = threading.Thread(target=self._loop, name="apprentice-engine", daemon=True)
@@ -126,15 +149,17 @@ class BatchEngine:
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, n: int = 1, on_delta: DeltaCallback | None = None
     ) -> Future[list[Completion]]:
+        """Queue a request; `future.cancel()` stops its generation (e.g. when the client disconnects)."""
         future: Future[list[Completion]] = Future()
         self._queue.put(_Request(list(prompt_ids), params, n, on_delta, future))
         return future
 
-    def swap_model(self, model: Any) -> int:
+    def swap_model(self, model: Any, step: int, path: str) -> None:
         """Replace the weights atomically: batches in flight finish on the old model, the next uses the new one."""
         self.model = model
+        self.weights = {"step": step, "path": path}
         self.stats["inference/weights_version"] += 1
-        return int(self.stats["inference/weights_version"])
+        self.stats["inference/weights_step"] = step
 
     # ---- worker thread ----
 
@@ -145,15 +170,48 @@ class BatchEngine:
                 return
             try:
                 self._generate(batch)
-            except BaseException as e:  # fail these requests, keep serving the next ones
+            except Exception as e:
+                self._isolate(batch, e)
+            except BaseException as e:  # not a request's fault: fail this batch, keep serving the next ones
                 for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(e)
+                    self._finish(request, e)
+
+    def _isolate(self, batch: list[_Request], error: Exception) -> None:
+        """After a whole-batch failure: re-run each pending request alone, so only the culprit fails."""
+        pending = [r for r in batch if not r.future.done()]
+        for request in pending:
+            if len(batch) == 1 or request.sent_text:
+                self._finish(request, error)
+                continue
+            self.stats["inference/solo_reruns"] += 1
+            request.error = None
+            try:
+                self._generate([request])
+            except Exception as e:
+                self._finish(request, e)
+
+    def _finish(self, request: _Request, error: BaseException | None, rows: list[_Row] | None = None) -> None:
+        """Resolve a request's Future (unless the client cancelled it) with its completions or its error."""
+        if request.future.cancelled():
+            self.stats["inference/cancelled_requests"] += 1
+            return
+        try:  # the client may cancel between the check above and here
+            if error is not None:
+                self.stats["inference/failed_requests"] += 1
+                request.future.set_exception(error)
+            else:
+                request.future.set_result([_completion(row) for row in rows or [] if row.request is request])
+        except InvalidStateError:
+            pass
 
     def _collect(self) -> list[_Request] | None:
-        first = self._carry.popleft() if self._carry else self._queue.get()
-        if first is None:
-            return None
+        while True:  # skip requests cancelled while they waited
+            first = self._carry.popleft() if self._carry else self._queue.get()
+            if first is None:
+                return None
+            if not first.future.cancelled():
+                break
+            self.stats["inference/cancelled_requests"] += 1
         batch, rows = [first], first.n
         deadline = time.monotonic() + self.batch_window_s
         while rows < self.max_batch_size:
@@ -167,6 +225,9 @@ class BatchEngine:
             if item is None:  # stop requested: finish this batch first
                 self._queue.put(None)
                 break
+            if item.future.cancelled():
+                self.stats["inference/cancelled_requests"] += 1
+                continue
             if rows + item.n > self.max_batch_size:
                 self._carry.appendleft(item)
                 break
@@ -174,11 +235,26 @@ class BatchEngine:
             rows += item.n
         return batch
 
-    @torch.inference_mode()
     def _generate(self, batch: list[_Request]) -> None:
         model = self.model  # one reference for the whole batch: a concurrent swap_model takes effect next batch
-        rows = [_Row(r, k, self.device) for r in batch for k in range(r.n)]
-        width = max(len(r.prompt_ids) for r in batch)
+        rows: list[_Row] = []
+        for request in batch:
+            try:
+                rows += [_Row(request, k, self.device) for k in range(request.n)]
+            except Exception as e:  # e.g. a seed torch refuses: this request fails, the others go on
+                request.error = e
+        if rows:
+            self.stats["inference/batches"] += 1
+            self.stats["inference/requests"] += len({id(row.request) for row in rows})
+            self.stats["inference/sequences"] += len(rows)
+            self._decode(model, rows)
+        for request in batch:
+            self._finish(request, request.error, rows)
+
+    @torch.inference_mode()
+    def _decode(self, model: Any, rows: list[_Row]) -> None:
+        """Prefill the left-padded prompts of `rows`, then decode one token per row until every row is done."""
+        width = max(len(row.request.prompt_ids) for row in rows)
         ids_B_T = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask_B_T = torch.zeros((len(rows), width), dtype=torch.long)
         for b, row in enumerate(rows):
@@ -187,9 +263,6 @@ class BatchEngine:
             mask_B_T[b, width - len(prompt) :] = 1
         ids_B_T, mask_B_T = ids_B_T.to(self.device), mask_B_T.to(self.device)
         pos_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
-        self.stats["inference/batches"] += 1
-        self.stats["inference/requests"] += len(batch)
-        self.stats["inference/sequences"] += len(rows)
 
         out = model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=pos_B_T, use_cache=True, logits_to_keep=1)
         max_steps = max(r.request.params.max_tokens for r in rows)
@@ -207,31 +280,41 @@ class BatchEngine:
                 cache=out.cache,
                 use_cache=True,
             )
-        for request in batch:
-            choices = [row for row in rows if row.request is request]
-            request.future.set_result([_completion(row) for row in choices])
 
     def _step(self, rows: list[_Row], logits_B_V: torch.Tensor) -> torch.Tensor:
         """Sample one token per row, record it on unfinished rows; returns the ids to feed next [B]."""
         logprobs_B_V = torch.log_softmax(logits_B_V, dim=-1)
         next_ids: list[int] = []
         for b, row in enumerate(rows):
+            request = row.request
+            if row.finish_reason is None and (request.error is not None or request.future.cancelled()):
+                row.finish_reason = "abort"
             if row.finish_reason is not None:
                 next_ids.append(self.pad_id)
                 continue
-            token = _sample(logits_B_V[b], row.request.params, row.generator)
+            try:
+                token = self._record(row, logits_B_V[b], logprobs_B_V[b])
+            except Exception as e:  # this request fails; the other rows keep decoding
+                request.error = e
+                row.finish_reason = "abort"
+                token = self.pad_id
             next_ids.append(token)
-            row.ids.append(token)
-            row.logprobs.append(float(logprobs_B_V[b, token]))
-            k = row.request.params.top_logprobs
-            if k:
-                values, indices = logprobs_B_V[b].topk(k)
-                row.top.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
-            else:
-                row.top.append([])
-            self.stats["inference/generated_tokens"] += 1
-            self._advance_text(row, token)
         return torch.tensor(next_ids, dtype=torch.long, device=self.device)
+
+    def _record(self, row: _Row, logits_V: torch.Tensor, logprobs_V: torch.Tensor) -> int:
+        """Sample the row's next token and append it (ids, logprobs, text); returns the token."""
+        token = _sample(logits_V, row.request.params, row.generator)
+        row.ids.append(token)
+        row.logprobs.append(float(logprobs_V[token]))
+        k = row.request.params.top_logprobs
+        if k:
+            values, indices = logprobs_V.topk(k)
+            row.top.append(list(zip(indices.tolist(), values.tolist(), strict=True)))
+        else:
+            row.top.append([])
+        self.stats["inference/generated_tokens"] += 1
+        self._advance_text(row, token)
+        return token
 
     def _advance_text(self, row: _Row, token: int) -> None:
         params = row.request.params
@@ -258,15 +341,16 @@ class BatchEngine:
             row.text = full if cut is None else full[:cut]
         if row.request.on_delta is not None:
             # Hold back text that may be the start of a stop string until we know it is not.
-            hold = 0 if row.finish_reason is not None or not params.stop else max(map(len, params.stop)) - 1
+            hold = 0 if row.finish_reason is not None else params.stop_hold
             end = max(row.emitted, len(row.text) - hold)
             if end > row.emitted:
+                row.request.sent_text = True
                 row.request.on_delta(row.index, row.text[row.emitted : end])
                 row.emitted = end
 
 
 def _sample(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits_V.argmax())
     probs_V = torch.softmax(logits_V / params.temperature, dim=-1)
     if params.top_p < 1.0:

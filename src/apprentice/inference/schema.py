@@ -7,7 +7,13 @@ import re
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_STOP_STRINGS = 16
+"""Stop strings per request (OpenAI allows 4): each is searched for after every token."""
+MAX_STOP_CHARS = 256
+"""Characters per stop string."""
+INT64 = 2**63
 
 
 class TextPart(BaseModel):
@@ -60,7 +66,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, le=INT64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
@@ -68,6 +74,16 @@ class ChatCompletionRequest(BaseModel):
     return_token_ids: bool = False
     """vLLM extension: prompt_token_ids in the response and token_ids in each choice."""
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -88,6 +104,9 @@ class ChatCompletionRequest(BaseModel):
 class LoadWeightsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1)
+    """A Hugging Face model directory readable by the server (e.g. OUTPUT/weights/step_{n})."""
+    step: int | None = Field(default=None, ge=0, le=2**62)
+    """Trainer step these weights come from, reported by GET /v1/weights (default: the current step + 1)."""
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -102,7 +121,8 @@ def validation_error_body(e: ValidationError) -> dict[str, Any]:
     param = ".".join(str(p) for p in first["loc"]) or None
     if first["type"] == "extra_forbidden":
         return error_body(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_field")
-    return error_body(f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value")
+    message = first["msg"].removeprefix("Value error, ")
+    return error_body(f"Invalid value for '{param}': {message}", param=param, code="invalid_value")
 
 
 def new_id(prefix: str = "chatcmpl") -> str:

@@ -1,7 +1,9 @@
 """`apprentice serve MODEL`: an OpenAI-compatible chat server over a transformers model.
 
 Endpoints: POST /v1/chat/completions (streaming SSE ending in `data: [DONE]`, or one JSON body), GET /v1/models,
-POST /v1/load_weights {"path": DIR} (hot-swap weights, rl mode), GET /stats (batching counters), GET /health.
+POST /v1/load_weights {"path": DIR, "step": N} (hot-swap weights, rl mode: 200 {"step", "path"} once requests
+admitted afterwards sample with the new weights; a batch in flight finishes on the old ones), GET /v1/weights
+(the step and path being served; step 0 is the model the server started with), GET /stats (batching counters), GET /health.
 Requests go through `BatchEngine` (engine.py), which serves concurrent requests as one batch.
 
 Binds 127.0.0.1 unless told otherwise. With `--api-key-var NAME` every endpoint but /health needs
@@ -14,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
+import logging
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,38 +30,34 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from apprentice.inference.engine import BatchEngine, Completion, SamplingParams
-from apprentice.inference.schema import (
-    ChatCompletionRequest,
-    LoadWeightsRequest,
-    error_body,
-    new_id,
-    parse_tool_calls,
-    validation_error_body,
+from apprentice.inference.engine import BatchEngine, SamplingParams
+from apprentice.inference.guards import (
+    LimitBody,
+    RequestError,
+    RequireKey,
+    disconnect_response,
+    result_unless_disconnected,
 )
+from apprentice.inference.prompt import PromptBuilder, PromptError
+from apprentice.inference.responses import completion_body, stream_chunks
+from apprentice.inference.schema import ChatCompletionRequest, LoadWeightsRequest, error_body, validation_error_body
+from apprentice.inference.weights import DTYPES, WeightsError, load_causal_lm, load_reload, resolve_dtype
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_BODY_MB = 8.0
+"""Request bodies above this are refused (413) before they are read: a 128k-token prompt is well under 1 MB."""
 
-
-class RequestError(Exception):
-    """A request we refuse with an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
+log = logging.getLogger(__name__)
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
     """(model in eval mode on `device`, tokenizer). "auto" dtype: bfloat16 on CUDA, float32 on CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.chat_template is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; `apprentice serve` needs a chat model")
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    return model.to(device).eval(), tokenizer
+    return load_causal_lm(path, resolve_dtype(dtype, device), device), tokenizer
 
 
 def build_app(
@@ -74,14 +71,17 @@ def build_app(
     dtype: str = "auto",
     device: str | None = None,
     batch_window_s: float = 0.005,
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
 ) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread. `app.state.engine` exposes the counters."""
     model, tokenizer = load_model(model_path, dtype, device)
-    engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s)
+    engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
+                         weights_path=str(model_path))  # fmt: skip
     name = served_name or str(model_path)
     hidden = [{"role": "system", "content": system_prompt}] if system_prompt else []
     hidden += prompt_prefix or []
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    prompts = PromptBuilder(tokenizer, max_context)
     parses_tools = "<tool_call>" in str(tokenizer.chat_template)
     load_lock = asyncio.Lock()
 
@@ -93,23 +93,38 @@ def build_app(
 
     app = FastAPI(title="apprentice serve", lifespan=lifespan)
     app.state.engine = engine
-
-    @app.middleware("http")
-    async def require_key(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path != "/health":
-            sent = request.headers.get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("Invalid or missing API key (Authorization: Bearer ...).",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)  # fmt: skip
-        return await call_next(request)
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
+    if api_key is not None:  # added last: runs first, so an unauthenticated client cannot even send a body
+        app.add_middleware(RequireKey, api_key=api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
         return JSONResponse(error_body(str(e), param=e.param, code=e.code), status_code=e.status)
 
+    @app.exception_handler(PromptError)
+    async def prompt_error(request: Request, e: PromptError) -> JSONResponse:
+        return JSONResponse(error_body(str(e), param=e.param, code=e.code), status_code=400)
+
     @app.exception_handler(ValidationError)
     async def invalid_request(request: Request, e: ValidationError) -> JSONResponse:
         return JSONResponse(validation_error_body(e), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        # A bug or a failed generation: the client gets JSON it can parse; Starlette re-raises it into the log.
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
+    async def json_body(request: Request) -> Any:
+        return _parse_json(await request.body())  # LimitBody caps the body's size
+
+    def prepare(raw: bytes) -> tuple[ChatCompletionRequest, list[int], SamplingParams]:
+        """Parse, validate, render and tokenize: up to seconds for megabytes, so in a worker thread."""
+        req = ChatCompletionRequest.model_validate(_parse_json(raw))
+        if req.stream and (req.logprobs or req.return_token_ids):
+            raise RequestError(400, "logprobs and return_token_ids are only supported with stream=false", "stream")
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        prompt_ids = prompts.render(req.conversation(), tools, hidden)
+        return req, prompt_ids, _sampling_params(req, len(prompt_ids), max_context)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -126,69 +141,45 @@ def build_app(
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        req = ChatCompletionRequest.model_validate(await _json(request))
-        prompt_ids = _render_prompt(tokenizer, req, hidden)
-        params = _sampling_params(req, len(prompt_ids), max_context)
-        if req.stream and (req.logprobs or req.return_token_ids):
-            raise RequestError(400, "logprobs and return_token_ids are only supported with stream=false", "stream")
+        req, prompt_ids, params = await asyncio.to_thread(prepare, await request.body())
         tools = parses_tools and bool(req.tools) and req.tool_choice != "none"
         if req.stream:
-            return StreamingResponse(_stream(engine, req, prompt_ids, params, name, tools),
+            return StreamingResponse(stream_chunks(engine, req, prompt_ids, params, name, tools),
                                      media_type="text/event-stream")  # fmt: skip
-        choices = await asyncio.wrap_future(engine.submit(prompt_ids, params, req.n))
-        return JSONResponse(_completion_body(req, name, prompt_ids, choices, tools, tokenizer))
+        try:
+            choices = await result_unless_disconnected(request, engine.submit(prompt_ids, params, req.n))
+        except Exception as e:  # answered here, not re-raised: the connection stays usable for the client
+            log.error("generation failed", exc_info=e)
+            return JSONResponse(error_body(f"generation failed: {type(e).__name__}: {e}", "server_error"),
+                                status_code=500)  # fmt: skip
+        if choices is None:
+            return disconnect_response()
+        return JSONResponse(completion_body(req, name, prompt_ids, choices, tools, tokenizer))
 
     @app.post("/v1/load_weights")
     async def load_weights(request: Request) -> JSONResponse:
-        req = LoadWeightsRequest.model_validate(await _json(request))
-        if not Path(req.path).is_dir():
-            raise RequestError(400, f"weights directory {req.path!r} does not exist", param="path")
+        req = LoadWeightsRequest.model_validate(await json_body(request))
         async with load_lock:  # one load at a time; the swap itself is one reference assignment
-            new_model, _ = await asyncio.to_thread(_load_weights, req.path, engine.model)
-            version = engine.swap_model(new_model)
-        return JSONResponse({"status": "ok", "path": req.path, "weights_version": version})
+            step = engine.weights["step"] + 1 if req.step is None else req.step
+            try:
+                new_model = await asyncio.to_thread(load_reload, Path(req.path), engine.model)
+            except WeightsError as e:
+                raise RequestError(400, str(e), param="path", code="invalid_weights") from None
+            engine.swap_model(new_model, step=step, path=req.path)
+        return JSONResponse(dict(engine.weights))
+
+    @app.get("/v1/weights")
+    async def weights() -> dict[str, Any]:
+        return dict(engine.weights)
 
     return app
 
 
-async def _json(request: Request) -> Any:
+def _parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(await request.body())
+        return json.loads(raw)
     except ValueError as e:
         raise RequestError(400, f"request body is not valid JSON: {e}") from e
-
-
-def _load_weights(path: str, current: Any) -> tuple[Any, None]:
-    from transformers import AutoModelForCausalLM
-
-    param = next(current.parameters())
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype)
-    model = model.to(param.device).eval()
-    if model.config.vocab_size != current.config.vocab_size:
-        raise RequestError(400, f"{path}: vocab size {model.config.vocab_size} differs from the served model's "
-                                f"{current.config.vocab_size}; load_weights swaps weights of the same model only")  # fmt: skip
-    return model, None
-
-
-def with_hidden_prefix(conversation: list[dict[str, Any]], hidden: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Prepend the server's hidden messages; a hidden system message merges with the client's own system turn."""
-    if not hidden:
-        return conversation
-    if hidden[0]["role"] == "system" and conversation and conversation[0]["role"] == "system":
-        merged = {**conversation[0], "content": f"{hidden[0]['content']}\n\n{conversation[0].get('content') or ''}"}
-        return [merged, *hidden[1:], *conversation[1:]]
-    return [*hidden, *conversation]
-
-
-def _render_prompt(tokenizer: Any, req: ChatCompletionRequest, hidden: list[dict[str, Any]]) -> list[int]:
-    conversation = with_hidden_prefix(req.conversation(), hidden)
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    try:
-        text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # jinja raises for conversations the template refuses (e.g. roles must alternate)
-        raise RequestError(400, f"the chat template rejected the conversation: {e}", param="messages") from e
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids
 
 
 def _sampling_params(req: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:
@@ -206,92 +197,6 @@ def _sampling_params(req: ChatCompletionRequest, prompt_len: int, max_context: i
         seed=req.seed,
         top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
     )
-
-
-def _message(c: Completion, tools: bool) -> tuple[dict[str, Any], str]:
-    """(assistant message, finish_reason) of one choice, tool calls parsed out when tools were offered."""
-    content, calls = parse_tool_calls(c.text) if tools else (c.text, [])
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
-        return message, "tool_calls" if c.finish_reason == "stop" else c.finish_reason
-    return message, c.finish_reason
-
-
-def _logprobs(c: Completion, tokenizer: Any) -> dict[str, Any]:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        token = tokenizer.decode([token_id])
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    content = [
-        {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
-        for t, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs, strict=True)
-    ]
-    return {"content": content}
-
-
-def _usage(prompt_ids: list[int], choices: list[Completion]) -> dict[str, int]:
-    completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(prompt_ids) + completion}  # fmt: skip
-
-
-def _completion_body(req: ChatCompletionRequest, name: str, prompt_ids: list[int], choices: list[Completion],
-                     tools: bool, tokenizer: Any) -> dict[str, Any]:  # fmt: skip
-    out_choices = []
-    for i, c in enumerate(choices):
-        message, finish = _message(c, tools)
-        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish,
-                                  "logprobs": _logprobs(c, tokenizer) if req.logprobs else None}  # fmt: skip
-        if req.return_token_ids:
-            choice["token_ids"] = c.token_ids
-        out_choices.append(choice)
-    body: dict[str, Any] = {"id": new_id(), "object": "chat.completion", "created": int(time.time()), "model": name,
-                            "choices": out_choices, "usage": _usage(prompt_ids, choices)}  # fmt: skip
-    if req.return_token_ids:
-        body["prompt_token_ids"] = prompt_ids
-    return body
-
-
-async def _stream(engine: BatchEngine, req: ChatCompletionRequest, prompt_ids: list[int], params: SamplingParams,
-                  name: str, tools: bool) -> AsyncIterator[str]:  # fmt: skip
-    """SSE chunks. With tools the text is sent once at the end, after tool calls are parsed out of it."""
-    loop = asyncio.get_running_loop()
-    deltas: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
-
-    def on_delta(index: int, text: str) -> None:  # engine thread -> event loop
-        loop.call_soon_threadsafe(deltas.put_nowait, (index, text))
-
-    future = engine.submit(prompt_ids, params, req.n, None if tools else on_delta)
-    # Runs after every delta callback of this request (same thread, FIFO), so None arrives last.
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, None))
-    head = {"id": new_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": name}
-
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
-        body = {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        return f"data: {json.dumps(body)}\n\n"
-
-    for i in range(req.n):
-        yield chunk(i, {"role": "assistant", "content": ""})
-    while (item := await deltas.get()) is not None:
-        yield chunk(item[0], {"content": item[1]})
-    try:
-        choices = future.result()
-    except Exception as e:  # the engine failed this batch: tell the client in-band, the status is already sent
-        yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
-        yield "data: [DONE]\n\n"
-        return
-    for i, c in enumerate(choices):
-        message, finish = _message(c, tools)
-        if tools:
-            delta: dict[str, Any] = {"content": message["content"]}
-            if "tool_calls" in message:
-                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]
-            yield chunk(i, delta)
-        yield chunk(i, {}, finish)
-    if req.stream_options is not None and req.stream_options.include_usage:
-        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(prompt_ids, choices)})}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 def read_prompt_prefix(path: Path) -> list[dict[str, Any]]:
@@ -326,6 +231,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "with a trainer, or both slow down spinning on the same cores")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default: MODEL)")
+    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                   help="largest request body accepted, in MiB (larger ones get 413 before they are read)")
     return p.parse_args(argv)
 
 
@@ -333,6 +240,9 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     args = parse_args(argv)
+    if not args.max_body_mb > 0:
+        print(f"error: --max-body-mb {args.max_body_mb}: must be a positive number of MiB", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     api_key = None
@@ -356,7 +266,8 @@ def main(argv: list[str]) -> int:
             print(f"error: --prompt-prefix-file {e}", file=sys.stderr)
             return 2
     app = build_app(args.model, served_name=args.served_model_name, api_key=api_key, system_prompt=system_prompt, prompt_prefix=prompt_prefix,
-                    max_batch_size=args.max_batch_size, dtype=args.dtype, device=args.device)  # fmt: skip
+                    max_batch_size=args.max_batch_size, dtype=args.dtype, device=args.device,
+                    max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from apprentice.clients.base import ChatClient, ClientError
+from apprentice.clients.wire import invalid_tool_calls
 from apprentice.config import Config
 from apprentice.envs.base import Environment
 from apprentice.errors import ApprenticeError
@@ -42,6 +43,8 @@ def set_aside_reason(trajectory: Trajectory, truncated_policy: str) -> str | Non
         return str(trajectory["error"])
     if not trajectory.get("steps"):
         return "no_steps"
+    if invalid_tool_calls(dict(trajectory)):  # the env answered the broken call; the student must not learn it
+        return "invalid_tool_call"
     if trajectory.get("truncated") and truncated_policy == "drop":
         return "truncated"
     return None

@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from apprentice.clients.base import ChatResponse
+from apprentice.clients.base import ChatResponse, ClientError
 from apprentice.orchestrator.spend import SpendCapReached, SpendLedger, Usage
 
 
@@ -98,18 +98,28 @@ class MeteredClient:
         self.meter.change(+1)
         try:
             response = await self.inner.chat(messages, tools=tools, key=key)
+        except ClientError as e:
+            # An answer set aside by the client (empty, oversized, invalid text) was still paid for: charge it.
+            if e.usage is not None:
+                self._charge(Usage(e.usage.prompt_tokens, e.usage.completion_tokens, e.usage.reasoning_tokens))
+            raise
         finally:
             self.meter.change(-1)
             paid = self._counter_increase()  # read before anything can yield (see the module docstring)
         usage = self._usage(response, paid)
-        if self.ledger is not None:
-            self.ledger.add(usage)
+        self._charge(usage)
         account = current_account.get()
         if account is not None:
             account.responses += 1
             account.cache_hits += int(response.cached)
-            account.usage.add(usage)
         return response
+
+    def _charge(self, usage: Usage) -> None:
+        if self.ledger is not None:
+            self.ledger.add(usage)
+        account = current_account.get()
+        if account is not None:
+            account.usage.add(usage)
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """The wrapped client's counters (since the previous reset: interval semantics)."""
@@ -138,4 +148,6 @@ class MeteredClient:
         raw = getattr(response, "usage", None)
         if isinstance(raw, dict):
             return Usage.from_openai(raw)
+        if raw is not None:  # the teacher client's typed usage (apprentice.clients.base.Usage)
+            return Usage(raw.prompt_tokens, raw.completion_tokens, raw.reasoning_tokens)
         return counted
