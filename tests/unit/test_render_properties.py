@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from render_helpers import masked_texts
+from render_helpers import check_principle, masked_texts
 
 from apprentice.render import RenderError, render_trajectory
 from apprentice.render.reference import render_reference
 from apprentice.testing import smollm2
 from apprentice.testing.tiny import build_tiny_tokenizer
-from apprentice.types import TrainingSample
 
 # In the style of Qwen3: tools in the system turn, tool calls as tagged JSON, tool results grouped into one user
 # turn, and <think> blocks kept only for assistant turns after the last real user message (history rewrite).
@@ -69,50 +68,9 @@ def reasoning_tokenizer() -> Any:
     return tok
 
 
-def render(tok: Any, messages: list[dict], generation: bool, tools: list[dict] | None) -> list[int]:
-    text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation, tokenize=False)
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def _turn_holds(sample: TrainingSample, prompt_ids: list[int], generated: list[int]) -> bool:
-    n, end = len(prompt_ids), len(prompt_ids) + len(generated)
-    return sample.token_ids[:n] == prompt_ids and sample.token_ids[n:end] == generated and all(sample.loss_mask[n:end])
-
-
-def assert_exact(trajectory: dict, tok: Any, samples: list[TrainingSample], eot: str = "<|im_end|>") -> None:
-    """Independent oracle: each turn's masked tokens are exactly its generated ids (from its own prompt's and
-    its own render's tokenization), found at its prompt's length in a sample whose ids start with that prompt;
-    each sample's ids are the tokenization of the conversation up to its last turn; nothing else is masked."""
-    eot_id = tok.convert_tokens_to_ids(eot)
-    tools = trajectory.get("tools")
-    covered = [[False] * len(s) for s in samples]
-    s = 0
-    last_full: list[list[int] | None] = [None] * len(samples)
-    for step in trajectory["steps"]:
-        conv = step["prompt"] + step["completion"]
-        prompt_ids = render(tok, conv[:-1], True, tools)
-        full_ids = render(tok, conv, False, tools)
-        assert full_ids[: len(prompt_ids)] == prompt_ids
-        end = max(i for i, t in enumerate(full_ids) if t == eot_id) + 1
-        generated = full_ids[len(prompt_ids) : end]
-        assert generated and generated[-1] == eot_id
-
-        if not _turn_holds(samples[s], prompt_ids, generated):
-            s += 1
-            assert s < len(samples) and _turn_holds(samples[s], prompt_ids, generated), (
-                "turn not found, in order, in the samples"
-            )
-        covered[s][len(prompt_ids) : end] = [True] * len(generated)
-        last_full[s] = full_ids
-    assert s == len(samples) - 1, "a sample covers no turn"
-    for sample, cov, full in zip(samples, covered, last_full, strict=True):
-        assert sample.token_ids == full
-        assert sample.loss_mask == cov, "masked tokens outside the assistant turns"
-        assert sample.logprobs == [0.0] * len(sample) and sample.advantage == 1.0
-
-
-def check_against_oracles(trajectory: dict, tok: Any, reasoning: str = "keep", exact: bool = True) -> str:
-    """Render; either exact (returns "ok") or the same RenderError kind as the reference (returns the kind)."""
+def check_against_oracles(trajectory: dict, tok: Any, reasoning: str = "keep") -> str:
+    """Render; either exact (returns "ok": equal to the naive reference and passing the independent contract
+    check) or the same RenderError kind as the reference (returns the kind)."""
     original = copy.deepcopy(trajectory)
     try:
         expected = render_reference(trajectory, tok, reasoning=reasoning)  # type: ignore[arg-type]
@@ -124,8 +82,8 @@ def check_against_oracles(trajectory: dict, tok: Any, reasoning: str = "keep", e
     samples = render_trajectory(trajectory, tok, reasoning=reasoning)  # type: ignore[arg-type]
     assert trajectory == original, "render mutated its input"
     assert samples == expected
-    if exact:  # only where the reasoning policy leaves messages untouched (the oracle renders them raw)
-        assert_exact(trajectory, tok, samples)
+    check_principle(trajectory, tok, samples, eot="<|im_end|>")
+    assert all(s.logprobs == [0.0] * len(s) and s.advantage == 1.0 for s in samples)
     return "ok"
 
 
@@ -182,15 +140,14 @@ def test_chatml_matches_per_prefix_rendering(trajectory: dict) -> None:
 @given(conversations(reasoning=True))
 def test_reasoning_template_matches_per_prefix_rendering(trajectory: dict) -> None:
     check_against_oracles(trajectory, reasoning_tokenizer())
-    check_against_oracles(trajectory, reasoning_tokenizer(), reasoning="drop", exact=False)
+    check_against_oracles(trajectory, reasoning_tokenizer(), reasoning="drop")
 
 
 @SETTINGS
 @given(conversations(reasoning=True))
 def test_chatml_reasoning_fold_and_drop(trajectory: dict) -> None:
-    has_reasoning = any("reasoning_content" in step["completion"][0] for step in trajectory["steps"])
-    check_against_oracles(trajectory, build_tiny_tokenizer(), exact=not has_reasoning)
-    check_against_oracles(trajectory, build_tiny_tokenizer(), reasoning="drop", exact=not has_reasoning)
+    check_against_oracles(trajectory, build_tiny_tokenizer())
+    check_against_oracles(trajectory, build_tiny_tokenizer(), reasoning="drop")
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +216,11 @@ def test_reasoning_drop_trains_on_answers_only() -> None:
 
 def test_reasoning_keep_folds_into_content_for_templates_without_reasoning() -> None:
     tok = build_tiny_tokenizer()  # ChatML: ignores reasoning_content, so "keep" writes it as a <think> block
-    (sample,) = render_trajectory(_agentic(), tok)
-    assert masked_texts(tok, sample)[1] == "<think>\ntool said 4\n</think>\n\nIt is 4.<|im_end|>"
+    samples = render_trajectory(_agentic(), tok)
+    texts = [t for s in samples for t in masked_texts(tok, s)]
+    assert texts[1] == "<think>\ntool said 4\n</think>\n\nIt is 4.<|im_end|>"
+    # The next prompt renders the history as the prompt messages say (the template drops the field), so a turn
+    # whose trained text carries folded reasoning cannot be extended: each such turn is its own sample.
+    assert len(samples) == 3
     (dropped,) = render_trajectory(_agentic(), tok, reasoning="drop")
     assert masked_texts(tok, dropped)[1:] == ["It is 4.<|im_end|>", "You are welcome.<|im_end|>"]

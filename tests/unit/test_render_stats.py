@@ -19,7 +19,7 @@ def test_render_many_counts_and_sets_aside_without_raising() -> None:
     tok = build_tiny_tokenizer()
     batch = [
         answer("hello"),
-        answer("\n\nhello"),  # boundary
+        answer("a<|im_end|>b"),  # control_token
         {"steps": [{"prompt": [USER], "completion": [USER]}]},  # not_assistant
         answer("bye"),
     ]
@@ -28,7 +28,7 @@ def test_render_many_counts_and_sets_aside_without_raising() -> None:
     assert len(samples) == 2
     assert metrics["render/trajectories"] == 2.0 and metrics["render/samples"] == 2.0
     assert metrics["render/set_aside"] == 2.0
-    assert metrics["render/set_aside/boundary"] == 1.0 and metrics["render/set_aside/not_assistant"] == 1.0
+    assert metrics["render/set_aside/control_token"] == 1.0 and metrics["render/set_aside/not_assistant"] == 1.0
     fractions = [s.num_loss_tokens / len(s) for s in samples]
     assert metrics["render/masked_fraction"] == pytest.approx(sum(fractions) / 2)
     assert metrics["render/all_false_masks"] == 0.0

@@ -233,7 +233,12 @@ class OrchestratorConfig(Section):
     """Teacher reasoning (`reasoning_content` / think blocks): "keep" trains on it as generated; "drop" trains on
     the answer only (for APIs that hide or summarise reasoning)."""
     truncated: Literal["drop", "keep"] = "drop"
-    """Turns cut off by max_tokens: "drop" sets the rollout aside; "keep" trains on the truncated text."""
+    """Turns cut off by max_tokens: "drop" sets the rollout aside; "keep" trains on the truncated text (without an
+    end-of-turn token: the model never emitted one)."""
+    allow_control_tokens: bool = False
+    """Keep rollouts whose teacher text contains special tokens of the student's tokenizer (e.g. `<|im_end|>`,
+    `<|im_start|>system`). Off by default: training on them teaches the student to emit control tokens (prompt
+    injection into the training data); such rollouts are set aside as render/set_aside/control_token."""
     rollout_model: EndpointConfig | None = None
     """The teacher endpoint. Setting it selects distill mode (external rollouts, SFT loss)."""
     student_endpoint: EndpointConfig | None = None

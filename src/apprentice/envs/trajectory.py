@@ -9,14 +9,12 @@ into the conversation or the next request.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from apprentice.clients.base import ChatResponse, ClientError
+from apprentice.render.reasoning import strip_think
 from apprentice.trajectory import Message, StepTokens, Trajectory, TrajectoryStep, normalize_tool_call
-
-_THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 
 
 def assistant_message(response: ChatResponse, turn: int) -> Message:
@@ -90,6 +88,6 @@ def make_trajectory(
 
 def answer_text(message: Mapping[str, Any]) -> str:
     """The text an assistant message answers with: its content without `<think>` blocks (reasoning is not the
-    answer, whether the server split it into `reasoning_content` or left it inline)."""
-    content = message.get("content") or ""
-    return _THINK_RE.sub("", content).strip()
+    answer, whether the server split it into `reasoning_content` or left it inline; one definition of a think
+    block for scoring and rendering: render/reasoning.py)."""
+    return strip_think(message.get("content") or "").strip()

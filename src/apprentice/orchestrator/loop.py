@@ -99,7 +99,12 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
         else:
             dropped[reason] += 1
     # A Trajectory is a dict; render_many is annotated with the plain dict type it has always accepted.
-    samples, render_stats = render_many(cast(list[dict[str, Any]], kept), tokenizer, reasoning=cfg.orchestrator.reasoning)
+    samples, render_stats = render_many(
+        cast(list[dict[str, Any]], kept),
+        tokenizer,
+        reasoning=cfg.orchestrator.reasoning,
+        allow_control_tokens=cfg.orchestrator.allow_control_tokens,
+    )
     # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
     render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}

@@ -10,12 +10,13 @@ from typing import Any
 
 from apprentice.render.errors import RenderError
 from apprentice.render.messages import render_messages
+from apprentice.render.normalize import normalize_tool_call
 from apprentice.render.reasoning import Reasoning
 from apprentice.render.stats import RenderStats
 from apprentice.render.tokens import render_tokens
 from apprentice.types import TrainingSample
 
-__all__ = ["RenderError", "RenderStats", "render_many", "render_trajectory"]
+__all__ = ["RenderError", "RenderStats", "normalize_tool_call", "render_many", "render_trajectory"]
 
 
 def render_trajectory(
@@ -25,6 +26,7 @@ def render_trajectory(
     tools: list[dict] | None = None,
     reasoning: Reasoning = "keep",
     template_kwargs: dict[str, Any] | None = None,
+    allow_control_tokens: bool = False,
 ) -> list[TrainingSample]:
     """Samples for one trajectory; raises RenderError (with `.kind`) if it cannot be rendered faithfully.
 
@@ -32,13 +34,24 @@ def render_trajectory(
     `trajectory["advantage"]`, default 1.0); otherwise the message path through the tokenizer's chat template
     (logprobs 0.0, advantage 1.0). `tools` defaults to `trajectory["tools"]`; `reasoning` ("keep" | "drop",
     message path only) is the teacher-reasoning policy; `template_kwargs` go to the chat template (e.g.
-    `{"enable_thinking": True}`).
+    `{"enable_thinking": True}`); `allow_control_tokens` keeps teacher text that holds special tokens of the
+    student's tokenizer (set aside as `control_token` by default). The last turn of a trajectory with
+    `truncated` set (or a step with `finish_reason: "length"`) was cut off by max_tokens: it is trained without
+    an end-of-turn token. messages.py documents the algorithm.
     """
     steps = list(trajectory.get("steps") or [])
     if steps and all(step.get("tokens") for step in steps):
         return render_tokens(steps, float(trajectory.get("advantage", 1.0)))
     tools = tools if tools is not None else trajectory.get("tools")
-    return render_messages(steps, tokenizer, tools, reasoning, template_kwargs)
+    return render_messages(
+        steps,
+        tokenizer,
+        tools,
+        reasoning,
+        template_kwargs,
+        truncated=bool(trajectory.get("truncated")),
+        allow_control_tokens=allow_control_tokens,
+    )
 
 
 def render_many(
@@ -48,6 +61,7 @@ def render_many(
     tools: list[dict] | None = None,
     reasoning: Reasoning = "keep",
     template_kwargs: dict[str, Any] | None = None,
+    allow_control_tokens: bool = False,
 ) -> tuple[list[TrainingSample], RenderStats]:
     """Render a batch; a RenderError sets that trajectory aside and is counted in the stats, never raised."""
     stats = RenderStats()
@@ -55,7 +69,12 @@ def render_many(
     for trajectory in trajectories:
         try:
             out = render_trajectory(
-                trajectory, tokenizer, tools=tools, reasoning=reasoning, template_kwargs=template_kwargs
+                trajectory,
+                tokenizer,
+                tools=tools,
+                reasoning=reasoning,
+                template_kwargs=template_kwargs,
+                allow_control_tokens=allow_control_tokens,
             )
         except RenderError as err:
             stats.add_error(err)

@@ -1,73 +1,66 @@
-"""Map character positions of a rendered text to token positions of its single tokenization, exactly.
+"""Token ids of a sample built from its texts without re-tokenizing any prefix, matching inference exactly.
 
-A sample's text is tokenized once, with offsets. A boundary at character b (the start of a generated span, or
-the end of its end-of-turn token) is *exact* when the ids before it are what the tokenizer gives for text[:b]
-on its own: that is what the model saw as its prompt (start) or what it had produced by the end of the turn.
+A sample is tok(P0) + gen(C0) + env(E1) + gen(C1) + ... where P0 is the first turn's prompt text, Ck a turn as
+the model generates it, and Ek the text the next prompt adds after Ck (tool results, a user turn, the next
+generation prompt). Facts used (Hugging Face tokenizers split added tokens out before normalising or
+pre-tokenizing, and tokenize each stretch between them on its own):
 
-Decision for tokens that straddle b (e.g. ChatML's "assistant\\n" header followed by content starting with "\\n",
-which byte-level BPE merges into one "\\n\\n" token): the token is neither purely prompt nor purely generated,
-so no mask is exact; we raise RenderError("boundary") rather than guess. For clean boundaries we verify instead
-of trusting offsets: the tokenizer splits text at added tokens before anything else, so only the stretch after
-the last added token before b can differ; we tokenize just that stretch (e.g. "assistant\\n") and compare, and
-only if that disagrees (tokenizers that treat the start of a string specially) tokenize the whole prefix.
+- A prompt's ids are fixed by the prompt alone: the student saw tok(P). Its generated ids gen(C) are C
+  tokenized as a continuation: the ids tok(tail + C) adds after tok(tail), where `tail` is P from its last
+  added token on. When those do not extend tok(tail) (a BPE merge across the boundary, e.g. "assistant\\n" +
+  "\\n\\nhi" -> one "\\n\\n\\n" token), inference never saw the merged token: the model, given tok(P), emitted
+  C as a fresh stretch, so gen(C) = tok(added + C)[1:] and the sample must end after this turn (the next
+  prompt's tokenization merges differently, so it cannot extend the sample).
+- Ck ends with an end-of-turn token, an added token, so tok(... + Ck + Ek) = ids so far + tok(eot + Ek)[1:].
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Sequence
 from typing import Any
 
-from apprentice.render.errors import RenderError
 
+class Tokens:
+    """Tokenization helpers for one tokenizer (ids without special tokens added)."""
 
-class TokenizedText:
-    """One tokenization of `text` with the lookups needed to place boundaries."""
-
-    def __init__(self, tokenizer: Any, text: str) -> None:
-        try:
-            encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        except NotImplementedError as err:  # python (slow) tokenizers have no offsets
-            raise TypeError(
-                f"render needs a fast (Rust-backed) tokenizer with offsets; got {type(tokenizer).__name__}"
-            ) from err
+    def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.text = text
-        self.ids: list[int] = list(encoding["input_ids"])
-        offsets: Sequence[tuple[int, int]] = encoding["offset_mapping"]
-        self.starts = [int(s) for s, _ in offsets]
-        self.ends = [int(e) for _, e in offsets]
-        added = set(tokenizer.added_tokens_decoder)
-        # Token indices of added tokens: the tokenizer never merges across them.
-        self.added_positions = [i for i, tid in enumerate(self.ids) if tid in added]
+        self.added = frozenset(tokenizer.added_tokens_decoder)
 
-    def _encode(self, text: str) -> list[int]:
+    def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def boundary(self, b: int, where: str) -> int:
-        """Index i such that ids[:i] are exactly the tokenizer's ids of text[:b]; RenderError if none exists."""
-        i = bisect.bisect_left(self.starts, b)
-        straddle = (i > 0 and self.ends[i - 1] > b) or (i < len(self.ids) and self.starts[i] == self.ends[i] == b)
-        if straddle:
-            j = i - 1 if i > 0 and self.ends[i - 1] > b else i
-            piece = self.text[self.starts[j] : self.ends[j]]
-            raise RenderError(
-                "boundary",
-                f"{where}: token {piece!r} at characters {self.starts[j]}..{self.ends[j]} straddles position {b} "
-                "between template text and generated text, so no loss mask is exact",
-            )
-        # Stretch since the last added token before i: the only part whose tokenization can depend on what follows.
-        k = bisect.bisect_left(self.added_positions, i) - 1
-        seg_token = self.added_positions[k] + 1 if k >= 0 else 0
-        seg_char = self.ends[seg_token - 1] if seg_token > 0 else 0
-        if seg_token == i and seg_char == b:
-            return i
-        if seg_token > 0 and self._encode(self.text[seg_char:b]) == self.ids[seg_token:i]:
-            return i
-        if self._encode(self.text[:b]) == self.ids[:i]:
-            return i
-        raise RenderError(
-            "boundary",
-            f"{where}: the text before character {b} does not tokenize to a prefix of the sample's ids "
-            "(BPE merges across the boundary)",
-        )
+    def last_added(self, text: str) -> tuple[int, int] | None:
+        """(start, end) in `text` of its last added token, looking only at a growing window at the end."""
+        window = 64
+        while True:
+            lo = max(0, len(text) - window)
+            enc = self.tokenizer(text[lo:], add_special_tokens=False, return_offsets_mapping=True)
+            for tid, (s, e) in zip(reversed(enc["input_ids"]), reversed(enc["offset_mapping"]), strict=True):
+                if tid in self.added and e > s and (lo == 0 or s > 0):
+                    return lo + s, lo + e
+            if lo == 0:
+                return None
+            window *= 4
+
+    def after(self, anchor: str, text: str) -> list[int]:
+        """ids of `text` as the stretch right after the added token `anchor`."""
+        if not text:
+            return []
+        ids = self.encode(anchor + text)
+        first = self.encode(anchor)
+        if ids[: len(first)] != first:  # an anchor flag (rstrip) ate into the text: tokenize it on its own
+            return self.encode(text)
+        return ids[len(first) :]
+
+    def continuation(self, prompt: str, completion: str) -> tuple[list[int], bool]:
+        """(ids of `completion` as generated after `prompt`, whether tok(prompt + completion) agrees)."""
+        found = self.last_added(prompt)
+        start = found[0] if found else 0
+        tail = prompt[start:]
+        base = self.encode(tail)
+        ids = self.encode(tail + completion)
+        if ids[: len(base)] == base:
+            return ids[len(base) :], True
+        if found is None:
+            return self.encode(completion), False
+        return self.after(prompt[found[0] : found[1]], completion), False

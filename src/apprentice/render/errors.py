@@ -6,12 +6,13 @@ from __future__ import annotations
 KINDS = (
     "no_turns",  # the trajectory has no steps or a step has no completion
     "not_assistant",  # a completion message whose role is not "assistant"
-    "template_error",  # the chat template raised while rendering
-    "prefix_mismatch",  # a turn's rendering does not start with its own generation prompt
+    "template_error",  # the chat template raised while rendering (it refuses the conversation, e.g. parallel calls)
+    "prefix_mismatch",  # the turn's rendering cannot be lined up with its own generation prompt
     "no_end_of_turn",  # the rendered turn has no end-of-turn token to learn to stop on
-    "special_in_content",  # generated text contains the end-of-turn token (the student would have stopped there)
+    "control_token",  # teacher text holds a special token of the student's tokenizer (allow_control_tokens=false)
     "template_dropped",  # the template did not render the turn's content, tool calls or (kept) reasoning
-    "boundary",  # a token straddles prompt/generated text, or a prefix does not tokenize to a prefix of the ids
+    "empty_turn",  # the trained text would be empty (no answer, no call, no kept reasoning): never a bare end token
+    "boundary",  # the prompt's ids rebuilt from their parts differ from the prompt's own tokenization
     "bad_tokens",  # token path: malformed server token ids / logprobs
     "empty_mask",  # a sample would have no token to learn
 )

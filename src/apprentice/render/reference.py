@@ -1,21 +1,22 @@
-"""The slow, obviously-correct renderer: render and tokenize every prefix with transformers' own pipeline.
+"""The slow, obviously-correct tokenization: tokenize every prompt and every prompt + completion in full.
 
-This is the definition the fast message path (messages.py) must reproduce, token for token. It is used by the
-property tests as the oracle and by bench/render.py as the naive cost (about 100x one render + tokenization
-for a 200-turn conversation). Merging is decided on ids: a turn joins the current sample when its prompt ids
-start with the sample's ids up to the previous end-of-turn token.
+The texts (each turn's inference prompt and completion) come from messages.py; this module rebuilds the ids
+the naive way, as a student at inference would see them: a turn's prompt ids are tok(P) in full, its generated
+ids are what tok(P + C) adds after tok(P) (or, where a token straddles the boundary, C tokenized on its own
+after the prompt's last added token), and a turn joins the current sample when tok(P) starts with the sample's
+ids. The property tests use it as the oracle of the fast path; bench/render.py times it as the naive cost.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from apprentice.render.align import Tokens
 from apprentice.render.errors import RenderError
-from apprentice.render.reasoning import Reasoning, apply_reasoning, template_reads_reasoning
-from apprentice.render.template import TEMPLATE_ERRORS, check_turn_rendered, end_of_turn_markers
+from apprentice.render.messages import TurnRenderer, conversation_turns
+from apprentice.render.reasoning import Reasoning
+from apprentice.render.template import ChatRenderer
 from apprentice.types import TrainingSample
-
-Message = dict[str, Any]
 
 
 def render_reference(
@@ -25,60 +26,42 @@ def render_reference(
     tools: list[dict] | None = None,
     reasoning: Reasoning = "keep",
     template_kwargs: dict[str, Any] | None = None,
+    allow_control_tokens: bool = False,
 ) -> list[TrainingSample]:
-    """Same contract and errors as the message path of `render_trajectory`, at O(turns) renders + tokenizations."""
+    """Same contract and errors as the message path of `render_trajectory`, at O(turns) full tokenizations."""
     tools = tools if tools is not None else trajectory.get("tools")
-    kwargs = dict(template_kwargs or {})
-    reads = template_reads_reasoning(tokenizer.get_chat_template(None, tools))
-    eot_ids = {tokenizer.convert_tokens_to_ids(m) for m in end_of_turn_markers(tokenizer)}
-
-    def encode(messages: list[Message], generation: bool, where: str) -> tuple[str, list[int]]:
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=generation, tokenize=False, **kwargs
-            )
-        except TEMPLATE_ERRORS as err:
-            raise RenderError("template_error", f"{where}: the chat template failed: {err}") from err
-        return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
+    renderer = ChatRenderer(tokenizer, tools, template_kwargs)
+    turns = conversation_turns(
+        list(trajectory.get("steps") or []),
+        TurnRenderer(renderer, reasoning, allow_control_tokens),
+        bool(trajectory.get("truncated")),
+    )
+    tokens = Tokens(tokenizer)
     samples: list[TrainingSample] = []
-    ids: list[int] = []  # current sample: ids of its last turn's full text
+    ids: list[int] = []
     mask: list[bool] = []
-    generated_end = 0  # ids[:generated_end] ends with the last turn's end-of-turn token
-    steps = trajectory.get("steps") or []
-    if not steps:
-        raise RenderError("no_turns", "the trajectory has no steps")
-    for s, step in enumerate(steps):
-        completion = list(step.get("completion") or [])
-        if not completion:
-            raise RenderError("no_turns", f"step {s} has no completion messages")
-        conv = [apply_reasoning(m, reasoning, reads) for m in list(step.get("prompt") or []) + completion]
-        first = len(conv) - len(completion)
-        for j in range(first, len(conv)):
-            where = f"step {s} completion message {j - first}"
-            if conv[j].get("role") != "assistant":
-                raise RenderError("not_assistant", f"{where} has role {conv[j].get('role')!r}")
-            prompt_text, prompt_ids = encode(conv[:j], True, where)
-            full_text, full_ids = encode(conv[: j + 1], False, where)
-            if not full_text.startswith(prompt_text):
-                raise RenderError("prefix_mismatch", f"{where}: the turn does not extend its prompt")
-            if full_ids[: len(prompt_ids)] != prompt_ids:
-                raise RenderError("boundary", f"{where}: the prompt's ids are not a prefix of the turn's ids")
-            eots = [i for i in range(len(prompt_ids), len(full_ids)) if full_ids[i] in eot_ids]
-            if not eots:
-                raise RenderError("no_end_of_turn", f"{where}: no end-of-turn token")
-            end = eots[-1] + 1
-            if any(full_ids[i] == full_ids[end - 1] for i in eots[:-1]):
-                raise RenderError("special_in_content", f"{where}: end-of-turn token inside the generated text")
-            check_turn_rendered(conv[j], tokenizer.decode(full_ids[len(prompt_ids) : end]), reads, where)
-            if ids and prompt_ids[:generated_end] == ids[:generated_end]:
-                keep = mask[:generated_end]
-            else:
-                if ids:
-                    samples.append(TrainingSample(ids, mask, [0.0] * len(ids), 1.0))
-                keep = []
-            n_prompt = len(prompt_ids)
-            mask = keep + [False] * (n_prompt - len(keep)) + [True] * (end - n_prompt) + [False] * (len(full_ids) - end)
-            ids, generated_end = full_ids, end
-    samples.append(TrainingSample(ids, mask, [0.0] * len(ids), 1.0))
+    for turn in turns:
+        prompt = tokens.encode(turn.prompt)
+        if not (ids and prompt[: len(ids)] == ids):
+            if ids:
+                samples.append(TrainingSample(ids, mask, [0.0] * len(ids), 1.0))
+            ids, mask = [], []
+        mask += [False] * (len(prompt) - len(ids))
+        ids = list(prompt)
+        whole = tokens.encode(turn.prompt + turn.completion)
+        if whole[: len(prompt)] == prompt:
+            gen = whole[len(prompt) :]
+        else:
+            anchor = tokens.last_added(turn.prompt)
+            if anchor is None:
+                raise RenderError("boundary", f"{turn.where}: no added token in the prompt")
+            gen = tokens.after(turn.prompt[anchor[0] : anchor[1]], turn.completion)
+        ids += gen
+        mask += [True] * len(gen)
+        if turn.truncated or whole[: len(prompt)] != prompt:
+            # Nothing can extend a cut-off turn or a straddled boundary: inference re-tokenizes the next prompt.
+            samples.append(TrainingSample(ids, mask, [0.0] * len(ids), 1.0))
+            ids, mask = [], []
+    if ids:
+        samples.append(TrainingSample(ids, mask, [0.0] * len(ids), 1.0))
     return samples

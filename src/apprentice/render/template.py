@@ -3,23 +3,31 @@
 `tokenizer.apply_chat_template` copies and normalises the whole message list on every call, which for the
 per-turn prefixes of a long conversation costs more than the Jinja rendering itself. `ChatRenderer` prepares
 each message once (the same normalisation transformers applies: drop None-valued keys, plain JSON data, alias
-reasoning fields) and renders slices of the prepared list with the compiled template. Every sample's final text
-is rendered a second time through `apply_chat_template` and compared (`check`), so a transformers upgrade that
-changes the pipeline fails loudly instead of training on a drifted text.
+reasoning fields) and renders slices of the prepared list with the compiled template.
+
+That fast path leans on private helpers of transformers. If they are missing, their signature changed, or a
+sample's fast text differs from `apply_chat_template` (checked once per sample), the renderer falls back to
+`apply_chat_template` for the rest of the process and logs why, once. None of that is the data's fault, so
+none of it is counted as `template_error`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from apprentice.render.errors import RenderError
-from apprentice.render.reasoning import reasoning_of, strip_think
+from apprentice.render.normalize import TemplateTraits, template_traits
 
+log = logging.getLogger("apprentice.render")
 Message = dict[str, Any]
 
+_FAST_DISABLED: str | None = None  # why the fast path is off for this process (logged once), or None
 try:  # private helpers of transformers' own pipeline; without them we fall back to apply_chat_template
     from transformers.utils.chat_template_utils import (
         _alias_reasoning_fields,
@@ -27,13 +35,27 @@ try:  # private helpers of transformers' own pipeline; without them we fall back
         _normalize_chat_messages,
         _plain_template_data,
     )
-
-    _FAST = True
-except ImportError:  # pragma: no cover - depends on the installed transformers
-    _FAST = False
+except ImportError as _err:  # pragma: no cover - depends on the installed transformers
+    _FAST_DISABLED = f"transformers has no {_err.name or 'chat-template helper'} ({_err})"
 
 # What a failing template raises: its own raise_exception (TemplateError), undefined fields, string + None.
-TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError)
+TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+
+
+def disable_fast_path(reason: str) -> None:
+    """Use apply_chat_template from now on in this process; logged once with the reason."""
+    global _FAST_DISABLED
+    if _FAST_DISABLED is None:
+        _FAST_DISABLED = reason
+        log.warning("render: falling back to tokenizer.apply_chat_template (slower, same result): %s", reason)
+
+
+def fast_path_disabled() -> str | None:
+    return _FAST_DISABLED
+
+
+class FastPathBroken(Exception):
+    """The private transformers helpers misbehaved: not the trajectory's fault; the caller retries slowly."""
 
 
 class ChatRenderer:
@@ -43,25 +65,37 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.tools = tools
         self.template_kwargs = dict(template_kwargs or {})
-        # Same precedence as apply_chat_template: explicit kwargs override the special-token names.
-        kwargs = {**tokenizer.special_tokens_map, **self.template_kwargs}
+        self.template: str = tokenizer.get_chat_template(None, tools)
         self._compiled: Any = None
-        if _FAST and all(isinstance(tool, dict) for tool in tools or []):
-            template = tokenizer.get_chat_template(None, tools)
-            self._compiled = _compile_jinja_template(template)
-            self._tools = _plain_template_data(tools)
-            self._kwargs = _plain_template_data(kwargs)
+        if _FAST_DISABLED is None and all(isinstance(tool, dict) for tool in tools or []):
+            try:
+                # Same precedence as apply_chat_template: explicit kwargs override the special-token names.
+                kwargs = {**tokenizer.special_tokens_map, **self.template_kwargs}
+                self._compiled = _compile_jinja_template(self.template)
+                self._tools = _plain_template_data(tools)
+                self._kwargs = _plain_template_data(kwargs)
+            except TypeError as err:  # a changed private signature
+                disable_fast_path(f"a transformers chat-template helper changed its signature ({err})")
+                self._compiled = None
+
+    @property
+    def fast(self) -> bool:
+        return self._compiled is not None and _FAST_DISABLED is None
 
     def prepare(self, message: Message) -> Any:
         """One message as the template sees it; prefixes of a prepared list render like the raw prefixes."""
-        if self._compiled is None:
+        if not self.fast:
             return message
-        return _alias_reasoning_fields(_plain_template_data(_normalize_chat_messages([message])))[0]
+        try:
+            return _alias_reasoning_fields(_plain_template_data(_normalize_chat_messages([message])))[0]
+        except TypeError as err:
+            disable_fast_path(f"a transformers chat-template helper changed its signature ({err})")
+            raise FastPathBroken(str(err)) from err
 
     def render(self, prepared: Sequence[Any], add_generation_prompt: bool, where: str) -> str:
         """Text of the template over `prepared` (a prefix of a prepared conversation); RenderError if it fails."""
         try:
-            if self._compiled is None:
+            if not self.fast:
                 return self.reference(list(prepared), add_generation_prompt)
             return str(
                 self._compiled.render(
@@ -86,60 +120,104 @@ class ChatRenderer:
         )
         return str(text)
 
-    def check(self, messages: list[Message], text: str, where: str) -> None:
-        """Assert that the fast rendering of `messages` equals transformers' own (one extra render per sample)."""
-        if self._compiled is None:
+    def check(self, messages: list[Message], text: str, add_generation_prompt: bool, where: str) -> None:
+        """Compare one fast rendering with transformers' own; on a difference fall back for good (FastPathBroken)."""
+        if not self.fast:
             return
         try:
-            expected = self.reference(messages, add_generation_prompt=False)
+            expected = self.reference(messages, add_generation_prompt)
         except TEMPLATE_ERRORS as err:
             raise RenderError("template_error", f"{where}: the chat template failed: {err}") from err
         if expected != text:
-            # Not a property of the trajectory: our copy of the transformers pipeline has drifted from it.
-            raise RuntimeError(
-                f"{where}: ChatRenderer's fast rendering differs from tokenizer.apply_chat_template; the installed "
-                "transformers changed its chat-template pipeline. Update apprentice/render/template.py."
-            )
+            disable_fast_path(f"{where}: the fast rendering differs from tokenizer.apply_chat_template")
+            raise FastPathBroken(where)
+
+    def traits(self) -> TemplateTraits:
+        """The template's needs (arguments as string/dict, content "" for None, short ids), probed once."""
+        key = (self.template, json.dumps(self.template_kwargs, sort_keys=True, default=str))
+        cached = _TRAITS.get(key)
+        if cached is None:
+            cached = template_traits(lambda msgs: self.reference(msgs, add_generation_prompt=False))
+            _TRAITS[key] = cached
+        return cached
 
 
-def end_of_turn_markers(tokenizer: Any) -> tuple[str, ...]:
-    """Strings that can end an assistant turn: the special added tokens and the eos token, longest first.
-
-    Read from the tokenizer instead of hard-coding ChatML, so `<|eot_id|>`, `<end_of_turn>`, `</s>` work alike.
-    """
-    markers = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    if tokenizer.eos_token:
-        markers.add(str(tokenizer.eos_token))
-    return tuple(sorted(markers, key=len, reverse=True))
+_TRAITS: dict[tuple[str, str], TemplateTraits] = {}
+_STOPS: dict[tuple[int, str], tuple[str, ...]] = {}
+_PROBE = "Probe answer 7"
 
 
-def find_end_of_turn(text: str, start: int, markers: Sequence[str]) -> tuple[int, str] | None:
-    """(end position, marker) of the last end-of-turn marker in text[start:], or None if there is none.
+def _generation_config_eos(tokenizer: Any) -> set[str]:
+    """eos tokens of a local model directory's generation_config.json (where the model's stop tokens live)."""
+    path = Path(str(getattr(tokenizer, "name_or_path", "") or "")) / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError):
+        return set()
+    ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    return {str(tokenizer.convert_ids_to_tokens(int(i))) for i in ids}
 
-    The generated text of a turn runs from the generation prompt up to and including its terminator; anything
-    the template writes after the terminator (typically a newline) is template text, not generated.
-    """
+
+def _special_after(text: str, start: int, specials: Sequence[str]) -> str | None:
     best: tuple[int, str] | None = None
-    for marker in markers:  # longest first: on equal end positions the longer marker wins
-        pos = text.rfind(marker, start)
-        if pos >= 0 and (best is None or pos + len(marker) > best[0]):
-            best = (pos + len(marker), marker)
-    return best
+    for token in specials:
+        pos = text.find(token, start)
+        if pos >= 0 and (best is None or pos < best[0] or (pos == best[0] and len(token) > len(best[1]))):
+            best = (pos, token)
+    return best[1] if best else None
 
 
-def check_turn_rendered(message: Message, generated: str, reads_reasoning: bool, where: str) -> None:
-    """RenderError("template_dropped") if the template left out part of the turn: its answer text, a tool call's
-    name, or (when the template reads reasoning fields) its reasoning. E.g. SmolLM2's template ignores tool_calls,
-    which would otherwise train the student to answer without calling the tool."""
-    content = message.get("content")
-    if isinstance(content, str) and strip_think(content).strip() not in generated:
-        raise RenderError("template_dropped", f"{where}: the chat template did not render the turn's content")
-    for call in message.get("tool_calls") or []:
-        name = (call.get("function") or call).get("name", "")
-        if name not in generated:
-            raise RenderError("template_dropped", f"{where}: the chat template did not render tool call {name!r}")
-    thought = reasoning_of(message)
-    if reads_reasoning and thought is not None and thought.strip() not in generated:
-        raise RenderError(
-            "template_dropped", f"{where}: reasoning='keep' but the chat template did not render the reasoning"
-        )
+def stop_markers(renderer: ChatRenderer) -> tuple[str, ...]:
+    """The special tokens that end an assistant turn as the model generates it (it stops at the first).
+
+    The tokenizer's eos token, the eos ids of a local generation_config.json, and what the template itself
+    writes right after an answer and after a tool call (probes): `<|im_end|>`, `<|eot_id|>`, `<|end|>` (Phi),
+    `<end_of_turn>`, `</s>`, `<|return|>`/`<|call|>` (gpt-oss). Not every special token: gpt-oss writes `<|end|>`
+    between its analysis and final channels, and that does not stop generation.
+    """
+    tok = renderer.tokenizer
+    key = (id(tok), renderer.template)
+    if key in _STOPS:
+        return _STOPS[key]
+    specials = sorted(
+        {t.content for t in tok.added_tokens_decoder.values() if t.special}, key=len, reverse=True
+    )
+    found: set[str] = set(_generation_config_eos(tok))
+    if tok.eos_token:
+        found.add(str(tok.eos_token))
+    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "probe_tool", "arguments": {"probe_arg": 1}}}
+    probes: list[tuple[list[Message], str]] = [
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}], _PROBE),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [call]}], "probe_arg"),
+    ]
+    for messages, needle in probes:
+        try:
+            text = renderer.reference(messages, add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - a probe: a template without tool calls simply adds nothing
+            continue
+        at = text.rfind(needle)
+        if at < 0 or (needle != _PROBE and any(m in text[at:] for m in found)):
+            # The special token right after an answer ends the turn (Phi writes <|end|> there, and eos only after
+            # the last turn). After a tool call, only if no known end-of-turn closes the turn later: R1 writes
+            # <｜tool▁call▁end｜> after each call, gpt-oss ends a call turn with <|call|>.
+            continue
+        marker = _special_after(text, at + len(needle), specials)
+        if marker is not None:
+            found.add(marker)
+    _STOPS[key] = tuple(sorted(found, key=len, reverse=True))
+    return _STOPS[key]
+
+
+def first_stop(text: str, start: int, markers: Sequence[str], skip: int = 0) -> tuple[int, int] | None:
+    """(start, end) of the first stop marker in text[start:] after skipping `skip` of them, or None."""
+    pos = start
+    while True:
+        best: tuple[int, int] | None = None
+        for marker in markers:  # longest first: on equal starts the longer marker wins
+            at = text.find(marker, pos)
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, at + len(marker))
+        if best is None or skip == 0:
+            return best
+        skip -= 1
+        pos = best[1]
