@@ -27,6 +27,36 @@ from apprentice.orchestrator.spend import EXIT_SPEND_CAP
 
 POLL_S = 0.2
 GRACE_S = 10.0
+USER_ERROR = re.compile(r"^apprentice( \w+)?: error: ")
+"""The one line `cli.main` / `errors.exit_on_user_error` print for an ApprenticeError."""
+
+
+def trainer_processes(cfg: Config, config_path: Path) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """(commands, per-process env vars) of this node's trainer, for `supervise`; rank 0 is named "trainer".
+
+    On one node with several ranks the launcher starts the ranks itself (the env:// variables torchrun would set,
+    rendezvous on a free loopback port), so each rank is a child it supervises: a rank's user error ends the run
+    with that rank's one-line message and exit code, not torchrun's ChildFailedError traceback. One process, or
+    several nodes (which need torchrun's rendezvous), run `trainer_command` as the single "trainer".
+    """
+    t = cfg.trainer
+    if t.world_size == 1 or t.num_nodes > 1:
+        return {"trainer": trainer_command(cfg, config_path)}, {}
+    from apprentice.inference.launch import free_port
+
+    port = str(free_port())
+    command = [sys.executable, "-m", "apprentice", "train", str(config_path)]
+    names = ["trainer", *(f"trainer.{rank}" for rank in range(1, t.num_processes))]
+    n = str(t.num_processes)
+    envs = {
+        name: {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": n, "LOCAL_WORLD_SIZE": n, "GROUP_RANK": "0",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        for rank, name in enumerate(names)
+    }  # fmt: skip
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: n ranks of all-core thread pools would thrash
+        for env in envs.values():
+            env["OMP_NUM_THREADS"] = "1"
+    return dict.fromkeys(names, command), envs
 
 
 def trainer_command(cfg: Config, config_path: Path) -> list[str]:
@@ -49,20 +79,48 @@ def trainer_command(cfg: Config, config_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _stream(name: str, pipe: IO[str], out: IO[str], drop: re.Pattern[str] | None = None) -> None:
+def _stream(name: str, pipe: IO[str], out: IO[str], drop: re.Pattern[str] | None = None,
+            keep: Callable[[str, str], bool] | None = None) -> None:  # fmt: skip
     """Copy a child's output line by line with a prefix; progress bars (\\r updates) become lines too.
-    Lines matching `drop` (e.g. a server's per-request access log) are left out."""
+    Lines matching `drop` (e.g. a server's per-request access log) or refused by `keep(name, line)` are left out."""
     buffer = ""
     while chunk := pipe.read(1):
         if chunk in "\r\n":
-            if buffer.strip() and not (drop and drop.search(buffer)):
+            if buffer.strip() and not (drop and drop.search(buffer)) and (keep is None or keep(name, buffer)):
                 out.write(f"[{name}] {buffer}\n")
                 out.flush()
             buffer = ""
         else:
             buffer += chunk
-    if buffer.strip():
+    if buffer.strip() and (keep is None or keep(name, buffer)):
         out.write(f"[{name}] {buffer}\n")
+
+
+class _PeerFilter:
+    """Keeps the output of a group of peer processes (trainer ranks) to the first failure's.
+
+    When one rank stops (a user error, a crash), the others fail inside their next collective with a traceback
+    of their own that only says a peer went away. So once a peer has printed a user-error line or exited
+    non-zero, the other peers' further lines are left out: the run ends with the first rank's message (or, for an
+    unexpected error, its traceback) alone.
+    """
+
+    def __init__(self, peers: tuple[str, ...], processes: dict[str, subprocess.Popen[str]]) -> None:
+        self.peers, self.processes = peers, processes
+        self.first_error: str | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, name: str, line: str) -> bool:
+        if name not in self.peers:
+            return True
+        with self.lock:
+            if self.first_error is None and USER_ERROR.search(line):
+                self.first_error = name
+                return True
+            if self.first_error is not None:
+                return self.first_error == name
+            others = (self.processes.get(peer) for peer in self.peers if peer != name)
+            return not any(proc is not None and proc.poll() not in (None, 0) for proc in others)
 
 
 def _stop(processes: dict[str, subprocess.Popen[str]]) -> None:
@@ -82,6 +140,7 @@ def supervise(
     commands: dict[str, list[str]], *, env: dict[str, str], must_finish: str, stop_code: int | None = None,
     drained: Callable[[], bool] | None = None, services: tuple[str, ...] = (), grace_s: float = GRACE_S * 3,
     envs: dict[str, dict[str, str]] | None = None, drop: dict[str, re.Pattern[str]] | None = None,
+    peers: tuple[str, ...] = (),
 ) -> int:  # fmt: skip
     """Run `commands` together; return 0 when `must_finish` exits 0, or the first failure's code.
 
@@ -93,9 +152,11 @@ def supervise(
     run until `drained()` holds (the trainer has trained every step written) or `must_finish` is done, are
     stopped, and `stop_code` is returned.
 
-    `envs` adds per-child environment variables; `drop` filters a child's log lines.
+    `envs` adds per-child environment variables; `drop` filters a child's log lines. `peers` are the ranks of one
+    job: after the first of them fails, the others' lines are left out (`_PeerFilter`).
     """
     processes: dict[str, subprocess.Popen[str]] = {}
+    keep = _PeerFilter(peers, processes)
     threads = []
     previous = _on_sigterm_interrupt()
     for name, command in commands.items():
@@ -103,7 +164,7 @@ def supervise(
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
         processes[name] = proc
         assert proc.stdout is not None
-        thread = threading.Thread(target=_stream, args=(name, proc.stdout, sys.stdout, (drop or {}).get(name)), daemon=True)
+        thread = threading.Thread(target=_stream, args=(name, proc.stdout, sys.stdout, (drop or {}).get(name), keep), daemon=True)
         thread.start()
         threads.append(thread)
     stopped_by: str | None = None
@@ -177,11 +238,10 @@ def run_distill(cfg: Config) -> int:
     print(f"apprentice distill: {'resuming' if resumed else 'starting'} run in {output_dir} (config: {config_path})", flush=True)
     env = dict(os.environ)
     env.setdefault("TQDM_MININTERVAL", "5")  # children's bars become log lines; keep them few
-    commands = {
-        "orchestrator": [sys.executable, "-m", "apprentice", "orchestrate", str(config_path)],
-        "trainer": trainer_command(cfg, config_path),
-    }
-    code = supervise(commands, env=env, must_finish="trainer", stop_code=EXIT_SPEND_CAP, drained=lambda: trainer_drained(output_dir))
+    trainers, envs = trainer_processes(cfg, config_path)
+    commands = {"orchestrator": [sys.executable, "-m", "apprentice", "orchestrate", str(config_path)], **trainers}
+    code = supervise(commands, env=env, envs=envs, must_finish="trainer", stop_code=EXIT_SPEND_CAP,
+                     drained=lambda: trainer_drained(output_dir), peers=tuple(trainers))  # fmt: skip
     if code == 0:
         print(f"apprentice distill: done; the distilled student is in {output_dir / 'final'}", flush=True)
     elif code == EXIT_SPEND_CAP:

@@ -4,7 +4,7 @@
                   started on the newest complete OUTPUT/weights/step_{n} (the initial model on a fresh run).
                   Left out with [orchestrator.student_endpoint]: that server is used (and still told to reload).
     orchestrator  samples with the server, loads each step's weights into it, writes OUTPUT/rollouts/step_{n}
-    trainer       trains on them (torchrun when trainer.num_processes > 1), publishes OUTPUT/weights/step_{n}
+    trainer       trains on them (one process per rank; torchrun across nodes), publishes OUTPUT/weights/step_{n}
 
 Rerunning the same command resumes: the trainer from its newest complete checkpoint (published weights newer
 than that checkpoint are deleted first: those steps are trained again, and the server must not sample from
@@ -23,7 +23,7 @@ from apprentice.config import Config, write_resolved
 from apprentice.config.resume import check_resumable
 from apprentice.config.rl import check_rl_config
 from apprentice.inference.backends import backend_for
-from apprentice.launcher import supervise, trainer_command
+from apprentice.launcher import supervise, trainer_processes
 from apprentice.trainer import ckpt
 from apprentice.trainer.publish import latest_published, remove_weights_after, weights_dir
 
@@ -63,9 +63,12 @@ def run_rl(cfg: Config) -> int:
         commands["inference"] = backend.command(cfg, model)
         envs["inference"] = backend.env()
     commands["orchestrator"] = [sys.executable, "-m", "apprentice", "orchestrate", str(config_path)]
-    commands["trainer"] = trainer_command(cfg, config_path)
+    trainers, trainer_envs = trainer_processes(cfg, config_path)
+    commands.update(trainers)
+    envs.update(trainer_envs)
     code = supervise(commands, env=env, envs=envs, must_finish="trainer", services=("inference",),
-                     grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG})  # fmt: skip
+                     grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG},
+                     peers=tuple(trainers))  # fmt: skip
     if code == 0:
         print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
     return code

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,18 @@ def latest_step_batch(output_dir: Path) -> int:
     root = Path(output_dir) / "rollouts"
     steps = [int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit() and (p / MARKER).is_file()]
     return max(steps, default=0)
+
+
+def remove_partial_steps(output_dir: Path) -> list[Path]:
+    """Delete `rollouts/.step_*.tmp-*` left by a writer that was killed mid-step; returns what was removed.
+
+    Call only where nothing else can be writing rollouts (the orchestrator, its only writer, at its start):
+    `fsio.atomic_dir` removes its temporary directory on an exception, but not when the process is killed.
+    """
+    leftovers = sorted(p for p in (Path(output_dir) / "rollouts").glob(".step_*.tmp-*") if p.is_dir())
+    for path in leftovers:
+        shutil.rmtree(path)
+    return leftovers
 
 
 def split_across_ranks(samples: list[TrainingSample], world_size: int) -> list[list[TrainingSample]]:

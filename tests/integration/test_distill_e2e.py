@@ -171,22 +171,26 @@ def test_a_failing_trainer_stops_the_whole_run_with_a_clear_message(student: Pat
     output = tmp_path / "run"
     # A damaged stored batch for step 1 (its checksum no longer matches): the trainer fails on it while the
     # orchestrator, continuing at step 2, would otherwise wait forever for it (backpressure): the launcher
-    # must stop both, and the trainer's message must name the file and the fix.
+    # must stop both, and the trainer's message must name the file and the fix. Two ranks, started by the
+    # launcher: rank 0 fails on its file while rank 1 waits for it in a collective.
     from apprentice.transport import rank_file, write_step_batch
     from apprentice.types import TrainingSample
 
-    write_step_batch(output, 1, [[TrainingSample([1, 2, 3, 4], [False, True, True, True], [0.0] * 4, 1.0)]])
+    sample = TrainingSample([1, 2, 3, 4], [False, True, True, True], [0.0] * 4, 1.0)
+    write_step_batch(output, 1, [[sample], [sample]])
     damaged = rank_file(output, 1, 0)
     data = bytearray(damaged.read_bytes())
     data[-5] ^= 0xFF
     damaged.write_bytes(bytes(data))
     with FaultTeacher(api_key=SECRET, respond=reverse_last_user) as teacher:
-        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4)
+        config = write_config(tmp_path / "distill.toml", output, student, teacher.base_url, max_steps=4, num_processes=2)
         started = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "apprentice", "distill", str(config)], env=env_with_key(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "the trainer failed" in proc.stderr and "stopping orchestrator" in proc.stderr
-    # The trainer's own error, streamed with its prefix: the file, what is wrong, and how to fix it.
-    assert f"{damaged}: checksum mismatch" in proc.stdout and "every later rollouts/step_* directory" in proc.stdout
-    assert "Traceback" not in proc.stdout
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr  # the BatchError's exit code
+    assert "the trainer failed (exit code 1)" in proc.stderr and "stopping orchestrator" in proc.stderr
+    # The trainer's own error, streamed with its prefix, once: the file, what is wrong, and how to fix it.
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("[trainer] apprentice train: error:"), errors
+    assert f"{damaged}: checksum mismatch" in errors[0] and "every later rollouts/step_* directory" in errors[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert time.monotonic() - started < 120

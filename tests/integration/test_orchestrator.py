@@ -107,8 +107,10 @@ def test_resume_reuses_cached_teacher_answers(student: Path, tmp_path: Path, mon
         import shutil
 
         shutil.rmtree(output / "rollouts" / "step_2")
+        (output / "rollouts" / ".step_2.tmp-killed").mkdir()  # what a writer killed inside fsio.atomic_dir leaves
         assert latest_step_batch(output) == 1
         asyncio.run(run(cfg))
+        assert not list((output / "rollouts").glob(".step_*")), "the orchestrator removes partial steps at its start"
         assert len(teacher.chat_requests()) == paid + 6, "step 2 must come from the cache; only step 3 is paid"
     rows = read_metrics(output / "orchestrator" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]  # the redone step 2 is logged once, as redone

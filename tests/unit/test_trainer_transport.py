@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from apprentice.transport import (
     rank_file,
     read_step_batch,
     read_trainer_progress,
+    remove_partial_steps,
     split_across_ranks,
     step_dir,
     wait_for_step_batch,
@@ -74,6 +77,21 @@ def test_step_written_once_and_latest(tmp_path: Path) -> None:
         write_step_batch(tmp_path, 3, [make_samples(2)])
     write_step_batch(tmp_path, 7, [make_samples(1)])
     assert latest_step_batch(tmp_path) == 7
+
+
+def test_partial_steps_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    write_step_batch(tmp_path, 1, [make_samples(2)])
+    # A writer killed inside atomic_dir (no exception handler runs) leaves its temporary directory behind.
+    killed = ("import os, sys; from pathlib import Path; from apprentice import fsio\n"
+              "with fsio.atomic_dir(Path(sys.argv[1]) / 'rollouts' / 'step_2') as tmp:\n"
+              "    (tmp / 'rank_0.safetensors').write_bytes(b'half'); os._exit(9)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", killed, str(tmp_path)]).returncode == 9
+    leftovers = list((tmp_path / "rollouts").glob(".step_2.tmp-*"))
+    assert len(leftovers) == 1
+    assert remove_partial_steps(tmp_path) == leftovers
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == ["step_1"]  # complete steps are kept
+    assert latest_step_batch(tmp_path) == 1
+    assert remove_partial_steps(tmp_path / "fresh") == []  # no rollouts/ yet
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])

@@ -57,6 +57,10 @@ class BuiltinBackend:
         ]  # fmt: skip
         if inf.threads is not None:
             command += ["--threads", str(inf.threads)]
+        if cfg.model.trust_remote_code:
+            command.append("--trust-remote-code")
+        if cfg.model.gguf_file and str(model) == cfg.model.name:  # published weights (a resumed run) are safetensors
+            command += ["--gguf-file", cfg.model.gguf_file]
         return command + list(inf.extra_args)
 
     def env(self) -> dict[str, str]:
@@ -84,6 +88,8 @@ class VLLMBackend:
             "--logprobs-mode", "raw_logprobs",
             "--worker-extension-cls", "apprentice.inference.vllm_worker.WeightReloader",
         ]  # fmt: skip
+        if cfg.model.trust_remote_code:
+            command.append("--trust-remote-code")
         return command + list(inf.extra_args)
 
     def env(self) -> dict[str, str]:

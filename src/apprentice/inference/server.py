@@ -51,15 +51,25 @@ DEFAULT_MAX_BODY_MB = 8.0
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer). "auto" dtype: bfloat16 on CUDA, float32 on CPU."""
+def load_model(
+    path: str | Path, dtype: str = "auto", device: str | None = None, *, trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """(model in eval mode on `device`, tokenizer). "auto" dtype: bfloat16 on CUDA, float32 on CPU.
+
+    With `gguf_file` both come from that GGUF file inside `path` (as the trainer's student does).
+    """
     from transformers import AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.chat_template is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; `apprentice serve` needs a chat model")
-    return load_causal_lm(path, resolve_dtype(dtype, device), device), tokenizer
+    model = load_causal_lm(
+        path, resolve_dtype(dtype, device), device, trust_remote_code=trust_remote_code, gguf_file=gguf_file
+    )
+    return model, tokenizer
 
 
 def build_app(
@@ -74,9 +84,11 @@ def build_app(
     device: str | None = None,
     batch_window_s: float = 0.005,
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
 ) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread. `app.state.engine` exposes the counters."""
-    model, tokenizer = load_model(model_path, dtype, device)
+    model, tokenizer = load_model(model_path, dtype, device, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, batch_window_s=batch_window_s,
                          weights_path=str(model_path))  # fmt: skip
     name = served_name or str(model_path)
@@ -164,7 +176,8 @@ def build_app(
         async with load_lock:  # one load at a time; the swap itself is one reference assignment
             step = engine.weights["step"] + 1 if req.step is None else req.step
             try:
-                new_model = await asyncio.to_thread(load_reload, Path(req.path), engine.model)
+                new_model = await asyncio.to_thread(load_reload, Path(req.path), engine.model,
+                                                    trust_remote_code=trust_remote_code)  # fmt: skip
             except WeightsError as e:
                 raise RequestError(400, str(e), param="path", code="invalid_weights") from None
             engine.swap_model(new_model, step=step, path=req.path)
@@ -229,6 +242,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt-prefix-file", type=Path, default=None,
                    help="JSON list of chat messages (e.g. instructions and worked examples) prepended to every request")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    p.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="a GGUF file inside MODEL to load (dequantised), as [model] gguf_file does for training")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model repository's own Python code run (only for repositories you trust)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice); lower it when the server shares the CPU "
                         "with a trainer, or both slow down spinning on the same cores")
@@ -261,6 +278,9 @@ def main(argv: list[str]) -> int:
             print(f"error: --system-prompt-file {args.system_prompt_file}: no such file", file=sys.stderr)
             return 2
         system_prompt = args.system_prompt_file.read_text(encoding="utf-8").strip()
+    if args.gguf_file is not None and Path(args.model).is_dir() and not (Path(args.model) / args.gguf_file).is_file():
+        print(f"error: --gguf-file {args.gguf_file}: no such file in {args.model}", file=sys.stderr)
+        return 2
     prompt_prefix = None
     if args.prompt_prefix_file is not None:
         try:
@@ -270,7 +290,8 @@ def main(argv: list[str]) -> int:
             return 2
     app = build_app(args.model, served_name=args.served_model_name, api_key=api_key, system_prompt=system_prompt, prompt_prefix=prompt_prefix,
                     max_batch_size=args.max_batch_size, dtype=args.dtype, device=args.device,
-                    max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
+                    max_body_bytes=int(args.max_body_mb * 2**20), trust_remote_code=args.trust_remote_code,
+                    gguf_file=args.gguf_file)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

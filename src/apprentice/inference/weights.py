@@ -31,14 +31,18 @@ class WeightsError(Exception):
     """A reload directory that cannot be served; the message names the directory and what is wrong."""
 
 
-def load_causal_lm(path: str | Path, torch_dtype: torch.dtype, device: str | torch.device) -> Any:
+def load_causal_lm(
+    path: str | Path, torch_dtype: torch.dtype, device: str | torch.device, *, trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> Any:  # fmt: skip
     """The one place `serve` builds a model from a directory (initial model and reloads); eval mode on `device`.
 
-    Through apprentice.loader, the loader the trainer uses too.
+    Through apprentice.loader, the loader the trainer uses too. `gguf_file` is a GGUF file inside `path`
+    (the initial model only: published weights are plain safetensors).
     """
     from apprentice.loader import load_causal_lm as shared_loader
 
-    return shared_loader(path, dtype=torch_dtype, device=device)
+    return shared_loader(path, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -72,12 +76,12 @@ def check_weights_dir(path: Path) -> None:
                        f"or a sharded index)")  # fmt: skip
 
 
-def load_reload(path: Path, current: Any) -> Any:
+def load_reload(path: Path, current: Any, *, trust_remote_code: bool = False) -> Any:
     """Load the weights at `path` with the served model's dtype and device; WeightsError if unusable."""
     check_weights_dir(path)
     param = next(current.parameters())
     try:
-        model = load_causal_lm(path, param.dtype, param.device)
+        model = load_causal_lm(path, param.dtype, param.device, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # truncated/garbled files, unknown architectures
         raise WeightsError(f"weights directory {str(path)!r} could not be loaded: {type(e).__name__}: {e}") from None
     if model.config.vocab_size != current.config.vocab_size:

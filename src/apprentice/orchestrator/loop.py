@@ -59,7 +59,13 @@ from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trajectory import Trajectory
-from apprentice.transport import drop_unpackable, latest_step_batch, split_across_ranks, write_step_batch
+from apprentice.transport import (
+    drop_unpackable,
+    latest_step_batch,
+    remove_partial_steps,
+    split_across_ranks,
+    write_step_batch,
+)
 from apprentice.types import TrainingSample
 
 __all__ = ["NothingToTrainError", "main", "run"]
@@ -135,6 +141,8 @@ async def run(cfg: Config) -> None:
                                       cache_dir=output_dir / "teacher_cache")  # fmt: skip
         await distiller.check_tokenizer(tokenizer, cfg.model.name)
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
+    if removed := remove_partial_steps(output_dir):  # a killed run's half-written steps: rewritten below
+        log.info("removed %d partial rollouts step directories left by an earlier run: %s", len(removed), removed)
     first, last = latest_step_batch(output_dir) + 1, cfg.trainer.max_steps
     ledger = SpendLedger(usage_path(output_dir), orch.rollout_model)
     if first <= last and (reason := ledger.exhausted()) is not None:
