@@ -8,9 +8,10 @@ import pytest
 
 from apprentice.clients.base import ChatResponse, Usage
 from apprentice.clients.openai_client import OpenAIChatClient, parse_completion
-from apprentice.clients.parse import Unusable, check_size, check_text, decode_body, split_think
+from apprentice.clients.parse import Unusable, check_size, check_text, decode_body
 from apprentice.clients.wire import invalid_tool_calls, prompt_cache_key, wire_message
 from apprentice.config import EndpointConfig, SamplingConfig
+from apprentice.render.reasoning import split_think
 
 HI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
 
@@ -58,10 +59,11 @@ def test_every_reasoning_shape_reaches_the_message_the_same_way(raw: dict[str, s
 
 
 def test_split_think_edges() -> None:
-    assert split_think("<think>cut off by max_tok") == ("cut off by max_tok", "")
-    assert split_think("no reasoning here") == (None, "no reasoning here")
-    assert split_think("Answer first <think>x</think> then") == (None, "Answer first <think>x</think> then")
-    assert split_think("<think></think>\n\nA") == ("", "A")
+    # The client splits inline reasoning with render's one definition (render.reasoning.split_think).
+    assert split_think("<think>cut off by max_tok") == ("cut off by max_tok", "", False)
+    assert split_think("no reasoning here") == (None, "no reasoning here", True)
+    assert split_think("Answer first <think>x</think> then") == (None, "Answer first <think>x</think> then", True)
+    assert split_think("<think></think>\n\nA") == ("", "A", True)
 
 
 def test_lone_surrogate_and_invalid_utf8_are_invalid_text() -> None:

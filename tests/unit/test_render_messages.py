@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from render_helpers import check_principle, masked_texts
 
-from apprentice.render import RenderError, normalize_tool_call, render_many, render_trajectory
+from apprentice.render import RenderError, render_many, render_trajectory, tool_call_for_template
 from apprentice.render.template import ChatRenderer
 from apprentice.testing import smollm2
 from apprentice.testing.tiny import CHATML_TEMPLATE, build_tiny_tokenizer
@@ -233,13 +233,13 @@ def test_cut_off_turn_is_trained_without_end_of_turn() -> None:
 
 def test_tool_call_normalisation_follows_the_template() -> None:
     tok = build_tiny_tokenizer()  # renders `arguments` as is when a string, else tojson: both stay natural
-    assert normalize_tool_call({"name": "f", "arguments": {"a": 1}}) == {
+    assert tool_call_for_template({"name": "f", "arguments": {"a": 1}}) == {
         "type": "function",
         "function": {"name": "f", "arguments": '{"a": 1}'},
     }
-    assert normalize_tool_call(CALLS["tool_calls"][0], arguments="dict")["function"]["arguments"] == {"e": "2+2"}
+    assert tool_call_for_template(CALLS["tool_calls"][0], arguments="dict")["function"]["arguments"] == {"e": "2+2"}
     with pytest.raises(ValueError):
-        normalize_tool_call({"function": {"name": "f", "arguments": "[1]"}}, arguments="dict")
+        tool_call_for_template({"function": {"name": "f", "arguments": "[1]"}}, arguments="dict")
     always_json = CHATML_TEMPLATE.replace("{%- if fn.arguments is string %}", "{%- if false %}")
     assert always_json != CHATML_TEMPLATE
     (sample,) = render_trajectory({"steps": [{"prompt": [USER], "completion": [CALLS]}], "tools": TOOLS}, _with_template(always_json))

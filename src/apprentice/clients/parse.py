@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from typing import Any
 
 from apprentice.clients.base import ChatResponse
+from apprentice.render.reasoning import split_think
+from apprentice.trajectory import normalize_tool_call
 
 MAX_CHARS_PER_TOKEN = 32
 """Generous: BPE tokens average ~4 characters; the longest ones (runs of spaces, long words) stay well below 32."""
 
-_LEADING_THINK = re.compile(r"^\s*<think>(.*?)(?:</think>|$)\s*", re.DOTALL)
-_UNOPENED_THINK = re.compile(r"^(.*?)</think>\s*", re.DOTALL)  # the prompt opened <think>: only the close is generated
 
 
 class TokenFieldsMissing(ValueError):
@@ -38,20 +37,6 @@ class Unusable(ValueError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def split_think(content: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of a content string with a leading `<think>` block, or (None, content) without one.
-
-    An unclosed `<think>` (cut off by max_tokens) is all reasoning; a `</think>` with no opening tag (the chat
-    template opened it in the prompt) closes reasoning that started at the beginning of the content.
-    """
-    match = _LEADING_THINK.match(content)
-    if match is None and "<think>" not in content:
-        match = _UNOPENED_THINK.match(content)
-    if match is None:
-        return None, content
-    return match.group(1).strip(), content[match.end() :]
 
 
 def decode_body(raw: bytes) -> Any:
@@ -104,19 +89,6 @@ def _text(content: Any) -> str | None:
     raise ValueError(f"message.content has unexpected type {type(content).__name__}")
 
 
-def _tool_call(call: Any) -> dict[str, Any]:
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        raise ValueError(f"tool call without a function object: {call!r}")
-    fn = call["function"]
-    if not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise ValueError(f"tool call without a name: {call!r}")
-    arguments = fn.get("arguments")
-    # Some servers send arguments as an object; the chat format (and our renderer) expects a JSON string.
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
-    return {"id": str(call.get("id") or ""), "type": "function", "function": {"name": fn["name"], "arguments": arguments}}
-
-
 def parse_completion(data: Any, *, use_token_client: bool) -> ChatResponse:
     """First choice of a chat-completions JSON body as a normalised `ChatResponse`; ValueError if malformed."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
@@ -130,18 +102,20 @@ def parse_completion(data: Any, *, use_token_client: bool) -> ChatResponse:
     if raw.get("tool_calls"):
         if not isinstance(raw["tool_calls"], list):
             raise ValueError("message.tool_calls is not an array")
-        message["tool_calls"] = [_tool_call(c) for c in raw["tool_calls"]]
+        if not all(isinstance(c, dict) for c in raw["tool_calls"]):
+            raise ValueError(f"message.tool_calls holds a call that is not an object: {raw['tool_calls']!r}")
+        message["tool_calls"] = [dict(normalize_tool_call(c, "")) for c in raw["tool_calls"]]
     reasoning = raw.get("reasoning_content") or raw.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
         message["reasoning_content"] = reasoning
     elif content is not None and not use_token_client:
         # A teacher's inline <think> block is moved to reasoning_content like the fields above. Token-client
         # answers stay as generated: their token ids are the text, split or not.
-        inline, answer = split_think(content)
+        inline, answer, _closed = split_think(content)  # the one definition, shared with render and rewards
         if inline is not None:
             message["content"] = answer
-            if inline:
-                message["reasoning_content"] = inline
+            if inline.strip():
+                message["reasoning_content"] = inline.strip()
     response = ChatResponse(message=message, finish_reason=str(choice.get("finish_reason") or "unknown"))
     if use_token_client:
         prompt_ids = data.get("prompt_token_ids", choice.get("prompt_token_ids"))

@@ -10,13 +10,13 @@ from typing import Any
 
 from apprentice.render.errors import RenderError
 from apprentice.render.messages import render_messages
-from apprentice.render.normalize import normalize_tool_call
+from apprentice.render.normalize import tool_call_for_template
 from apprentice.render.reasoning import Reasoning
 from apprentice.render.stats import RenderStats
 from apprentice.render.tokens import render_tokens
 from apprentice.types import TrainingSample
 
-__all__ = ["RenderError", "RenderStats", "normalize_tool_call", "render_many", "render_trajectory"]
+__all__ = ["RenderError", "RenderStats", "tool_call_for_template", "render_many", "render_trajectory"]
 
 
 def render_trajectory(

@@ -4,8 +4,9 @@ OpenAI-format agent traces carry `content: null` on tool-call turns, tool-call `
 and ids like "call_0". Templates differ: some concatenate `message.content` (a missing content fails), some
 render `arguments | tojson` (a string would be double-encoded, `"{\\"x\\": 1}"`), some need dict arguments for
 `| items`, Mistral's require 9-character alphanumeric ids. `template_traits` finds out once per template by
-rendering tiny probe conversations, and `normalize_message` applies what it found; `normalize_tool_call` is the
-one function that turns any tool call (OpenAI nested or flat, string or dict arguments) into the OpenAI shape.
+rendering tiny probe conversations, and `normalize_message` applies what it found; `tool_call_for_template` turns
+a tool call (OpenAI nested or flat, string or dict arguments) into the shape the template expects; calls coming
+from a server were already normalised by `apprentice.trajectory.normalize_tool_call` (client and environments).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ Message = dict[str, Any]
 ArgumentsAs = Literal["string", "dict"]
 
 
-def normalize_tool_call(
+def tool_call_for_template(
     call: dict[str, Any], *, arguments: ArgumentsAs = "string", default_id: str | None = None
 ) -> dict[str, Any]:
     """`{"id", "type": "function", "function": {"name", "arguments"}}` from an OpenAI or flat tool call.
@@ -113,7 +114,7 @@ def normalize_message(message: Message, traits: TemplateTraits, where: str) -> M
     calls = message.get("tool_calls")
     if calls:
         try:
-            out["tool_calls"] = [normalize_tool_call(c, arguments=traits.arguments) for c in calls]
+            out["tool_calls"] = [tool_call_for_template(c, arguments=traits.arguments) for c in calls]
         except (ValueError, TypeError) as err:
             raise RenderError(
                 "template_dropped", f"{where}: the template renders arguments as JSON objects, but {err}"
