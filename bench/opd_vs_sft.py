@@ -27,6 +27,7 @@ from apprentice.inference.launch import free_port, local_server
 from apprentice.launcher import run_distill
 from apprentice.launcher_rl import run_rl
 from apprentice.metrics import read_metrics
+from apprentice.plotting import pyplot
 from apprentice.testing.smollm2 import export_smollm2
 
 OPD_CONFIG = Path("configs/demo/opd-capitals.toml")
@@ -41,13 +42,7 @@ def timed(fn: Any, *args: Any) -> float:
 
 
 def save_plot(out: Path, sft_dir: Path, opd_dir: Path, rows: dict[str, Scores]) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping the plot")
+    if (plt := pyplot()) is None:
         return None
     sft = read_metrics(sft_dir / "trainer" / "metrics.jsonl")
     opd = [m for m in read_metrics(opd_dir / "orchestrator" / "metrics.jsonl") if "distill/reverse_kl" in m]

@@ -22,6 +22,7 @@ from apprentice.eval import evaluate
 from apprentice.inference.launch import local_server
 from apprentice.launcher import run_distill
 from apprentice.metrics import read_metrics
+from apprentice.plotting import pyplot
 from apprentice.testing.smollm2 import export_smollm2
 
 CONFIG = Path("configs/demo/distill-capitals.toml")
@@ -47,13 +48,7 @@ def score(cfg: Config, model: str) -> Scores:
 
 
 def save_plot(output_dir: Path, before: Scores, after: Scores, teacher: Scores) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping the plot (pip install 'apprentice[demo]')")
+    if (plt := pyplot()) is None:
         return None
     trainer = read_metrics(output_dir / "trainer" / "metrics.jsonl")
     orchestrator = [m for m in read_metrics(output_dir / "orchestrator" / "metrics.jsonl") if "rollout/reward" in m]

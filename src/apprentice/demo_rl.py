@@ -23,6 +23,7 @@ from pathlib import Path
 from apprentice.envs.base import Task
 from apprentice.envs.single_turn import SingleTurnEnv
 from apprentice.metrics import read_metrics
+from apprentice.plotting import pyplot
 
 CONFIG = Path("configs/rl-smollm2-capitals.toml")
 TINY_CONFIG = Path("configs/rl-tiny-letters.toml")
@@ -64,13 +65,7 @@ def make_capitals_env(
 
 
 def save_plot(output_dir: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping the plot (pip install 'apprentice[demo]')")
+    if (plt := pyplot()) is None:
         return None
     evals = read_metrics(output_dir / "orchestrator" / "eval.jsonl")
     rollouts = [m for m in read_metrics(output_dir / "orchestrator" / "metrics.jsonl") if "rollout/reward" in m]
