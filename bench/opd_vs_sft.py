@@ -1,7 +1,7 @@
 """Off-policy (SFT on the teacher's answers) vs on-policy distillation (the student samples, the teacher scores its
 tokens) on the demo's capitals task: same teacher, same student, same prompts per step, same number of steps.
 
-    HF_HUB_OFFLINE=1 python bench/opd_vs_sft.py [--output-dir runs/opd-bench] [--steps 30]
+    HF_HUB_OFFLINE=1 python bench/opd_vs_sft.py [--output-dir runs/opd-bench] [--steps 50]
 
 The teacher is SmolLM2-135M-Instruct with hidden instructions and worked examples (configs/demo/teacher_prompt.json)
 served by `apprentice serve`; the student is the same model without them. Off-policy: `apprentice distill
@@ -71,7 +71,7 @@ def save_plot(out: Path, sft_dir: Path, opd_dir: Path, rows: dict[str, Scores]) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/opd-bench")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
