@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed  # noqa: E402  (bench/ is the script's directory)
 
 from apprentice.config import SFTLossConfig
 from apprentice.trainer.logprobs import chunked_loss, full_loss
@@ -55,15 +55,6 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     fn()
     return (_status_kb("VmHWM") - base) * 1024
 
-
-def seconds(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -122,7 +113,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, fn in paths.items():
-            times[name].append(seconds(fn, device))
+            times[name].append(timed(fn, device))
     for name in paths:
         timing = (f"median {statistics.median(times[name]):7.3f} s (forward + backward; runs "
                   f"{', '.join(f'{s:.3f}' for s in times[name])})") if times[name] else "not timed (--repeats 0)"

@@ -18,12 +18,12 @@ import os
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from timing import timed  # noqa: E402  (bench/ is the script's directory)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from apprentice.config import Config, OptimConfig  # noqa: E402
@@ -70,15 +70,6 @@ def padded_step(model: torch.nn.Module, samples: list[TrainingSample], batch: in
         ) / total
         loss.backward()
 
-
-def timed(fn, device: torch.device) -> float:  # type: ignore[no-untyped-def]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
