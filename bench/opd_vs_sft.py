@@ -27,7 +27,7 @@ from apprentice.inference.launch import free_port, local_server
 from apprentice.launcher import run_distill
 from apprentice.launcher_rl import run_rl
 from apprentice.metrics import read_metrics
-from apprentice.plotting import pyplot
+from apprentice.plotting import pyplot, save_figure
 from apprentice.testing.smollm2 import export_smollm2
 
 OPD_CONFIG = Path("configs/demo/opd-capitals.toml")
@@ -61,11 +61,7 @@ def save_plot(out: Path, sft_dir: Path, opd_dir: Path, rows: dict[str, Scores]) 
     ax_bars.set_xticks(list(xs), names, rotation=15, fontsize=8)
     ax_bars.set(title="held-out countries (40), greedy", ylim=(0, 1.05))
     ax_bars.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "opd_vs_sft.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "opd_vs_sft.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from apprentice.eval import evaluate
 from apprentice.inference.launch import local_server
 from apprentice.launcher import run_distill
 from apprentice.metrics import read_metrics
-from apprentice.plotting import pyplot
+from apprentice.plotting import pyplot, save_figure
 from apprentice.testing.smollm2 import export_smollm2
 
 CONFIG = Path("configs/demo/distill-capitals.toml")
@@ -63,11 +63,7 @@ def save_plot(output_dir: Path, before: Scores, after: Scores, teacher: Scores) 
         ax_reward.axhline(getattr(teacher, attr), linestyle="--", color=color, alpha=0.6, label=f"teacher, held-out: {name}")
     ax_reward.set(title="reward", xlabel="step", ylabel="mean over tasks", ylim=(-0.05, 1.05))
     ax_reward.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.tight_layout()
-    path = output_dir / "demo.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, output_dir / "demo.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from apprentice.envs.base import Task
 from apprentice.envs.single_turn import SingleTurnEnv
 from apprentice.metrics import read_metrics
-from apprentice.plotting import pyplot
+from apprentice.plotting import pyplot, save_figure
 
 CONFIG = Path("configs/rl-smollm2-capitals.toml")
 TINY_CONFIG = Path("configs/rl-tiny-letters.toml")
@@ -77,11 +77,7 @@ def save_plot(output_dir: Path, title: str) -> Path | None:
     ax.set(title=title, xlabel="trainer step",
            ylabel="mean reward", ylim=(-0.05, 1.05))  # fmt: skip
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = output_dir / "rl-demo.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, output_dir / "rl-demo.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -16,3 +17,13 @@ def pyplot() -> Any | None:
         print("matplotlib is not installed; skipping the plot (pip install 'apprentice[demo]')")
         return None
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (100 dpi PNG) and close a figure; the written path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt  # only reached with a figure, so matplotlib is installed
+
+    plt.close(fig)
+    return path
