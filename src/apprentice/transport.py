@@ -255,6 +255,23 @@ def read_step_batch(output_dir: Path, step: int, rank: int) -> list[TrainingSamp
         raise BatchError(f"{e}. {_rewrite_fix(output_dir, step)}") from None
 
 
+def step_batch_has_topk(output_dir: Path, step: int) -> bool:
+    """Whether any rank file of the complete step `step` carries top-k columns (reads only the headers)."""
+    marker = read_step_marker(output_dir, step)
+    if marker is None:
+        raise BatchError(f"{step_dir(output_dir, step)} is not a complete step batch (no {MARKER} marker)")
+    for rank in range(marker["world_size"]):
+        path = rank_file(output_dir, step, rank)
+        with open(path, "rb") as f:
+            header = f.read(int.from_bytes(f.read(8), "little"))
+        try:
+            if "topk_ids" in json.loads(header):
+                return True
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BatchError(f"{path}: corrupt header. {_rewrite_fix(output_dir, step)}") from None
+    return False
+
+
 def drop_unpackable(samples: list[TrainingSample], micro_batch_tokens: int) -> tuple[list[TrainingSample], int]:
     """The samples the trainer can pack (1 to `micro_batch_tokens` tokens), in order, and how many were not.
 

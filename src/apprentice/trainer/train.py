@@ -40,6 +40,7 @@ from apprentice.transport import (
     BatchError,
     drop_unpackable,
     read_step_marker,
+    step_batch_has_topk,
     step_dir,
     wait_for_step_batch,
     write_trainer_progress,
@@ -89,6 +90,8 @@ def main(cfg: Config) -> None:
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
             samples, skipped = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world)
+            if cfg.trainer.loss.type == "distill":
+                check_distill_targets(samples, output_dir, step)
             t_start = time.perf_counter()
             result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
                                 grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens,
@@ -135,6 +138,18 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
             f"for trainer.num_nodes x trainer.num_processes ranks)"
         )
     return samples
+
+
+def check_distill_targets(samples: list[TrainingSample], output_dir: Path, step: int) -> None:
+    """The distill loss needs top-k targets somewhere in the step (any rank's file): a BatchError otherwise,
+    since training on the NLL alone would silently be the sft loss."""
+    if any(s.teacher_topk_ids is not None for s in samples) or step_batch_has_topk(output_dir, step):
+        return
+    raise BatchError(
+        f'{step_dir(output_dir, step)} carries no top-k targets but trainer.loss.type = "distill": its orchestrator '
+        f"wrote no teacher distributions. Set orchestrator.on_policy_distill.top_k or orchestrator.sampling."
+        f'top_logprobs > 0 for the run that writes the batches, or use trainer.loss.type = "sft"'
+    )
 
 
 def skip_unpackable(
