@@ -23,9 +23,12 @@ from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config, load_config
 from apprentice.errors import exit_on_user_error
+from apprentice.handoff import weights
+from apprentice.handoff.hfdir import export_final
+from apprentice.handoff.progress import write_trainer_progress
+from apprentice.handoff.rollouts import BatchError, drop_unpackable, read_step_marker, step_dir, wait_for_step_batch
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
-from apprentice.trainer.export import export_hf
 from apprentice.trainer.logprobs import LOSS_METHOD
 from apprentice.trainer.losses import LossFn, build_loss, finalize_metrics
 from apprentice.trainer.metrics import MetricsLogger
@@ -34,16 +37,7 @@ from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_sche
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
 from apprentice.trainer.parallelize import needs_mesh, parallelize
 from apprentice.trainer.precision import resolve_precision
-from apprentice.trainer.publish import publish_weights
 from apprentice.trainer.world import World, all_reduce_sum_, init_distributed, pick_device, shutdown, step_counts
-from apprentice.transport import (
-    BatchError,
-    drop_unpackable,
-    read_step_marker,
-    step_dir,
-    wait_for_step_batch,
-    write_trainer_progress,
-)
 from apprentice.types import TrainingSample
 
 log = logging.getLogger("apprentice.trainer")
@@ -79,6 +73,9 @@ def main(cfg: Config) -> None:
         # Resume from the newest complete checkpoint that passes verification, if any.
         ckpt.remove_partial(output_dir, world)
         start_step = ckpt.resume(output_dir, model, optimizer, scheduler, world)
+        weights_keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
+        if cfg.mode == "rl":  # an orchestrator may be waiting for the weights of the step we resume from
+            weights.republish(model, tokenizer, output_dir, start_step, weights_keep)
         logger = MetricsLogger(
             output_dir, cfg.log, enabled=world.is_main, start_step=start_step, max_steps=cfg.trainer.max_steps,
             run_config=cfg.model_dump(mode="json"),
@@ -109,14 +106,13 @@ def main(cfg: Config) -> None:
                 "perf/wait_s": t_start - t_wait,
             })
             if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
-                keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
-                publish_weights(model, tokenizer, output_dir, step, keep)
+                weights.publish(model, tokenizer, output_dir, step, weights_keep)
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
 
-        export_hf(model, tokenizer, output_dir / "final")
+        export_final(model, tokenizer, output_dir)
         logger.close()
     except BaseException:
         shutdown(world, completed=False)
