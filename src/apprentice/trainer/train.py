@@ -26,7 +26,14 @@ from apprentice.errors import exit_on_user_error
 from apprentice.handoff import weights
 from apprentice.handoff.hfdir import export_final
 from apprentice.handoff.progress import write_trainer_progress
-from apprentice.handoff.rollouts import BatchError, drop_unpackable, read_step_marker, step_dir, wait_for_step_batch
+from apprentice.handoff.rollouts import (
+    BatchError,
+    drop_unpackable,
+    read_step_marker,
+    step_batch_has_topk,
+    step_dir,
+    wait_for_step_batch,
+)
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
 from apprentice.trainer.logprobs import LOSS_METHOD
@@ -86,6 +93,8 @@ def main(cfg: Config) -> None:
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
             samples, skipped = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world)
+            if cfg.trainer.loss.type == "distill":
+                check_distill_targets(samples, output_dir, step)
             t_start = time.perf_counter()
             result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
                                 grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens,
@@ -131,6 +140,18 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
             f"for trainer.num_nodes x trainer.num_processes ranks)"
         )
     return samples
+
+
+def check_distill_targets(samples: list[TrainingSample], output_dir: Path, step: int) -> None:
+    """The distill loss needs top-k targets somewhere in the step (any rank's file): a BatchError otherwise,
+    since training on the NLL alone would silently be the sft loss."""
+    if any(s.teacher_topk_ids is not None for s in samples) or step_batch_has_topk(output_dir, step):
+        return
+    raise BatchError(
+        f'{step_dir(output_dir, step)} carries no top-k targets but trainer.loss.type = "distill": its orchestrator '
+        f"wrote no teacher distributions. Set orchestrator.on_policy_distill.top_k or orchestrator.sampling."
+        f'top_logprobs > 0 for the run that writes the batches, or use trainer.loss.type = "sft"'
+    )
 
 
 def skip_unpackable(
