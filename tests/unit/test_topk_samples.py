@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from apprentice.trainer.packing import collate, pack_samples, placeholder_batch
-from apprentice.transport import (
+from apprentice.handoff.rollouts import (
     BatchError,
     decode_samples,
     encode_samples,
@@ -19,6 +18,7 @@ from apprentice.transport import (
     read_step_batch,
     write_step_batch,
 )
+from apprentice.trainer.packing import collate, pack_samples, placeholder_batch
 from apprentice.types import TrainingSample
 
 
@@ -118,7 +118,7 @@ def test_corrupt_topk_column_fails_the_checksum(tmp_path: Path, column: str) -> 
 def test_inconsistent_topk_columns_are_batch_errors() -> None:
     from safetensors.torch import save
 
-    from apprentice.transport import _digest
+    from apprentice.handoff.rollouts import _digest
 
     tensors = {"lengths": torch.tensor([2]), "advantages": torch.tensor([1.0], dtype=torch.float64),
                "token_ids": torch.tensor([1, 2]), "loss_mask": torch.tensor([False, True]),

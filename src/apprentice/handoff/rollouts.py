@@ -2,7 +2,6 @@
 
     OUTPUT/rollouts/step_{n}/rank_{r}.safetensors   one file per trainer rank
     OUTPUT/rollouts/step_{n}/COMPLETE               JSON marker: world_size, sample/token counts, meta
-    OUTPUT/trainer/progress.json                    the trainer's last finished step (backpressure)
 
 A step directory is built under a temporary name, fsync'ed and renamed into place (apprentice.fsio), so a
 reader never sees a partial step. Each rank file is a safetensors file (no pickle) holding the samples
@@ -32,11 +31,11 @@ from safetensors.torch import save as st_save
 
 from apprentice import fsio
 from apprentice.errors import ApprenticeError
+from apprentice.handoff.paths import MARKER, complete_steps, rollouts_root, step_name
 from apprentice.types import TrainingSample
 
-log = logging.getLogger("apprentice.transport")
+log = logging.getLogger("apprentice.handoff")
 
-MARKER = "COMPLETE"
 FORMAT_VERSION = "1"
 _COLUMNS = ("lengths", "advantages", "token_ids", "loss_mask", "logprobs")
 # Written only when some sample carries per-token advantages (on-policy distillation): `has_token_advantages`
@@ -57,7 +56,7 @@ class BatchTimeoutError(ApprenticeError, TimeoutError):
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / "rollouts" / f"step_{step}"
+    return rollouts_root(output_dir) / step_name(step)
 
 
 def rank_file(output_dir: Path, step: int, rank: int) -> Path:
@@ -302,9 +301,7 @@ def wait_for_step_batch(
 
 def latest_step_batch(output_dir: Path) -> int:
     """The highest complete rollouts step (0 if none)."""
-    root = Path(output_dir) / "rollouts"
-    steps = [int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit() and (p / MARKER).is_file()]
-    return max(steps, default=0)
+    return max((step for step, _ in complete_steps(rollouts_root(output_dir))), default=0)
 
 
 def remove_partial_steps(output_dir: Path) -> list[Path]:
@@ -313,7 +310,7 @@ def remove_partial_steps(output_dir: Path) -> list[Path]:
     Call only where nothing else can be writing rollouts (the orchestrator, its only writer, at its start):
     `fsio.atomic_dir` removes its temporary directory on an exception, but not when the process is killed.
     """
-    leftovers = sorted(p for p in (Path(output_dir) / "rollouts").glob(".step_*.tmp-*") if p.is_dir())
+    leftovers = sorted(p for p in rollouts_root(output_dir).glob(".step_*.tmp-*") if p.is_dir())
     for path in leftovers:
         shutil.rmtree(path)
     return leftovers
@@ -333,42 +330,3 @@ def split_across_ranks(samples: list[TrainingSample], world_size: int) -> list[l
         owner[i] = rank
         loads[rank] += len(samples[i])
     return [[s for i, s in enumerate(samples) if owner[i] == r] for r in range(world_size)]
-
-
-def _progress_path(output_dir: Path) -> Path:
-    return Path(output_dir) / "trainer" / "progress.json"
-
-
-def write_trainer_progress(output_dir: Path, step: int) -> None:
-    """Record (atomically) that the trainer finished optimizer step `step`."""
-    fsio.write_text(_progress_path(output_dir), json.dumps({"step": step}))
-
-
-class ProgressError(ApprenticeError):
-    """OUTPUT/trainer/progress.json cannot be read; the message names it and says how to fix it."""
-
-
-def read_trainer_progress(output_dir: Path) -> int:
-    """The trainer's last finished step (0 when it has not finished any).
-
-    The file is written atomically, so a garbled one was damaged from outside. Guessing a value would be
-    unsafe (0 can deadlock the orchestrator's backpressure against a trainer waiting for the next batch), so
-    it is a ProgressError naming the file; deleting it is safe because the trainer rewrites it every step.
-    """
-    path = _progress_path(output_dir)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return 0
-    try:
-        step = json.loads(raw.decode("utf-8"))["step"]
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
-        step, problem = None, f"{type(e).__name__}: {e}"
-    else:
-        problem = f"step is {step!r}, not a whole number >= 0"
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ProgressError(
-            f"{path}: unreadable trainer progress file ({problem[:200]}). Fix: stop the run, delete the file and "
-            f"rerun; the trainer rewrites it after every step"
-        )
-    return step
