@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from apprentice.config import Config
+from apprentice.handoff.rollouts import BatchError, write_step_batch
 from apprentice.metrics import read_metrics
 from apprentice.testing.tiny import build_tiny_model, save_tiny_student
 from apprentice.trainer.metrics import metrics_path
 from apprentice.trainer.train import main
-from apprentice.transport import BatchError, write_step_batch
 from apprentice.types import TrainingSample
 
 K = 8
