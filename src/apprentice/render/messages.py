@@ -51,7 +51,7 @@ from typing import Any
 from apprentice.render.align import Tokens
 from apprentice.render.control import check_control_tokens
 from apprentice.render.errors import RenderError
-from apprentice.render.normalize import normalize_message
+from apprentice.render.normalize import ToolCallArguments, normalize_message
 from apprentice.render.reasoning import (
     CLOSE,
     OPEN,
@@ -105,7 +105,7 @@ class TurnRenderer:
         """(normalised message, prepared for the template); the reasoning policy applies to trained turns only:
         history is rendered as the prompt messages say, which is what the student's server renders."""
         msg = apply_reasoning(raw, self.reasoning, self.reads) if trained else raw
-        msg = normalize_message(msg, self.traits, where)
+        msg = normalize_message(msg, self.traits, where, trained=trained)
         return msg, self.r.prepare(msg)
 
     def body(self, prepared: list[Any], msg: Message, where: str) -> tuple[str, str]:
@@ -296,9 +296,10 @@ def render_messages(
     *,
     truncated: bool = False,
     allow_control_tokens: bool = False,
+    tool_call_arguments: ToolCallArguments = "dict",
 ) -> list[TrainingSample]:
     for _ in range(2):  # a second pass only if the fast path broke (it is then off for good)
-        renderer = ChatRenderer(tokenizer, tools, template_kwargs)
+        renderer = ChatRenderer(tokenizer, tools, template_kwargs, tool_call_arguments)
         try:
             turns = conversation_turns(steps, TurnRenderer(renderer, reasoning, allow_control_tokens), truncated)
             return build_samples(turns, Tokens(tokenizer), renderer)
