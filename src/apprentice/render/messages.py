@@ -7,6 +7,9 @@ Consecutive turns share a sample only where the next prompt's tokens extend it. 
 conversation at once is not the reference: where it differs (a token straddling the header and a reply that
 starts with whitespace), inference never saw that token.
 
+Messages reach the template as the student's serving engine hands them over (normalize.py): by default as vLLM
+does, tool-call arguments parsed into objects and a missing content as "".
+
 Algorithm, per assistant turn (messages normalised once: normalize.py; reasoning policy: reasoning.py):
 
 1. P = template(prompt, add_generation_prompt=True); F = template(prompt + [turn]). One render each.
@@ -24,8 +27,9 @@ Algorithm, per assistant turn (messages normalised once: normalize.py; reasoning
       - X is an empty thought block: body = body_raw when the turn has no kept reasoning; with reasoning the
         template cannot hold it where the student would generate it: set aside (template_dropped).
       - anything else: prefix_mismatch.
-3. End of turn: the first stop marker in body (template.stop_markers: eos, generation_config eos, and the token
-   the template writes after an answer / a tool call), skipping markers the teacher wrote when the user allows
+3. End of turn: the first stop marker in body (template.stop_markers: eos, generation_config eos, the token the
+   template writes after an answer, and the one that closes a conversation ending in a tool call: gpt-oss's
+   `<|call|>`, Gemma 4's `<|tool_response>`), skipping markers the teacher wrote when the user allows
    control tokens. Everything after it (Phi's "\\n<|endoftext|>", ChatML's "\\n") is template text the model
    never generates. completion C = body through that marker.
 4. Cut-off turns (the trajectory's last turn when `truncated`, or a step with finish_reason "length") are trained
