@@ -213,3 +213,23 @@ def test_the_setting_reaches_the_render() -> None:
         texts[setting] = masked_texts(tok, samples[0])[0]
     assert '{"city": "Paris", "forecast": true, "days": 2}' in texts["dict"]
     assert '{"city":"Paris","forecast":true,"days":2}' in texts["string"]
+
+
+def test_a_token_that_closes_each_call_is_not_the_end_of_the_turn() -> None:
+    """A template whose call turn ends with the token that also closes each call (GLM-style): not a stop token."""
+    from tokenizers import AddedToken
+
+    from apprentice.render.template import ChatRenderer, stop_markers
+    from apprentice.testing.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<call>", "</call>", "<end>")])
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content or '' }}"
+        "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }} {{ c.function.arguments | tojson }}</call>{% endfor %}"
+        "{% if not m.tool_calls %}<end>{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    markers = stop_markers(ChatRenderer(tok, None))
+    assert "<end>" in markers and "</call>" not in markers
+    gemma = family("gemma4")
+    assert {"<turn|>", "<|tool_response>"} <= set(stop_markers(ChatRenderer(gemma, None))) and "<tool_call|>" not in stop_markers(ChatRenderer(gemma, None))

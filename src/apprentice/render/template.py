@@ -185,7 +185,8 @@ def stop_markers(renderer: ChatRenderer) -> tuple[str, ...]:
       Gemma 4's `<|tool_response>` (the model stops there and the server appends the results), R1's end of
       sentence after its `<｜tool▁call▁end｜><｜tool▁calls▁end｜>`, ChatML's `<|im_end|>`.
     Not every special token: gpt-oss writes `<|end|>` between its analysis and final channels, and Gemma 4 writes
-    `<tool_call|>` between parallel calls; neither stops generation.
+    `<tool_call|>` after each of parallel calls; neither stops generation (a token that closes each call is not
+    taken as the turn's end).
     """
     tok = renderer.tokenizer
     key = (id(tok), renderer.template, renderer.tool_call_arguments)
@@ -203,14 +204,22 @@ def stop_markers(renderer: ChatRenderer) -> tuple[str, ...]:
         marker = _special_after(answer, answer.rfind(_PROBE) + len(_PROBE), specials)
         if marker is not None:
             found.add(marker)
-    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "probe_tool", "arguments": {"probe_arg": 1}}}
+    # Two calls where the template takes them: a token that also closes each call (GLM-style `</tool_call>`)
+    # ends the conversation too, but it is not where generation stops.
+    calls = [
+        {"id": f"a1b2c3d4{i}", "type": "function", "function": {"name": "probe_tool", "arguments": {"probe_arg": i}}}
+        for i in (1, 2)
+    ]
     traits = renderer.traits()
-    called = _probe_render(renderer, [user, normalize_message({"role": "assistant", "tool_calls": [call]}, traits, "")])
-    if called is not None and "probe_arg" in called:
-        tail = called[called.rfind("probe_arg") :].rstrip()
-        marker = next((token for token in specials if tail.endswith(token)), None)
-        if marker is not None:
-            found.add(marker)
+    for n in (2, 1):
+        turn = normalize_message({"role": "assistant", "tool_calls": calls[:n]}, traits, "")
+        called = _probe_render(renderer, [user, turn])
+        if called is not None and "probe_arg" in called:
+            tail = called[called.find("probe_arg") :].rstrip()
+            marker = next((token for token in specials if tail.endswith(token)), None)
+            if marker is not None and tail.count(marker) == 1:
+                found.add(marker)
+            break
     _STOPS[key] = tuple(sorted(found, key=len, reverse=True))
     return _STOPS[key]
 
