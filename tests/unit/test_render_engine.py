@@ -233,3 +233,22 @@ def test_a_token_that_closes_each_call_is_not_the_end_of_the_turn() -> None:
     assert "<end>" in markers and "</call>" not in markers
     gemma = family("gemma4")
     assert {"<turn|>", "<|tool_response>"} <= set(stop_markers(ChatRenderer(gemma, None))) and "<tool_call|>" not in stop_markers(ChatRenderer(gemma, None))
+
+
+def test_string_setting_keeps_strings_for_templates_that_only_take_strings() -> None:
+    """llama.cpp passes the string to a template that concatenates it (DeepSeek R1's original); vLLM's dict fails."""
+    from apprentice.testing.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+        "{% for c in m.tool_calls or [] %}{{ 'call ' + c.function.name + ' ' + c.function.arguments }}{% endfor %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    conversation = histories()[0]
+    steps = trajectory_of(conversation)["steps"][:1]
+    (sample,) = render_trajectory({"steps": steps}, tok, tool_call_arguments="string")
+    assert masked_texts(tok, sample) == ['call get_weather {"city":"Paris","forecast":true,"days":2}<|im_end|>']
+    with pytest.raises(RenderError) as err:
+        render_trajectory({"steps": steps}, tok)
+    assert err.value.kind == "template_error"

@@ -240,7 +240,8 @@ class OrchestratorConfig(Section):
     """How the student's serving engine hands tool-call `arguments` to its chat template, so that training renders
     what inference renders: "dict" (vLLM, SGLang) parses the JSON string into an object first, and the template
     prints it its own way (`{"condition": true}`); "string" (llama.cpp) passes the string as the teacher wrote it
-    (`{"condition":true}`) where the template prints strings as it prints the object, and the object elsewhere."""
+    (`{"condition":true}`) where the template prints strings as it prints the object (or takes strings only), and
+    the object elsewhere."""
     rollout_model: EndpointConfig | None = None
     """The teacher endpoint. Setting it selects distill mode (external rollouts, SFT loss)."""
     truncated: Literal["drop", "keep"] = "keep"

@@ -5,8 +5,9 @@ and ids like "call_0". Serving engines reshape them before the chat template see
 trained on the text its own server will render:
 
 - vLLM (and SGLang) parse every tool call's `arguments` string into a dict before rendering
-  (`tool_call_arguments = "dict"`, the default; a `content: null` reaches the template as ""): a template then prints the object its own way
-  (`{"condition": true}` through `tojson`, Gemma 4's `{condition:true}`), whatever spacing the teacher wrote.
+  (`tool_call_arguments = "dict"`, the default; a `content: null` reaches the template as ""): the template
+  prints the object its own way (`{"condition": true}` through `tojson`, Gemma 4's `{condition:true}`),
+  whatever spacing the teacher wrote.
   Missing or empty arguments become `{}`; arguments that are not a JSON object are coerced to `{}` by vLLM, so
   a trained turn holding such a call is set aside (`invalid_arguments`) rather than taught as a different call.
 - llama.cpp passes the string where the template renders it as it would the parsed object, and parses it
@@ -99,16 +100,19 @@ def template_traits(
         except Exception:  # noqa: BLE001 - a probe: any failure means "not this variant"
             return None
 
-    as_dict = dict(_PROBE_ARGS)
-    short = attempt(conv(as_dict, "", _LONG_ID)) is None and attempt(conv(as_dict, "", _SHORT_ID)) is not None
+    as_dict, as_string = dict(_PROBE_ARGS), json.dumps(_PROBE_ARGS)
+    variants = (as_dict, as_string) if tool_call_arguments == "dict" else (as_string, as_dict)
+    short = all(attempt(conv(a, "", _LONG_ID)) is None for a in variants) and any(
+        attempt(conv(a, "", _SHORT_ID)) is not None for a in variants
+    )
     call_id = _SHORT_ID if short else _LONG_ID
     arguments: ArgumentsAs = "dict"
     if tool_call_arguments == "string":
-        # A string is passed where the template renders it exactly as it renders the parsed object (Qwen3,
-        # Hermes print it verbatim); else the template needs the object (`| tojson` would double-encode it,
-        # `| items` fails, Gemma 4 wraps it in a second pair of braces).
-        from_string = attempt(conv(json.dumps(_PROBE_ARGS), "", call_id))
-        if from_string is not None and from_string == attempt(conv(as_dict, "", call_id)):
+        # The string is passed where the template renders it as it renders the parsed object (Qwen3, Hermes
+        # print it verbatim) or only takes strings; else the template needs the object (`| tojson` would
+        # double-encode the string, `| items` fails on it, Gemma 4 wraps it in a second pair of braces).
+        from_string, from_dict = attempt(conv(as_string, "", call_id)), attempt(conv(as_dict, "", call_id))
+        if from_string is not None and from_dict in (None, from_string):
             arguments = "string"
     probe_args: Any = as_dict if arguments == "dict" else json.dumps(_PROBE_ARGS)
     empty = tool_call_arguments == "dict" or (  # vLLM joins a missing content's text parts: ""

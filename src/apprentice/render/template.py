@@ -144,8 +144,9 @@ class ChatRenderer:
         key = (self.template, json.dumps(self.template_kwargs, sort_keys=True, default=str), self.tool_call_arguments)
         cached = _TRAITS.get(key)
         if cached is None:
-            render = lambda msgs: self.reference(msgs, add_generation_prompt=False)  # noqa: E731
-            cached = template_traits(render, self.tool_call_arguments)
+            cached = template_traits(
+                lambda msgs: self.reference(msgs, add_generation_prompt=False), self.tool_call_arguments
+            )
             _TRAITS[key] = cached
         return cached
 
