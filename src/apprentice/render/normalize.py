@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from apprentice.render.errors import RenderError
+from apprentice.trajectory import parsed_arguments
 
 Message = dict[str, Any]
 ArgumentsAs = Literal["string", "dict"]
@@ -51,10 +52,7 @@ def tool_call_for_template(
     if arguments == "string":
         args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
     else:
-        parsed = json.loads(args) if isinstance(args, str) and args else args or {}
-        if not isinstance(parsed, dict):
-            raise ValueError(f"tool call arguments are not a JSON object: {args!r}")
-        args = parsed
+        args = parsed_arguments(args)
     out: dict[str, Any] = {"type": "function", "function": {"name": str(fn.get("name", "")), "arguments": args}}
     call_id = call.get("id") or default_id
     if call_id is not None:
