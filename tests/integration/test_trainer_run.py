@@ -121,8 +121,12 @@ def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(student: Path, tmp
     write_step_batch(out, 2, [bad])
     # A wide trust region keeps the (meaningless, logprob-free) tokens in the loss so the NaN reaches it.
     cfg = make_config(student, out, max_steps=2, loss={"type": "rl", "ratio_low": 1e-6, "ratio_high": 1e6})
-    with pytest.raises(NonFiniteError, match=r"step 2: non-finite.*checkpoints/step_1"):
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite.*checkpoints/step_1") as err:
         main(cfg)
+    batch = str(out / "rollouts" / "step_2")
+    # The message names the batch that holds the NaN and says to delete it (not to lower the learning rate).
+    assert f"step batch {batch} holds non-finite values (sample 0 has advantage nan)" in str(err.value)
+    assert f"Delete {batch} and every later rollouts/step_*" in str(err.value) and "optim.lr" not in str(err.value)
     assert [s for s, _ in complete_checkpoints(out)] == [1]
     assert read_trainer_progress(out) == 1
 

@@ -40,7 +40,11 @@ FORMAT_VERSION = "1"
 _COLUMNS = ("lengths", "advantages", "token_ids", "loss_mask", "logprobs")
 # Written only when some sample carries per-token advantages (on-policy distillation): `has_token_advantages`
 # [N] bool says which samples do, `token_advantages` [sum T] float32 holds theirs (the others' are unused).
-_OPTIONAL_COLUMNS = ("has_token_advantages", "token_advantages")
+# Written only when some sample carries the teacher's top-k (distill loss): `has_topk` [N] bool says which
+# samples do, `topk_ids` [sum T, k] int32 and `topk_logprobs` [sum T, k] float32 hold theirs (-1 / 0.0 rows for
+# the others). One k per file; samples with a narrower k are padded with -1 entries.
+_TOPK_COLUMNS = ("has_topk", "topk_ids", "topk_logprobs")
+_OPTIONAL_COLUMNS = ("has_token_advantages", "token_advantages", *_TOPK_COLUMNS)
 
 
 class BatchError(ApprenticeError):
@@ -81,7 +85,25 @@ def encode_samples(samples: list[TrainingSample]) -> bytes:
             [a for s in samples for a in (s.token_advantages if s.token_advantages is not None else [0.0] * len(s))],
             dtype=torch.float32,
         )
+    if any(s.teacher_topk_ids is not None for s in samples):
+        tensors.update(_encode_topk(samples))
     return st_save(tensors, metadata={"format": FORMAT_VERSION, "sha256": _digest(tensors)})
+
+
+def _encode_topk(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
+    """The three top-k columns of `samples` (some of which carry targets)."""
+    k = max(s.num_topk for s in samples)
+    total = sum(len(s) for s in samples)
+    ids = torch.full((total, k), -1, dtype=torch.int32)
+    lps = torch.zeros((total, k), dtype=torch.float32)
+    start = 0
+    for s in samples:
+        if s.teacher_topk_ids is not None and s.teacher_topk_logprobs is not None and s.num_topk:
+            ids[start : start + len(s), : s.num_topk] = torch.tensor(s.teacher_topk_ids, dtype=torch.int32)
+            lps[start : start + len(s), : s.num_topk] = torch.tensor(s.teacher_topk_logprobs, dtype=torch.float32)
+        start += len(s)
+    has = torch.tensor([s.teacher_topk_ids is not None for s in samples], dtype=torch.bool)
+    return {"has_topk": has, "topk_ids": ids, "topk_logprobs": lps}
 
 
 def decode_samples(data: bytes, source: str) -> list[TrainingSample]:
@@ -106,13 +128,39 @@ def decode_samples(data: bytes, source: str) -> list[TrainingSample]:
     advantages = tensors["advantages"].tolist()
     per_token = _token_advantages(tensors, lengths, total, source)
     per_token_flags = tensors["has_token_advantages"].tolist() if per_token is not None else []
+    topk = _topk_columns(tensors, lengths, total, source)
     samples, start = [], 0
     for i, (n, adv) in enumerate(zip(lengths, advantages, strict=True)):
         end = start + n
         token_adv = per_token[start:end] if per_token is not None and per_token_flags[i] else None
-        samples.append(TrainingSample(ids[start:end], mask[start:end], lps[start:end], adv, token_adv))
+        topk_ids = topk_lps = None
+        if topk is not None and topk[0][i]:
+            topk_ids, topk_lps = topk[1][start:end], topk[2][start:end]
+        try:
+            samples.append(TrainingSample(ids[start:end], mask[start:end], lps[start:end], adv, token_adv,
+                                          topk_ids, topk_lps))  # fmt: skip
+        except ValueError as e:
+            raise BatchError(f"{source}: sample {i} is invalid: {e}") from None
         start = end
     return samples
+
+
+def _topk_columns(
+    tensors: dict[str, torch.Tensor], lengths: list[int], total: int, source: str
+) -> tuple[list[bool], list[list[int]], list[list[float]]] | None:
+    """The optional top-k columns as (has_topk [N], ids [sum T][k], logprobs [sum T][k]); None when absent."""
+    present = [c for c in _TOPK_COLUMNS if c in tensors]
+    if not present:
+        return None
+    if len(present) != len(_TOPK_COLUMNS):
+        raise BatchError(f"{source}: has top-k columns {present} without {sorted(set(_TOPK_COLUMNS) - set(present))}")
+    ids, lps, has = tensors["topk_ids"], tensors["topk_logprobs"], tensors["has_topk"]
+    if ids.dim() != 2 or ids.shape != lps.shape or ids.shape[0] != total or has.numel() != len(lengths):
+        raise BatchError(
+            f"{source}: top-k columns disagree with the per-sample lengths (topk_ids {list(ids.shape)}, "
+            f"topk_logprobs {list(lps.shape)}, has_topk {has.numel()} for {len(lengths)} samples, {total} tokens)"
+        )
+    return has.tolist(), ids.tolist(), lps.tolist()
 
 
 def _token_advantages(tensors: dict[str, torch.Tensor], lengths: list[int], total: int, source: str) -> list[float] | None:
@@ -204,6 +252,23 @@ def read_step_batch(output_dir: Path, step: int, rank: int) -> list[TrainingSamp
         return decode_samples(data, str(path))
     except BatchError as e:
         raise BatchError(f"{e}. {_rewrite_fix(output_dir, step)}") from None
+
+
+def step_batch_has_topk(output_dir: Path, step: int) -> bool:
+    """Whether any rank file of the complete step `step` carries top-k columns (reads only the headers)."""
+    marker = read_step_marker(output_dir, step)
+    if marker is None:
+        raise BatchError(f"{step_dir(output_dir, step)} is not a complete step batch (no {MARKER} marker)")
+    for rank in range(marker["world_size"]):
+        path = rank_file(output_dir, step, rank)
+        with open(path, "rb") as f:
+            header = f.read(int.from_bytes(f.read(8), "little"))
+        try:
+            if "topk_ids" in json.loads(header):
+                return True
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BatchError(f"{path}: corrupt header. {_rewrite_fix(output_dir, step)}") from None
+    return False
 
 
 def drop_unpackable(samples: list[TrainingSample], micro_batch_tokens: int) -> tuple[list[TrainingSample], int]:

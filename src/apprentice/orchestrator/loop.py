@@ -88,8 +88,9 @@ def load_student_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str, float]]]
-"""On-policy distillation's hook: rendered samples -> (the scored ones with token_advantages, distill/* metrics)."""
+ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str, float], dict[str, str]]]
+"""On-policy distillation's hook: rendered samples -> (the scored ones with token_advantages, distill/* metrics,
+the scoring teacher's first error message per kind of this step)."""
 
 
 def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None) -> dict[str, float]:
@@ -114,11 +115,13 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
     # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
     render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
+    scoring_errors: dict[str, str] = {}
     if score is not None:
-        samples, distill_metrics = score(samples)
+        samples, distill_metrics, scoring_errors = score(samples)
         render_metrics |= distill_metrics
     if not samples:
-        raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
+        message = empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg, scoring_errors)
+        raise NothingToTrainError(message)
     tasks = [f"{t['env']}/{t['task_id']}" for t in done.trajectories]
     write_step_batch(Path(cfg.output_dir), done.step, split_across_ranks(samples, cfg.trainer.world_size), {"tasks": tasks})
     metrics = rollout_metrics(done.trajectories, dropped) | render_metrics | rl_metrics
@@ -168,7 +171,12 @@ async def run(cfg: Config) -> None:
     score: ScoreFn | None = None
     if distiller is not None:  # the render thread hands the samples to the event loop, where the scoring client lives
         scorer = distiller
-        score = lambda samples: asyncio.run_coroutine_threadsafe(scorer.apply(samples), loop).result()  # noqa: E731
+
+        def score_on_loop(samples: list[TrainingSample]) -> tuple[list[TrainingSample], dict[str, float], dict[str, str]]:
+            kept, metrics = asyncio.run_coroutine_threadsafe(scorer.apply(samples), loop).result()
+            return kept, metrics, dict(scorer.first_errors)
+
+        score = score_on_loop
     area, written_at = client.meter.area()
     next(bar, None)
     try:
