@@ -45,6 +45,17 @@ class Usage:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "reasoning_tokens": self.reasoning_tokens, "cached_prompt_tokens": self.cached_prompt_tokens}  # fmt: skip
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(self.as_dict().values(), other.as_dict().values(), strict=True)))
+
+    @property
+    def total_tokens(self) -> int:
+        """What a token cap counts: prompt plus completion tokens (reasoning is inside completion)."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/{name}": float(value) for name, value in self.as_dict().items()}
+
 
 def _count(value: Any) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0

@@ -20,7 +20,7 @@ Metrics per step, beyond rollout/*, render/* and the client's teacher/* counters
 previous step was written):
     teacher/inflight_mean   time-averaged requests in flight since the previous step was written
     teacher/inflight_busy   the same divided by max_concurrency
-    teacher/responses, teacher/cache_hits, teacher/usage/{prompt,completion,reasoning}_tokens   of this step's
+    teacher/responses, teacher/cache_hits, teacher/usage/{prompt,completion,reasoning,cached_prompt}_tokens  of this step's
                             own rollouts; teacher/usage_total/* for the whole run (and .../cost with a price table)
     perf/wait_trainer_s     seconds step n waited for the trainer before it could open (backpressure)
     perf/wait_rollouts_s    seconds the writer waited for step n's last rollout
