@@ -28,7 +28,7 @@ def test_several_nodes_need_a_rendezvous_endpoint() -> None:
 def test_trainer_command_per_world_shape() -> None:
     path = Path("/tmp/run/config.toml")
     single = trainer_command(config(), path)
-    assert "torch.distributed.run" not in single and single[-2:] == ["train", str(path)]
+    assert "apprentice.torchrun" not in single and single[-2:] == ["train", str(path)]
     local = trainer_command(config(num_processes=4), path)
     assert "--standalone" in local and "--nproc-per-node=4" in local
     nodes = trainer_command(config(num_nodes=2, num_processes=8, rdzv_endpoint="node0:29500"), path)
