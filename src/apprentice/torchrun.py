@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         rank, failure = e.get_first_failure()
         if failure.exitcode > 0:
             return failure.exitcode
-        print(f"apprentice: trainer rank {rank} on {failure.hostname} was killed by signal {-failure.exitcode}",
+        print(f"apprentice: trainer rank {rank} (pid {failure.pid}) was killed by signal {-failure.exitcode}",
               file=sys.stderr)  # fmt: skip
         return 1
     return 0
