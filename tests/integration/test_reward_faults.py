@@ -21,12 +21,12 @@ from starlette.types import Receive, Scope, Send
 
 from apprentice.config import Config, load_config
 from apprentice.envs.reward_check import RewardError, checked_reward
+from apprentice.handoff.rollouts import read_step_batch, step_dir
 from apprentice.inference.server import build_app
 from apprentice.metrics import read_metrics
 from apprentice.orchestrator.loop import NothingToTrainError
 from apprentice.orchestrator.loop import run as orchestrate
 from apprentice.testing.tiny import save_tiny_student
-from apprentice.transport import read_step_batch, step_dir
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fault_teacher import serve_asgi
 
 from apprentice.config import Config, load_config
+from apprentice.handoff.weights import publish, published_steps
 from apprentice.inference.launch import free_port
 from apprentice.inference.server import build_app
 from apprentice.metrics import read_metrics
@@ -31,7 +32,6 @@ from apprentice.orchestrator.loop import run as orchestrate
 from apprentice.orchestrator.policy import PolicySync
 from apprentice.testing.tiny import build_tiny_tokenizer, save_tiny_student
 from apprentice.trainer import ckpt
-from apprentice.trainer.publish import publish_weights, published_steps
 
 HERE = Path(__file__).resolve().parent
 MESSAGES = [{"role": "user", "content": "Say something about 3."}]
@@ -81,15 +81,15 @@ def test_published_weights_reloaded_into_the_server_change_its_answers(tmp_path:
         cfg = student_endpoint_config(tmp_path, student, base_url)
         before = sample_ids(base_url)
         assert sample_ids(base_url) == before  # same prompt, same seed, same weights: same answer
-        publish_weights(model, tokenizer, cfg.output_dir, 1, keep=3)  # unchanged weights
+        publish(model, tokenizer, cfg.output_dir, 1, keep=3)  # unchanged weights
         with torch.no_grad():
             model.lm_head.weight.mul_(3.0)  # tied to the embeddings: a sharper, different policy
-        publish_weights(model, tokenizer, cfg.output_dir, 2, keep=3)
+        publish(model, tokenizer, cfg.output_dir, 2, keep=3)
 
         async def load(step: int) -> None:
             sync = PolicySync(cfg)
             try:
-                await sync.load(step)
+                await sync.reload(step)
             finally:
                 await sync.aclose()
 

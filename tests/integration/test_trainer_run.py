@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apprentice.config import Config, dump_config
+from apprentice.handoff.progress import read_trainer_progress
+from apprentice.handoff.rollouts import BatchError, rank_file, split_across_ranks, write_step_batch
 from apprentice.inference.launch import free_port
 from apprentice.launcher import trainer_command
 from apprentice.metrics import read_metrics as read_metrics_file
@@ -25,13 +27,6 @@ from apprentice.trainer.ckpt import complete_checkpoints
 from apprentice.trainer.metrics import metrics_path
 from apprentice.trainer.optim import NonFiniteError
 from apprentice.trainer.train import main
-from apprentice.transport import (
-    BatchError,
-    rank_file,
-    read_trainer_progress,
-    split_across_ranks,
-    write_step_batch,
-)
 from apprentice.types import TrainingSample
 
 REPO = Path(__file__).resolve().parents[2]

@@ -46,6 +46,13 @@ from apprentice.config import Config, load_config
 from apprentice.config.rl import check_rl_config
 from apprentice.envs.registry import load_environment
 from apprentice.errors import ApprenticeError, UsageError, exit_on_user_error
+from apprentice.handoff.rollouts import (
+    drop_unpackable,
+    latest_step_batch,
+    remove_partial_steps,
+    split_across_ranks,
+    write_step_batch,
+)
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.batch import NothingToTrainError, empty_step_message, rollout_metrics, set_aside_reason
 from apprentice.orchestrator.client import build_client
@@ -59,13 +66,6 @@ from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trajectory import Trajectory
-from apprentice.transport import (
-    drop_unpackable,
-    latest_step_batch,
-    remove_partial_steps,
-    split_across_ranks,
-    write_step_batch,
-)
 from apprentice.types import TrainingSample
 
 __all__ = ["NothingToTrainError", "main", "run"]
@@ -203,7 +203,7 @@ async def run(cfg: Config) -> None:
                 metrics_log.write(metrics)
                 next(bar, None)
         if policy is not None and eval_log is not None:  # the final weights' score closes the curve
-            await policy.sync_to(last, last + 1)
+            await policy.reload_newest(last, last + 1)
             eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **await eval_policy(cfg)})
     except SpendCapReached as e:
         done_step = latest_step_batch(output_dir)

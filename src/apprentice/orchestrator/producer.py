@@ -36,12 +36,12 @@ from typing import Protocol
 
 from apprentice.clients.base import ChatClient
 from apprentice.envs.base import Environment
+from apprentice.handoff.progress import read_trainer_progress
 from apprentice.orchestrator.batch import is_reward_failure, rollout_one
 from apprentice.orchestrator.metered import StepAccount, current_account
 from apprentice.orchestrator.scheduler import Slot, TaskScheduler
 from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.trajectory import Trajectory
-from apprentice.transport import read_trainer_progress
 
 log = logging.getLogger("apprentice.orchestrator")
 

@@ -23,9 +23,19 @@ from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config, load_config
 from apprentice.errors import exit_on_user_error
+from apprentice.handoff import weights
+from apprentice.handoff.hfdir import export_final
+from apprentice.handoff.progress import write_trainer_progress
+from apprentice.handoff.rollouts import (
+    BatchError,
+    drop_unpackable,
+    read_step_marker,
+    step_batch_has_topk,
+    step_dir,
+    wait_for_step_batch,
+)
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
-from apprentice.trainer.export import export_hf
 from apprentice.trainer.logprobs import LOSS_METHOD
 from apprentice.trainer.losses import LossFn, build_loss, finalize_metrics
 from apprentice.trainer.metrics import MetricsLogger
@@ -34,16 +44,7 @@ from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_sche
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
 from apprentice.trainer.parallelize import needs_mesh, parallelize
 from apprentice.trainer.precision import resolve_precision
-from apprentice.trainer.publish import publish_weights
 from apprentice.trainer.world import World, all_reduce_sum_, init_distributed, pick_device, shutdown, step_counts
-from apprentice.transport import (
-    BatchError,
-    drop_unpackable,
-    read_step_marker,
-    step_dir,
-    wait_for_step_batch,
-    write_trainer_progress,
-)
 from apprentice.types import TrainingSample
 
 log = logging.getLogger("apprentice.trainer")
@@ -79,6 +80,9 @@ def main(cfg: Config) -> None:
         # Resume from the newest complete checkpoint that passes verification, if any.
         ckpt.remove_partial(output_dir, world)
         start_step = ckpt.resume(output_dir, model, optimizer, scheduler, world)
+        weights_keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
+        if cfg.mode == "rl":  # an orchestrator may be waiting for the weights of the step we resume from
+            weights.republish(model, tokenizer, output_dir, start_step, weights_keep)
         logger = MetricsLogger(
             output_dir, cfg.log, enabled=world.is_main, start_step=start_step, max_steps=cfg.trainer.max_steps,
             run_config=cfg.model_dump(mode="json"),
@@ -89,6 +93,8 @@ def main(cfg: Config) -> None:
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
             samples, skipped = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world)
+            if cfg.trainer.loss.type == "distill":
+                check_distill_targets(samples, output_dir, step)
             t_start = time.perf_counter()
             result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
                                 grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens,
@@ -109,14 +115,13 @@ def main(cfg: Config) -> None:
                 "perf/wait_s": t_start - t_wait,
             })
             if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
-                keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
-                publish_weights(model, tokenizer, output_dir, step, keep)
+                weights.publish(model, tokenizer, output_dir, step, weights_keep)
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
 
-        export_hf(model, tokenizer, output_dir / "final")
+        export_final(model, tokenizer, output_dir)
         logger.close()
     except BaseException:
         shutdown(world, completed=False)
@@ -135,6 +140,18 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
             f"for trainer.num_nodes x trainer.num_processes ranks)"
         )
     return samples
+
+
+def check_distill_targets(samples: list[TrainingSample], output_dir: Path, step: int) -> None:
+    """The distill loss needs top-k targets somewhere in the step (any rank's file): a BatchError otherwise,
+    since training on the NLL alone would silently be the sft loss."""
+    if any(s.teacher_topk_ids is not None for s in samples) or step_batch_has_topk(output_dir, step):
+        return
+    raise BatchError(
+        f'{step_dir(output_dir, step)} carries no top-k targets but trainer.loss.type = "distill": its orchestrator '
+        f"wrote no teacher distributions. Set orchestrator.on_policy_distill.top_k or orchestrator.sampling."
+        f'top_logprobs > 0 for the run that writes the batches, or use trainer.loss.type = "sft"'
+    )
 
 
 def skip_unpackable(
