@@ -236,6 +236,12 @@ class OrchestratorConfig(Section):
     """Keep rollouts whose teacher text contains special tokens of the student's tokenizer (e.g. `<|im_end|>`,
     `<|im_start|>system`). Off by default: training on them teaches the student to emit control tokens (prompt
     injection into the training data); such rollouts are set aside as render/set_aside/control_token."""
+    tool_call_arguments: Literal["dict", "string"] = "dict"
+    """How the student's serving engine hands tool-call `arguments` to its chat template, so that training renders
+    what inference renders: "dict" (vLLM, SGLang) parses the JSON string into an object first, and the template
+    prints it its own way (`{"condition": true}`); "string" (llama.cpp) passes the string as the teacher wrote it
+    (`{"condition":true}`) where the template prints strings as it prints the object (or takes strings only), and
+    the object elsewhere."""
     rollout_model: EndpointConfig | None = None
     """The teacher endpoint. Setting it selects distill mode (external rollouts, SFT loss)."""
     truncated: Literal["drop", "keep"] = "keep"

@@ -111,6 +111,7 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
         tokenizer,
         reasoning=cfg.orchestrator.reasoning,
         allow_control_tokens=cfg.orchestrator.allow_control_tokens,
+        tool_call_arguments=cfg.orchestrator.tool_call_arguments,
     )
     # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
