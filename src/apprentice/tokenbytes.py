@@ -40,10 +40,10 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    decoder_object = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder_object is None:
         return False
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    decoder = json.loads(decoder_object.__getstate__())
     parts = decoder.get("decoders", [decoder]) if isinstance(decoder, dict) else []
     return any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in parts)
 

@@ -1,6 +1,6 @@
 """Teacher distributions as they enter: vLLM's prompt_logprobs with k entries (the sampled token outside the
 top-k adds one), OpenAI chat top_logprobs with bytes, the logprob floor, and the map onto a student vocabulary
-(real tokenizers: the tiny byte-level BPE, Llama 3's and Qwen 2's from the installed packages)."""
+(real tokenizers: the tiny byte-level BPE and Llama 3's from the installed package)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 import pytest
-from render_helpers import llama3_bpe, qwen2_bpe
+from render_helpers import llama3_bpe
 
 from apprentice.clients.logprobs import MIN_TEACHER_LOGPROB, BadLogprob, parse_token_logprobs
 from apprentice.clients.scoring import parse_prompt_logprobs, stored_scores_problem
@@ -57,7 +57,7 @@ def test_logprobs_outside_the_floor_are_refused_on_entry_and_in_the_cache(bad: f
 def test_vocab_bytes_are_exact_including_tokens_that_hold_part_of_a_character() -> None:
     text = "naïve café — 東京 🙂 ꙮ tab\there"
     partial = 0
-    for tokenizer in (build_tiny_tokenizer(), _fast(llama3_bpe()), _fast(qwen2_bpe())):
+    for tokenizer in (build_tiny_tokenizer(), _fast(llama3_bpe())):
         table = vocab_bytes(tokenizer)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert b"".join(table[i] for i in ids).decode("utf-8") == text  # type: ignore[misc]
@@ -131,8 +131,8 @@ def test_a_teacher_with_the_students_tokenizer_maps_every_scored_position() -> N
 
 def test_a_teacher_with_another_tokenizer_maps_only_where_tokens_agree() -> None:
     student = build_tiny_tokenizer()
-    teacher = _fast(qwen2_bpe())
-    text = "東京 and naïve"  # Qwen has merged CJK tokens the tiny vocabulary lacks
+    teacher = _fast(llama3_bpe())
+    text = "東京 and naïve"  # Llama 3 has merged tokens ("東京", " naïve") the tiny vocabulary lacks
     trajectory, sample = rendered_sample(student, "Say it", text)
     trajectory["steps"][0]["teacher_logprobs"] = openai_logprobs(teacher, text, k=2)
     cov = Coverage()

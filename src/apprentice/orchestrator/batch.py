@@ -72,7 +72,9 @@ def rollout_metrics(trajectories: list[Trajectory], dropped: Counter[str]) -> di
 
 
 def empty_step_message(step: int, trajectories: list[Trajectory], dropped: Counter[str], render: dict[str, float], cfg: Config) -> str:
-    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/") and v}
+    # render/set_aside/* (render) and distill/set_aside/* (a teacher's scores: on-policy distillation) alike
+    reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items()
+                               if k.startswith(("render/set_aside/", "distill/set_aside/")) and v}  # fmt: skip
     first_error = next((t["error_message"] for t in trajectories if t.get("error_message")), None)
     hints = []
     if any(r.startswith("client/") for r in reasons):
@@ -83,6 +85,10 @@ def empty_step_message(step: int, trajectories: list[Trajectory], dropped: Count
         hints.append("raise orchestrator.sampling.max_tokens or set orchestrator.truncated = \"keep\"")
     if reasons.get("set_aside/too_long"):
         hints.append("raise trainer.micro_batch_tokens or lower orchestrator.sampling.max_tokens: rendered samples are longer than a micro-batch")
+    if any(r.startswith("distill/set_aside/") for r in reasons):
+        teacher = cfg.orchestrator.teacher_model
+        hints.append(f"the teacher at {teacher.base_url if teacher else 'orchestrator.teacher_model'} could not score "
+                     "these samples (see distill/errors/* in OUTPUT/orchestrator/metrics.jsonl)")  # fmt: skip
     if any(r.startswith("set_aside/") and r != "set_aside/too_long" for r in reasons):
         hints.append("see render/set_aside/* in OUTPUT/orchestrator/metrics.jsonl: the student's chat template cannot represent these rollouts")
     return (
