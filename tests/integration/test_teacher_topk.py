@@ -241,9 +241,9 @@ def test_openai_top_logprobs_with_tokens_the_student_lacks(reference: tuple[Any,
     cases = {"maps": ok, "alternative": [ok[0], (words[1], -0.2, [(words[1], -0.2), ("東京", -1.9)]), *ok[2:]],
              "token": [*ok, ("東京", -0.3, [("東京", -0.3), (other[1], -1.5)])]}  # fmt: skip
     coverage = {}
+    messages = [{"role": "user", "content": "Say ok"}]
     for name, content in cases.items():
         with serve_asgi(openai_stand_in(content)) as url:
-            messages = [{"role": "user", "content": "Say ok"}]
 
             async def ask(url: str = url) -> Any:
                 client = OpenAIChatClient(EndpointConfig(base_url=url, model="hosted"), SamplingConfig(max_tokens=16, top_logprobs=2),
