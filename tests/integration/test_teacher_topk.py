@@ -329,3 +329,29 @@ type = "rl"
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     (step,) = read_metrics(output / "trainer" / "metrics.jsonl")
     assert step["step"] == 1 and math.isfinite(step["loss/pg"]) and step["loss/tokens"] > 0
+
+
+def test_top_k_above_what_the_teacher_returns_is_refused_at_startup(teacher: tuple[str, dict[str, Any]],
+                                                                    reference: tuple[Any, Any]) -> None:  # fmt: skip
+    from apprentice.config import ConfigError
+    from apprentice.orchestrator.on_policy import check_teacher_tokenizer
+
+    url, _ = teacher
+    _, tokenizer = reference
+    asyncio.run(check_teacher_tokenizer(scorer(url), tokenizer, "student"))  # k = 3: fine
+    with pytest.raises(ConfigError) as info:  # serve answers at most 20, like vLLM's default --max-logprobs
+        asyncio.run(check_teacher_tokenizer(scorer(url, top_k=21), tokenizer, "student"))
+    assert "orchestrator.on_policy_distill.top_k = 21" in str(info.value) and "lower top_k" in str(info.value)
+
+    narrow = FastAPI()  # a server that quietly returns the prompt token alone, whatever k is asked
+
+    @narrow.post("/v1/completions")
+    async def completions(request: Request) -> JSONResponse:
+        body = await request.json()
+        ids = tokenizer(body["prompt"])["input_ids"]
+        entries = [None] + [{str(t): {"logprob": -1.0, "rank": 1}} for t in ids[1:]]
+        return JSONResponse({"choices": [{"prompt_logprobs": entries, "prompt_token_ids": ids}]})
+
+    with serve_asgi(narrow) as narrow_url, pytest.raises(ConfigError) as info:
+        asyncio.run(check_teacher_tokenizer(scorer(narrow_url), tokenizer, "student"))
+    assert "returned at most 1 candidates per position" in str(info.value)
