@@ -35,7 +35,8 @@ class BadLogprob(ValueError):
 
 
 def check_logprob(value: Any, where: str) -> float:
-    """`value` as a float when it is a usable teacher logprob; `BadLogprob` (or ValueError if not a number)."""
+    """`value` as a float (at most 0: rounding above it is clamped) when it is a usable teacher logprob;
+    `BadLogprob` (or ValueError if not a number)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise ValueError(f"{where} holds {value!r}, not a logprob")
     number = float(value)
@@ -47,7 +48,7 @@ def check_logprob(value: Any, where: str) -> float:
             f"{where} holds {number!r}, outside [{MIN_TEACHER_LOGPROB:g}, 0]: not a logprob a model computes "
             f"(vLLM writes -9999 for a probability of 0)",
         )
-    return number
+    return min(number, 0.0)
 
 
 def usable_logprob(value: Any) -> bool:
