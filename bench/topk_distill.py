@@ -86,6 +86,18 @@ def held_out(eval_cfg: Any, model: str, part: str) -> dict[str, float]:
     return {"french_share": result.reward}
 
 
+def report(part: str, rows: dict[str, dict[str, Any]], steps: int) -> None:
+    """The part's markdown table so far (printed after every row: a long run shows what it has)."""
+    what = "capitals, 40 held-out countries" if part == "a" else "French teacher, 10 held-out questions"
+    print(f"\npart {part} ({what}); greedy; {steps} steps of 8 prompts; 2-core CPU", flush=True)
+    columns = [k for k in ("reward", "bare_city", "french_share", "wall_s", "peak_rss_gib") if any(k in r for r in rows.values())]
+    print("| model | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, row in rows.items():
+        cells = [(f"{row[c] / 60:.1f} min" if c == "wall_s" else f"{row[c]:.3f}") if c in row else "-" for c in columns]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def run_part(part: str, model_dir: Path, out: Path, steps: int) -> dict[str, Any]:
     env = None if part == "a" else FRENCH
     hidden = (["--prompt-prefix-file", str(TEACHER_PROMPT)] if part == "a"
@@ -103,13 +115,15 @@ def run_part(part: str, model_dir: Path, out: Path, steps: int) -> dict[str, Any
         print(f"== part {part}: teacher at {url}; scoring teacher and untrained student", flush=True)
         rows["teacher (hidden prompt)"] = held_out(eval_cfg, url, part)
         rows["student, untrained"] = held_out(eval_cfg, str(model_dir), part)
+        report(part, rows, steps)
         for signal, (command, config) in SIGNALS.items():
             run_dir = out / signal.replace(" ", "_")
             print(f"== part {part}: {signal}", flush=True)
             wall, peak = train(command, config, overrides_for(signal, model_dir, run_dir, url, steps, env), out / "runs.log")
             rows[signal] = {"wall_s": wall, "peak_rss_gib": peak, "dir": str(run_dir)}
-    for signal in SIGNALS:
-        rows[signal].update(held_out(eval_cfg, str(Path(rows[signal]["dir"]) / "final"), part))
+            rows[signal].update(held_out(eval_cfg, str(run_dir / "final"), part))
+            (out / "results.json").write_text(json.dumps({"steps": steps, "results": rows}, indent=2))
+            report(part, rows, steps)
     return rows
 
 
@@ -160,14 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
     plot = save_plot(out, results)
     for part, rows in results.items():
-        what = "capitals, 40 held-out countries" if part == "a" else "French teacher, 10 held-out questions"
-        print(f"\npart {part} ({what}); greedy; {args.steps} steps of 8 prompts; 2-core CPU")
-        columns = [k for k in ("reward", "bare_city", "french_share", "wall_s", "peak_rss_gib") if k in rows[next(iter(SIGNALS))]]
-        print("| model | " + " | ".join(columns) + " |")
-        print("|---" * (len(columns) + 1) + "|")
-        for name, row in rows.items():
-            cells = [f"{row[c]:.3f}" if c in row and c != "wall_s" else (f"{row[c] / 60:.1f} min" if c in row else "-") for c in columns]
-            print(f"| {name} | " + " | ".join(cells) + " |")
+        report(part, rows, args.steps)
     print(f"\ntotal {(time.monotonic() - start) / 60:.1f} min; peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if plot:
         print(f"plot: {plot}")
