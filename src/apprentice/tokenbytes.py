@@ -69,13 +69,13 @@ def vocab_bytes(tokenizer: Any) -> list[bytes | None]:
     return out
 
 
-def bytes_to_id(tokenizer: Any) -> dict[bytes, int | None]:
-    """Bytes -> the one ordinary (not special or added) token id with exactly those bytes; None where several
-    ids share them (no unique target)."""
-    special = set(getattr(tokenizer, "all_special_ids", [])) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+def bytes_to_id(tokenizer: Any, *, special: bool = False) -> dict[bytes, int | None]:
+    """Bytes -> the one ordinary token id with exactly those bytes (with `special`: the one special or added
+    token with that text instead); None where several ids share them (no unique target)."""
+    specials = set(getattr(tokenizer, "all_special_ids", [])) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     out: dict[bytes, int | None] = {}
     for token_id, raw in enumerate(vocab_bytes(tokenizer)):
-        if raw is None or token_id in special or not raw:
+        if raw is None or (token_id in specials) != special or not raw:
             continue
         out[raw] = None if raw in out else token_id
     return out

@@ -141,3 +141,23 @@ def test_a_teacher_with_another_tokenizer_maps_only_where_tokens_agree() -> None
     assert metrics["distill/topk/covered_fraction"] < 0.5
     assert metrics.get("distill/topk/uncovered/unmapped_token", 0) + metrics.get("distill/topk/uncovered/retokenized", 0) > 0
     assert sample.teacher_topk_ids is not None and all(len(row) == 2 for row in sample.teacher_topk_ids)
+
+
+def test_the_end_of_turn_token_is_a_valid_alternative_but_never_a_sampled_teacher_token() -> None:
+    student = build_tiny_tokenizer()
+    table = vocab_bytes(student)
+    ok = next(i for i in range(300, len(table)) if (raw := table[i]) and raw.isalpha()
+              and student(raw.decode(), add_special_tokens=False)["input_ids"] == [i])  # a word that is one token
+    trajectory, sample = rendered_sample(student, "Say it", table[ok].decode())  # type: ignore[union-attr]
+    eot = list(b"<|im_end|>")
+    trajectory["steps"][0]["teacher_logprobs"] = [
+        {"bytes": list(table[ok]), "logprob": math.log(0.7), "top": [[list(table[ok]), math.log(0.7)], [eot, math.log(0.2)]]},  # type: ignore[arg-type]
+        {"bytes": eot, "logprob": math.log(0.9), "top": [[eot, math.log(0.9)]]},
+    ]
+    cov = Coverage()
+    attach_soft_targets(trajectory, [sample], StudentVocab(student), 2, cov)
+    first = sample.loss_mask.index(True)
+    assert sample.teacher_topk_ids is not None
+    assert sample.teacher_topk_ids[first] == [ok, student.convert_tokens_to_ids("<|im_end|>")]
+    # A special token as the teacher's own token is not text the student re-tokenizes: no targets from there.
+    assert sample.teacher_topk_ids[first + 1] == [-1, -1] and cov.uncovered["unmapped_token"] == 1

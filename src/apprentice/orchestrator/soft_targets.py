@@ -11,7 +11,9 @@ turn's first token:
     `retokenized`: the student splits the text differently), matching stops for the rest of the turn: after it
     the two prefixes are no longer the same token sequence;
   - a matched position gets soft targets when every one of its top-k alternatives maps to exactly one distinct
-    student id (`unmapped_alternative` otherwise; the position keeps plain NLL);
+    student id (`unmapped_alternative` otherwise; the position keeps plain NLL). An alternative may be a special
+    token of the student (its end-of-turn token, named by its text, as `apprentice serve` and vLLM name it): the
+    teacher's probability of stopping there is a target too; the sampled tokens themselves never are special;
   - trained tokens the teacher never scored (the end-of-turn token, a reasoning block the API gives no logprobs
     for) keep plain NLL (`not_scored`).
 
@@ -63,10 +65,16 @@ class StudentVocab:
 
     def __init__(self, tokenizer: Any) -> None:
         self.ids = bytes_to_id(tokenizer)
+        self.special = bytes_to_id(tokenizer, special=True)
 
     def one(self, raw: list[int]) -> int | None:
-        """The one student id with exactly these bytes, or None."""
+        """The one ordinary student id with exactly these bytes, or None."""
         return self.ids.get(bytes(raw))
+
+    def alternative(self, raw: list[int]) -> int | None:
+        """An alternative's student id: an ordinary token, else a special token with exactly this text, or None."""
+        key = bytes(raw)
+        return self.ids[key] if key in self.ids else self.special.get(key)
 
 
 def _runs(mask: list[bool]) -> list[tuple[int, int]]:
@@ -93,7 +101,7 @@ def _fill_turn(sample: TrainingSample, start: int, end: int, turn: list[dict[str
             cov.uncovered["unmapped_token" if teacher_id is None else "retokenized"] += end - pos
             pos, stopped = end, True
             break
-        alternatives = [(vocab.one(raw), float(lp)) for raw, lp in token["top"][:k]]
+        alternatives = [(vocab.alternative(raw), float(lp)) for raw, lp in token["top"][:k]]
         alt_ids = [i for i, _ in alternatives]
         if not alternatives or None in alt_ids or len(set(alt_ids)) != len(alt_ids):
             cov.uncovered["unmapped_alternative"] += 1
