@@ -355,3 +355,37 @@ def test_top_k_above_what_the_teacher_returns_is_refused_at_startup(teacher: tup
     with serve_asgi(narrow) as narrow_url, pytest.raises(ConfigError) as info:
         asyncio.run(check_teacher_tokenizer(scorer(narrow_url), tokenizer, "student"))
     assert "returned at most 1 candidates per position" in str(info.value)
+
+
+def test_off_policy_probe_refuses_a_teacher_whose_tokens_do_not_map_or_that_returns_fewer_alternatives(
+    reference: tuple[Any, Any],
+) -> None:
+    from apprentice.errors import UsageError
+    from apprentice.orchestrator.soft_targets import probe_top_logprobs
+
+    _, tokenizer = reference
+    vocab = StudentVocab(tokenizer)
+    foreign = [("東京", -0.1, [("東京", -0.1), ("大阪", -2.5)]), ("では", -0.2, [("では", -0.2), ("には", -1.9)])]
+    narrow = [("東京", -0.1, [("東京", -0.1)])]
+    table = vocab_bytes(tokenizer)
+    word = table[tokenizer("Reverse", add_special_tokens=False)["input_ids"][0]].decode()  # type: ignore[union-attr]
+    fine = [(word, -0.1, [(word, -0.1), ("東京", -2.5)])]
+    outcomes = {}
+    for name, content in (("foreign", foreign), ("narrow", narrow), ("fine", fine)):
+        with serve_asgi(openai_stand_in(content)) as url:
+
+            async def probe(url: str = url) -> str:
+                client = OpenAIChatClient(EndpointConfig(base_url=url, model="hosted"), SamplingConfig(max_tokens=16, top_logprobs=2),
+                                          max_concurrency=1, use_token_client=False, cache_dir=None)  # fmt: skip
+                try:
+                    await probe_top_logprobs(client, vocab, 2, url)
+                except UsageError as e:
+                    return str(e)
+                finally:
+                    await client.aclose()
+                return "ok"
+
+            outcomes[name] = asyncio.run(probe())
+    assert "none of the 2 tokens" in outcomes["foreign"] and "orchestrator.sampling.top_logprobs = 2" in outcomes["foreign"]
+    assert "at most 1 alternatives" in outcomes["narrow"]
+    assert outcomes["fine"] == "ok"
