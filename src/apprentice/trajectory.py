@@ -60,6 +60,9 @@ class TrajectoryStep(TypedDict):
     prompt: list[Message]
     completion: list[Message]
     tokens: NotRequired[StepTokens]
+    teacher_logprobs: NotRequired[list[dict[str, Any]]]
+    """Only with orchestrator.sampling.top_logprobs: the teacher's per-token logprobs of its turn, as
+    `ChatResponse.token_logprobs` ({"bytes", "logprob", "top": [[bytes, logprob], ...]} per generated token)."""
 
 
 class Trajectory(TypedDict):

@@ -76,6 +76,10 @@ class ChatResponse:
     """Token client only: the generated token ids."""
     completion_logprobs: list[float] | None = None
     """Token client only: logprob of each generated token under the sampling policy."""
+    token_logprobs: list[dict[str, Any]] | None = None
+    """Only when `sampling.top_logprobs` asked: per generated token `{"bytes": [int], "logprob": float,
+    "top": [[bytes, logprob], ...]}` (the token's UTF-8 bytes, its logprob, and the teacher's top alternatives,
+    most likely first), every logprob checked (clients/logprobs.py); None when not asked or not returned."""
     cached: bool = False
     """True when served from the teacher response cache instead of a request."""
     usage: Usage | None = None

@@ -137,6 +137,10 @@ class SamplingConfig(Section):
     """Stop strings."""
     seed: int | None = None
     """Per-request sampling seed, for endpoints that support it."""
+    top_logprobs: int = Field(default=0, ge=0, le=20)
+    """Distill mode: ask the teacher's chat endpoint for `logprobs: true, top_logprobs: k` (OpenAI's maximum is 20)
+    and train on its top-k distribution at every position where the teacher's tokens map one to one onto the
+    student's (soft targets, trainer.loss.type = "distill"; elsewhere the plain NLL). 0: neither field is sent."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Extra request fields sent as-is (only for servers that accept them; hosted APIs may reject unknown fields).
     No credentials: it is written to OUTPUT/config.toml and into every teacher cache entry."""
@@ -188,6 +192,11 @@ class OnPolicyDistillConfig(Section):
     """Weight of the teacher term (teacher logprob minus student logprob) in every token's advantage."""
     reward_coef: float = Field(default=0.0, ge=0.0, le=1e3)
     """Weight of the environment reward's group advantage in every token's advantage (0: reward only logged)."""
+    top_k: int = Field(default=0, ge=0, le=20)
+    """0: the teacher scores the sampled token only (the one-sample reverse-KL estimate above, rl loss). k > 0: the
+    scoring request asks for `prompt_logprobs = k` and the run trains with trainer.loss.type = "distill" on the
+    teacher's top-k distribution at every completion position (kl_coef and reward_coef then do not apply). vLLM
+    returns at most its --max-logprobs (20 by default) and `apprentice serve` 20: checked once at startup."""
 
     @model_validator(mode="after")
     def _some_signal(self) -> OnPolicyDistillConfig:

@@ -47,6 +47,7 @@ from apprentice.inference.responses import completion_body, stream_chunks
 from apprentice.inference.schema import ChatCompletionRequest, LoadWeightsRequest, error_body, validation_error_body
 from apprentice.inference.scoring import register_completions
 from apprentice.loader import DTYPES, load_causal_lm, resolve_dtype
+from apprentice.tokenbytes import vocab_bytes
 
 DEFAULT_MAX_BODY_MB = 8.0
 """Request bodies above this are refused (413) before they are read: a 128k-token prompt is well under 1 MB."""
@@ -124,6 +125,7 @@ def build_app(
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     prompts = PromptBuilder(tokenizer, max_context)
     parses_tools = "<tool_call>" in str(tokenizer.chat_template)
+    token_bytes = vocab_bytes(tokenizer)  # the `bytes` of logprobs entries, read once
     load_lock = asyncio.Lock()
 
     @asynccontextmanager
@@ -197,7 +199,7 @@ def build_app(
                                 status_code=500)  # fmt: skip
         if choices is None:
             return disconnect_response()
-        return JSONResponse(completion_body(req, name, prompt_ids, choices, tools, tokenizer))
+        return JSONResponse(completion_body(req, name, prompt_ids, choices, tools, tokenizer, token_bytes))
 
     @app.post("/v1/load_weights")
     async def reload(request: Request) -> JSONResponse:
