@@ -212,6 +212,11 @@ def test_rl_run_learns_and_resumes_after_kill_9(tmp_path: Path) -> None:
     assert [row["policy/step"] for row in orchestrator] == list(range(max_steps))
     assert all(row["policy/lag"] == 0 for row in orchestrator)
     assert all(row["rl/mismatch_kl"] < 1e-3 for row in trainer)
+    # Phase timings (issue 20): where a step's time goes, on both sides.
+    assert all(0 < row["perf/train_s"] < 60 and 0 < row["perf/publish_s"] < 60 for row in trainer)
+    assert all(0 < row["perf/sample_s"] < 120 and 0 <= row["perf/reload_s"] < 60 for row in orchestrator)
+    assert all(row["perf/reload_s"] > 0 for row in orchestrator[1:] if row["step"] != newest + 1)  # new weights each step
+    assert [row["perf/eval_s"] > 0.01 for row in orchestrator] == [row["step"] in (1, 5) for row in orchestrator]
     rewards = [row["rollout/reward"] for row in orchestrator]
     assert sum(rewards[-3:]) / 3 > 2 * sum(rewards[:3]) / 3 + 0.05, rewards
 

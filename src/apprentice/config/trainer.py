@@ -111,6 +111,12 @@ class TrainerConfig(Section):
     weights_keep: int = Field(default=3, ge=1)
     """rl mode: how many of the newest published OUTPUT/weights/step_{n} directories to keep (at least
     orchestrator.max_async_level + 2 are kept, so weights the server may still be loading stay on disk)."""
+    weight_broadcast: Literal["filesystem", "collective"] = "filesystem"
+    """rl mode: how each step's weights reach the inference server. "filesystem": OUTPUT/weights/step_{n} every
+    step, which the server reads (works across machines on a shared filesystem, any backend). "collective": sent
+    from the trainer's memory to the server's over a torch.distributed group (gloo), no file per step; weights
+    are written to disk only at checkpoint steps (what a resumed run starts from). Needs `apprentice serve`
+    (inference.backend = "builtin" or a student endpoint that is one) reachable from the trainer."""
     loss: LossConfig = Field(default_factory=RLLossConfig)
     """The loss, chosen by `type` ("rl" default, or "sft")."""
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -37,8 +37,9 @@ class Backend(Protocol):
         """Extra environment variables of the server process."""
         ...
 
-    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
-        """Make the server sample from the weights in `path` (published trainer step `step`) from now on."""
+    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
+        """Make the server sample from the weights in `path` (published trainer step `step`) from now on; the
+        seconds the server says the reload took, or None when it does not say."""
         ...
 
 
@@ -66,9 +67,11 @@ class BuiltinBackend:
     def env(self) -> dict[str, str]:
         return {}
 
-    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
         response = await http.post(f"{base_url}/load_weights", json={"path": str(path), "step": step})
         _raise_for(response, f"{base_url}/load_weights ({path})")
+        seconds = response.json().get("reload_s")
+        return float(seconds) if isinstance(seconds, int | float) else None
 
 
 @dataclass(frozen=True)
@@ -95,13 +98,14 @@ class VLLMBackend:
     def env(self) -> dict[str, str]:
         return {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache
 
-    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
         root = base_url.removesuffix("/v1")
         body = {"method": "reload_weights_from", "args": [str(path)]}
         response = await http.post(f"{root}/collective_rpc", json=body)
         _raise_for(response, f"{root}/collective_rpc reload_weights_from({path})")
         # Cached KV blocks were computed by the old weights; a prefix hit would silently mix two policies.
         _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
+        return None  # vLLM does not report it; the orchestrator times the requests instead
 
 
 BACKENDS: dict[str, Backend] = {"builtin": BuiltinBackend(), "vllm": VLLMBackend()}

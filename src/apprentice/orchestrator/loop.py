@@ -25,6 +25,9 @@ previous step was written):
     perf/wait_trainer_s     seconds step n waited for the trainer before it could open (backpressure)
     perf/wait_rollouts_s    seconds the writer waited for step n's last rollout
     perf/render_s           rendering and writing the batch
+    perf/sample_s           from step n opening to its last rollout done
+    perf/reload_s           rl: the server's weight reload before step n opened (as the server reports it)
+    perf/eval_s             rl: the held-out evaluation run before step n opened (0 when none was due)
     perf/step_time_s        from step n opening to its batch written
     perf/step_interval_s    since the previous batch was written
 """
@@ -188,6 +191,9 @@ async def run(cfg: Config) -> None:
                 metrics["perf/wait_trainer_s"] = done.wait_trainer_s
                 metrics["perf/wait_rollouts_s"] = ready_at - waiting_since
                 metrics["perf/render_s"] = now - ready_at
+                metrics["perf/sample_s"] = done.sample_s
+                if policy is not None:
+                    metrics.update(policy.take_phases(done.step))
                 metrics["perf/step_time_s"] = now - done.opened_at
                 metrics["perf/step_interval_s"] = interval
                 area, written_at, waiting_since = now_area, now, now
@@ -196,7 +202,10 @@ async def run(cfg: Config) -> None:
                 next(bar, None)
         if policy is not None and eval_log is not None:  # the final weights' score closes the curve
             await policy.sync_to(last, last + 1)
-            eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **await eval_policy(cfg)})
+            evaluated = time.monotonic()
+            scores = await eval_policy(cfg)
+            eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **scores,
+                            "perf/eval_s": time.monotonic() - evaluated})  # fmt: skip
     except SpendCapReached as e:
         done_step = latest_step_batch(output_dir)
         raise SpendCapReached(f"{e}; stopped after step {done_step}, the last complete one. {_resume_hint(done_step + 1)}") from None
@@ -220,7 +229,9 @@ def _evaluator(cfg: Config, eval_log: MetricsLog | None) -> Callable[[int, int],
 
     async def evaluate(step: int, policy_step: int) -> None:
         if due(cfg, step):
-            eval_log.write({"step": step, "policy/step": policy_step, **await eval_policy(cfg)})
+            evaluated = time.monotonic()
+            scores = await eval_policy(cfg)
+            eval_log.write({"step": step, "policy/step": policy_step, **scores, "perf/eval_s": time.monotonic() - evaluated})
 
     return evaluate
 

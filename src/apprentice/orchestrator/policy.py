@@ -5,6 +5,7 @@
     Backpressure.wait(n)    before step n opens: wait until weights recent enough for batch n are published,
                             load the newest into the server, then run `on_step(n, policy_step)` (the held-out
                             evaluation when due)
+                            (collective weight updates: or apply the newest the trainer sent, staged in the server)
     RolloutPolicy.ready()   not while the server reloads weights
     .policy_step()          the weights sampling now; the producer tags each rollout with it
     .keep(w, n)             a rollout sampled by weights w may go into batch n (else it is re-rolled)
@@ -31,7 +32,7 @@ import httpx
 
 from apprentice.config import Config
 from apprentice.errors import ApprenticeError
-from apprentice.inference.backends import Backend, backend_for
+from apprentice.inference.backends import Backend, WeightReloadError, backend_for
 from apprentice.orchestrator.advantages import assign_advantages
 from apprentice.orchestrator.client import rollout_endpoint
 from apprentice.trainer.publish import latest_published, weights_dir
@@ -85,6 +86,12 @@ class PolicySync:
         self.startup_timeout_s = cfg.inference.startup_timeout_s if cfg.inference is not None else 120.0
         self.wait_timeout_s = cfg.trainer.batch_timeout_s
         self.on_step = on_step
+        self.phases: dict[int, dict[str, float]] = {}
+        """Per step, the seconds its opening spent reloading weights and evaluating (`take_phases`)."""
+        self._reload_s = 0.0
+        self.collective = cfg.trainer.weight_broadcast == "collective"
+        self.staged: int | None = None
+        """collective: the step of the complete update the server holds staged, at the last look (`newest`)."""
         self.loaded: int | None = None
         """Published step the server holds, as far as this process knows (None: not asked yet)."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
@@ -96,10 +103,20 @@ class PolicySync:
     async def wait(self, step: int) -> float:
         """Backpressure: return once step `step` may open (weights loaded, evaluation done); seconds waited."""
         start = time.monotonic()
+        self._reload_s = 0.0
         policy_step = await self.before_step(step)
+        phases = {"perf/reload_s": self._reload_s}
         if self.on_step is not None:
+            evaluated = time.monotonic()
             await self.on_step(step, policy_step)
+            phases["perf/eval_s"] = time.monotonic() - evaluated
+        self.phases[step] = phases
         return time.monotonic() - start
+
+    def take_phases(self, step: int) -> dict[str, float]:
+        """`perf/reload_s` (the server's reload time, as it reports it) and `perf/eval_s` (the held-out evaluation,
+        0 when none was due) spent before step `step` opened."""
+        return self.phases.pop(step, {})
 
     async def ready(self) -> None:
         await self._idle.wait()
@@ -136,7 +153,7 @@ class PolicySync:
         """Wait for published weights of step >= `need`, load the newest; their step (`step` is for messages)."""
         start = time.monotonic()
         announced = False
-        while (newest := latest_published(self.output_dir)) < need:
+        while (newest := await self.newest()) < need:
             if not announced:
                 log.info("step %d: waiting for the trainer's weights of step %d (async bound %d)", step, need, self.bound)
                 announced = True
@@ -149,6 +166,18 @@ class PolicySync:
         await self.load(newest)
         return newest
 
+    async def newest(self) -> int:
+        """The newest weights the server could sample from: published on disk, or (collective) staged in it."""
+        published = latest_published(self.output_dir)
+        if not self.collective:
+            return published
+        try:
+            staged = (await self._http.get(f"{self.base_url}/weights", timeout=10.0)).json().get("staged")
+        except (httpx.HTTPError, ValueError):
+            staged = None
+        self.staged = staged if isinstance(staged, int) and staged >= published else None
+        return self.staged or published
+
     async def load(self, step: int) -> None:
         """Tell the server to sample from the weights of `step` (0: the initial model); no-op when it already does."""
         if self.loaded is None:
@@ -159,11 +188,24 @@ class PolicySync:
         started = time.monotonic()
         self._idle.clear()  # new rollouts wait: each must be tagged with the weights that really sample it
         try:
-            await self.backend.load_weights(self._http, self.base_url, path, step)
+            if step == self.staged:  # sent by the trainer over the collective (inference/collective.py)
+                server_s = await self._apply(step)
+            else:
+                server_s = await self.backend.load_weights(self._http, self.base_url, path, step)
         finally:
             self._idle.set()
-        log.info("inference server now on the weights of step %d (%.1f s)", step, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self._reload_s += elapsed if server_s is None else server_s
+        log.info("inference server now on the weights of step %d (%.1f s)", step, elapsed)
         self.loaded = step
+
+    async def _apply(self, step: int) -> float | None:
+        response = await self._http.post(f"{self.base_url}/weights/apply", json={"step": step})
+        if response.status_code >= 400:
+            raise WeightReloadError(f"{self.base_url}/weights/apply (step {step}) answered HTTP "
+                                    f"{response.status_code}: {response.text[:500]}")  # fmt: skip
+        seconds = response.json().get("reload_s")
+        return float(seconds) if isinstance(seconds, int | float) else None
 
     async def _server_step(self) -> int | None:
         """The published step the server holds, from GET /v1/weights (apprentice serve) when it can tell."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -47,19 +48,27 @@ def publish_weights(
 ) -> Path | None:
     """Write OUTPUT/weights/step_{step}. Collective under FSDP2 (every rank calls); rank 0 writes."""
     state = full_state_dict(model)
-    path = weights_dir(output_dir, step)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
-    if is_main:
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            if model.generation_config is not None:
-                model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_text(tmp / MARKER, f'{{"step": {step}}}\n')
-        prune_weights(output_dir, keep)
+    path = write_weights(model, state, tokenizer, output_dir, step, keep) if is_main else None
     if dist.is_initialized():
         dist.barrier()
-    return path if is_main else None
+    return path
+
+
+def write_weights(
+    model: PreTrainedModel, state: dict[str, torch.Tensor], tokenizer: PreTrainedTokenizerBase, output_dir: Path,
+    step: int, keep: int,
+) -> Path:  # fmt: skip
+    """Rank 0's half of `publish_weights`: write the gathered `state` as OUTPUT/weights/step_{step}, prune."""
+    path = weights_dir(output_dir, step)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_text(tmp / MARKER, f'{{"step": {step}}}\n')
+    prune_weights(output_dir, keep)
+    return path
 
 
 def prune_weights(output_dir: Path, keep: int) -> None:

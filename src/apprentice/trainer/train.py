@@ -25,6 +25,7 @@ from apprentice.config import Config, load_config
 from apprentice.errors import exit_on_user_error
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
+from apprentice.trainer.broadcast import send_or_publish, weight_sender
 from apprentice.trainer.export import export_hf
 from apprentice.trainer.logprobs import LOSS_METHOD
 from apprentice.trainer.losses import LossFn, build_loss, finalize_metrics
@@ -34,7 +35,6 @@ from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_sche
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
 from apprentice.trainer.parallelize import needs_mesh, parallelize
 from apprentice.trainer.precision import resolve_precision
-from apprentice.trainer.publish import publish_weights
 from apprentice.trainer.world import World, all_reduce_sum_, init_distributed, pick_device, shutdown, step_counts
 from apprentice.transport import (
     BatchError,
@@ -84,6 +84,8 @@ def main(cfg: Config) -> None:
             run_config=cfg.model_dump(mode="json"),
         )
 
+        sender = weight_sender(cfg) if world.is_main else None  # trainer.weight_broadcast = "collective"
+
         # The step loop.
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t_wait = time.perf_counter()
@@ -99,6 +101,13 @@ def main(cfg: Config) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t_start
+            phases = {"perf/train_s": elapsed}  # forward, backward and optimizer
+            if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
+                t_publish = time.perf_counter()
+                keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
+                to_disk = sender is None or step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps
+                send_or_publish(sender, model, tokenizer, output_dir, step, keep, to_disk=to_disk)
+                phases["perf/publish_s"] = time.perf_counter() - t_publish
             logger.log(step, {
                 **result.metrics,
                 "lr": lr,
@@ -107,10 +116,8 @@ def main(cfg: Config) -> None:
                 "perf/padding_fraction": result.pad_tokens / max(1, result.tokens + result.pad_tokens),
                 "perf/step_s": elapsed,
                 "perf/wait_s": t_start - t_wait,
-            })
-            if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
-                keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
-                publish_weights(model, tokenizer, output_dir, step, keep)
+                **phases,
+            })  # before the checkpoint: a line of a step that is not checkpointed yet is redone on resume
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
