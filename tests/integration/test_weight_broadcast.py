@@ -4,6 +4,7 @@ tiny model, real torch.distributed group; the trainer side runs in the test proc
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,17 @@ import httpx
 import pytest
 import torch
 from fault_teacher import serve_asgi
+from test_rl_e2e import rl_command, rl_env, write_rl_config
 
 from apprentice import collective
+from apprentice.inference.launch import free_port
 from apprentice.inference.server import build_app
 from apprentice.loader import load_causal_lm
+from apprentice.metrics import read_metrics
 from apprentice.testing.tiny import save_tiny_student
 from apprentice.trainer.broadcast import BroadcastError, WeightSender
 from apprentice.trainer.export import full_state_dict
+from apprentice.trainer.publish import published_steps
 
 MESSAGES = [{"role": "user", "content": "Say something about 3."}]
 
@@ -128,3 +133,22 @@ def test_an_update_of_another_model_is_refused_before_anything_is_sent(tmp_path:
             sender.send({"model.embed_tokens.weight": torch.zeros(3, 3)}, step=1)
         assert status(base_url)["staged"] is None and status(base_url)["step"] == 0
         sender.close()
+
+
+def test_rl_run_with_collective_updates_is_exact_and_writes_weights_only_at_checkpoints(tmp_path: Path) -> None:
+    student = save_tiny_student(tmp_path / "student", seed=0)
+    max_steps = 4
+    config = write_rl_config(tmp_path, student, free_port(), max_steps)
+    overrides = ["--trainer.weight_broadcast", "collective", "--trainer.ckpt.interval", "2", "--trainer.weights_keep", "9"]
+    run = subprocess.run([*rl_command(config), *overrides], capture_output=True, text=True, env=rl_env(), timeout=400)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    output = tmp_path / "out"
+    trainer = read_metrics(output / "trainer" / "metrics.jsonl")
+    orchestrator = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    # Every step samples with the newest weights (max_async_level = 0), which came over the collective: the
+    # server's logprobs equal the trainer's on every step, not only the first.
+    assert [row["policy/step"] for row in orchestrator] == list(range(max_steps))
+    assert all(row["rl/mismatch_kl"] < 1e-3 and row["rl/masked_fraction"] == 0.0 for row in trainer)
+    assert all(row["perf/publish_s"] > 0 for row in trainer)
+    assert published_steps(output) == [2, 4]  # the checkpoint steps: what a resumed run starts from
+    assert "publishing step" not in run.stdout  # no update fell back to the disk

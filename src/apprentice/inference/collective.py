@@ -8,8 +8,8 @@
     GET  /v1/weights                                                  also says "staged" (a complete update waiting)
                                                                      and "receive_error" (the last failed one)
 
-An update is received into a copy of the served model (`copy.deepcopy`: the served one keeps serving
-meanwhile) and only becomes `staged` once every tensor and the trailer have arrived; `apply` is then the same
+An update is received into a copy of the served model (`copy.deepcopy`, made in the background after the
+previous apply so the trainer does not wait for it; the served one keeps serving meanwhile) and only becomes `staged` once every tensor and the trailer have arrived; `apply` is then the same
 reference swap as a reload from disk (batches in flight finish on the old weights). A receive that fails or
 stops halfway leaves the served and the staged weights as they were, drops the group (the trainer joins
 again), and 409s an apply of its step: never mixed weights. Who applies: the orchestrator (PolicySync), so
@@ -72,6 +72,8 @@ class Receiver:
         self.receiving: int | None = None
         self.staged: _Staged | None = None
         self.error: str | None = None
+        self.spare: Any = None
+        self.preparing: threading.Thread | None = None
         self.lock = threading.Lock()
 
     def status(self) -> dict[str, Any]:
@@ -92,6 +94,7 @@ class Receiver:
                     log.warning("could not join the trainer's weight group at %s:%d: %s", req.host, req.port, e)
                     return
                 self.group = group
+                self.prepare()
 
             self.joining = threading.Thread(target=connect, name="apprentice-weights-join", daemon=True)
             self.joining.start()
@@ -116,10 +119,30 @@ class Receiver:
             self.receiving, self.error = req.step, None
             threading.Thread(target=self._receive, args=(req,), name="apprentice-weights-receive", daemon=True).start()
 
+    def prepare(self) -> None:
+        """Copy the served model into a spare in the background (after a join or an apply), so that the next
+        update is received into it at once instead of waiting for a 4-bytes-per-parameter copy."""
+
+        def copy_served() -> None:
+            spare = copy.deepcopy(self.engine.model)
+            with self.lock:
+                self.spare = spare
+
+        self.preparing = threading.Thread(target=copy_served, name="apprentice-weights-spare", daemon=True)
+        self.preparing.start()
+
+    def _staging_model(self) -> Any:
+        """A model to receive into: the spare `prepare` made (used once), else a fresh copy of the served one."""
+        if self.preparing is not None:
+            self.preparing.join()
+        with self.lock:
+            spare, self.spare = self.spare, None
+        return spare if spare is not None else copy.deepcopy(self.engine.model)
+
     def _receive(self, req: ReceiveRequest) -> None:
         group = self.group
         try:
-            staging = copy.deepcopy(self.engine.model)  # the served model keeps serving while this one fills
+            staging = self._staging_model()  # the served model keeps serving while this one fills
             targets = dict(staging.state_dict())
             for name, shape, dtype in req.tensors:
                 target = targets[name]
@@ -153,6 +176,7 @@ class Receiver:
                                         f"{self.error})", "step", code="not_staged")  # fmt: skip
             self.staged = None
         self.engine.swap_model(staged.model, step=step, path=f"collective:step_{step}")
+        self.prepare()
         return time.perf_counter() - started
 
 

@@ -27,7 +27,8 @@ previous step was written):
     perf/render_s           rendering and writing the batch
     perf/sample_s           from step n opening to its last rollout done
     perf/reload_s           rl: the server's weight reload before step n opened (as the server reports it)
-    perf/eval_s             rl: the held-out evaluation run before step n opened (0 when none was due)
+    perf/eval_wait_s        rl: how long the reload before step n waited for a held-out evaluation to finish
+                            (evaluations run beside the rollouts; each one's own time is perf/eval_s in eval.jsonl)
     perf/step_time_s        from step n opening to its batch written
     perf/step_interval_s    since the previous batch was written
 """
@@ -200,6 +201,8 @@ async def run(cfg: Config) -> None:
                 ledger.save()
                 metrics_log.write(metrics)
                 next(bar, None)
+        if policy is not None:
+            await policy.finish_evaluation()
         if policy is not None and eval_log is not None:  # the final weights' score closes the curve
             await policy.sync_to(last, last + 1)
             evaluated = time.monotonic()

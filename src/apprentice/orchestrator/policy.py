@@ -3,8 +3,8 @@
 `PolicySync` is both seams of the continuous producer (orchestrator/producer.py):
 
     Backpressure.wait(n)    before step n opens: wait until weights recent enough for batch n are published,
-                            load the newest into the server, then run `on_step(n, policy_step)` (the held-out
-                            evaluation when due)
+                            load the newest into the server, then start `on_step(n, policy_step)` (the held-out
+                            evaluation when due) beside the step's rollouts; the next reload waits for it
                             (collective weight updates: or apply the newest the trainer sent, staged in the server)
     RolloutPolicy.ready()   not while the server reloads weights
     .policy_step()          the weights sampling now; the producer tags each rollout with it
@@ -88,7 +88,8 @@ class PolicySync:
         self.on_step = on_step
         self.phases: dict[int, dict[str, float]] = {}
         """Per step, the seconds its opening spent reloading weights and evaluating (`take_phases`)."""
-        self._reload_s = 0.0
+        self._reload_s = self._eval_wait_s = 0.0
+        self._evaluating: asyncio.Task[None] | None = None
         self.collective = cfg.trainer.weight_broadcast == "collective"
         self.staged: int | None = None
         """collective: the step of the complete update the server holds staged, at the last look (`newest`)."""
@@ -103,20 +104,27 @@ class PolicySync:
     async def wait(self, step: int) -> float:
         """Backpressure: return once step `step` may open (weights loaded, evaluation done); seconds waited."""
         start = time.monotonic()
-        self._reload_s = 0.0
+        self._reload_s = self._eval_wait_s = 0.0
         policy_step = await self.before_step(step)
-        phases = {"perf/reload_s": self._reload_s}
+        self.phases[step] = {"perf/reload_s": self._reload_s, "perf/eval_wait_s": self._eval_wait_s}
         if self.on_step is not None:
-            evaluated = time.monotonic()
-            await self.on_step(step, policy_step)
-            phases["perf/eval_s"] = time.monotonic() - evaluated
-        self.phases[step] = phases
+            # The evaluation runs beside the step's rollouts (the server batches both), not before them: the next
+            # reload waits for it instead (`load`), so it still scores exactly the weights it started on.
+            self._evaluating = asyncio.create_task(self.on_step(step, policy_step))
         return time.monotonic() - start
 
     def take_phases(self, step: int) -> dict[str, float]:
-        """`perf/reload_s` (the server's reload time, as it reports it) and `perf/eval_s` (the held-out evaluation,
-        0 when none was due) spent before step `step` opened."""
+        """`perf/reload_s` (the server's reload time, as it reports it) and `perf/eval_wait_s` (how long the reload
+        waited for the held-out evaluation still running on the previous weights) before step `step` opened."""
         return self.phases.pop(step, {})
+
+    async def finish_evaluation(self) -> None:
+        """Wait for the evaluation running on the current weights, if any (its errors are raised here)."""
+        if self._evaluating is not None:
+            task, self._evaluating = self._evaluating, None
+            waited = time.monotonic()
+            await task
+            self._eval_wait_s += time.monotonic() - waited
 
     async def ready(self) -> None:
         await self._idle.wait()
@@ -185,6 +193,7 @@ class PolicySync:
         if step == self.loaded:
             return
         path = weights_dir(self.output_dir, step) if step else Path(self.initial_model)
+        await self.finish_evaluation()
         started = time.monotonic()
         self._idle.clear()  # new rollouts wait: each must be tagged with the weights that really sample it
         try:
@@ -222,4 +231,6 @@ class PolicySync:
         return 0 if int(held.get("step", 0)) == 0 else None  # None: unknown weights, reload whatever is asked
 
     async def aclose(self) -> None:
+        if self._evaluating is not None:
+            self._evaluating.cancel()
         await self._http.aclose()
