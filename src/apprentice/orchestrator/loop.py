@@ -41,7 +41,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -225,7 +225,7 @@ async def run(cfg: Config) -> None:
         await client.aclose()
 
 
-def _evaluator(cfg: Config, eval_log: MetricsLog | None) -> Callable[[int, int], Awaitable[None]] | None:
+def _evaluator(cfg: Config, eval_log: MetricsLog | None) -> Callable[[int, int], Coroutine[Any, Any, None]] | None:
     """rl mode: the held-out evaluation run before step n opens, when due (one line in eval.jsonl)."""
     if eval_log is None:
         return None

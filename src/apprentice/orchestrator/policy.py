@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -75,7 +76,7 @@ class PolicySync:
     """Keeps the inference server on the newest published weights the async bound allows."""
 
     def __init__(
-        self, cfg: Config, backend: Backend | None = None, on_step: Callable[[int, int], Awaitable[None]] | None = None
+        self, cfg: Config, backend: Backend | None = None, on_step: Callable[[int, int], Coroutine[Any, Any, None]] | None = None
     ) -> None:
         self.output_dir = Path(cfg.output_dir)
         self.base_url = rollout_endpoint(cfg).base_url
