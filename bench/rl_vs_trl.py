@@ -49,12 +49,15 @@ def write_tasks(path: Path, output_dir: Path) -> None:
     path.write_text(json.dumps({**rows, "settings": SETTINGS, "output_dir": str(output_dir / "trl")}), encoding="utf-8")
 
 
-def run_trl(python: Path, model_dir: Path, steps: int, output_dir: Path) -> dict[str, Any]:
+def run_trl(python: Path, model_dir: Path, steps: int, output_dir: Path, threads: int | None) -> dict[str, Any]:
     tasks, result = output_dir / "tasks.json", output_dir / "trl.json"
     write_tasks(tasks, output_dir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.monotonic()
     command = [str(python), str(HERE / "trl_grpo_capitals.py"), str(tasks), str(model_dir), str(steps), str(result)]
-    subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    subprocess.run(command, check=True, env=env)
     wall = time.monotonic() - start
     out = json.loads(result.read_text(encoding="utf-8"))
     return {"wall_s": wall, "step_s": mean(out["step_s"][1:]) if len(out["step_s"]) > 1 else float("nan"),
@@ -97,22 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/rl-vs-trl"))
     parser.add_argument("--order", default="trl,apprentice", help="which runs, in which order (comma-separated)")
     parser.add_argument("--trl-python", type=Path, default=Path(".bench/trl-venv/bin/python"))
+    parser.add_argument("--trl-threads", type=int, default=None,
+                        help="OMP_NUM_THREADS of the TRL process (default: torch's, every core). On a loaded machine "
+                             "1 is far faster: a pool of spinning threads stalls whenever one of them is descheduled")
     args, extra = parser.parse_known_args(argv)  # the rest: dotted overrides of the apprentice run
     order = args.order.split(",")
     if "trl" in order and not args.trl_python.is_file():
         sys.exit(f"{args.trl_python} not found: create TRL's virtualenv first (see this script's docstring)")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = export_smollm2()
-    results: dict[str, Any] = {"steps": args.steps, "load_before": load(), "cpus": os.cpu_count()}
+    results: dict[str, Any] = {"steps": args.steps, "load_before": load(), "cpus": os.cpu_count(),
+                               "trl_threads": args.trl_threads}  # fmt: skip
     for name in order:
         print(f"== {name}: {args.steps} steps (load average {load()})", flush=True)
         if name == "trl":
-            results[name] = run_trl(args.trl_python, model_dir, args.steps, args.output_dir)
+            results[name] = run_trl(args.trl_python, model_dir, args.steps, args.output_dir, args.trl_threads)
         else:
             results[name] = run_apprentice(model_dir, args.steps, args.output_dir, extra)
     results["load_after"] = load()
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print(f"\n{args.steps} steps, {os.cpu_count()} CPUs, load average {results['load_before']} -> {results['load_after']}")
+    print(f"\n{args.steps} steps, {os.cpu_count()} CPUs, load average {results['load_before']} -> {results['load_after']}, "
+          f"TRL threads {args.trl_threads or 'default'}")  # fmt: skip
     print("| | whole run (s) | steady s/step (steps 2..N) | held-out before | held-out after |")
     print("|---|---|---|---|---|")
     for name in order:

@@ -77,7 +77,10 @@ class Receiver:
         self.lock = threading.Lock()
 
     def status(self) -> dict[str, Any]:
+        """The collective fields of GET /v1/weights; none before a trainer has joined (filesystem mode)."""
         staged = self.staged
+        if self.joining is None:
+            return {}
         return {"staged": staged.step if staged else None, "receiving": self.receiving, "receive_error": self.error,
                 "group": self.group is not None}  # fmt: skip
 
