@@ -4,7 +4,7 @@
 
 A real `apprentice serve` process on loopback serves SmolLM2-135M-Instruct (fp32, the rl-demo's model; or
 --model); this process plays the trainer with the same weights. Per update:
-    filesystem  publish_weights (OUTPUT/weights/step_n, fsync'ed) + POST /v1/load_weights (the server reads it)
+    filesystem  handoff.weights.publish (OUTPUT/weights/step_n, fsync'ed, sha256 manifest) + POST /v1/load_weights (the server reads it)
     collective  WeightSender.send (gloo broadcast into the server's staging copy) + POST /v1/weights/apply
 Prints the mean seconds of each half and the ratio filesystem / collective.
 """
@@ -21,12 +21,12 @@ import httpx
 import torch
 from transformers import AutoTokenizer
 
+from apprentice.handoff.hfdir import full_state_dict
+from apprentice.handoff.weights import publish
 from apprentice.inference.launch import local_server
 from apprentice.loader import load_causal_lm
 from apprentice.testing.smollm2 import export_smollm2
 from apprentice.trainer.broadcast import WeightSender
-from apprentice.trainer.export import full_state_dict
-from apprentice.trainer.publish import publish_weights
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
         sender = WeightSender(url, timeout_s=300.0)
         for step in range(1, args.repeats + 1):
             start = time.perf_counter()
-            path = publish_weights(model, tokenizer, Path(out), step, keep=2)
+            path = publish(model, tokenizer, Path(out), step, keep=2)
             times["fs_write"].append(time.perf_counter() - start)
             start = time.perf_counter()
             http.post(f"{url}/load_weights", json={"path": str(path), "step": step}).raise_for_status()

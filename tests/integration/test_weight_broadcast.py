@@ -16,14 +16,14 @@ from fault_teacher import serve_asgi
 from test_rl_e2e import rl_command, rl_env, write_rl_config
 
 from apprentice import collective
+from apprentice.handoff.hfdir import full_state_dict
+from apprentice.handoff.weights import published_steps
 from apprentice.inference.launch import free_port
 from apprentice.inference.server import build_app
 from apprentice.loader import load_causal_lm
 from apprentice.metrics import read_metrics
 from apprentice.testing.tiny import save_tiny_student
 from apprentice.trainer.broadcast import BroadcastError, WeightSender
-from apprentice.trainer.export import full_state_dict
-from apprentice.trainer.publish import published_steps
 
 MESSAGES = [{"role": "user", "content": "Say something about 3."}]
 

@@ -7,6 +7,7 @@ from apprentice.config.orchestrator import EndpointConfig, EnvConfig, Orchestrat
 from apprentice.config.root import Config, LogConfig
 from apprentice.config.trainer import (
     CkptConfig,
+    DistillLossConfig,
     LossConfig,
     OptimConfig,
     RLLossConfig,
@@ -18,6 +19,7 @@ __all__ = [
     "CkptConfig",
     "Config",
     "ConfigError",
+    "DistillLossConfig",
     "EndpointConfig",
     "EnvConfig",
     "InferenceConfig",

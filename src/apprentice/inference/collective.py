@@ -178,7 +178,7 @@ class Receiver:
                 raise RequestError(409, f"no complete update of step {step} is staged (staged: {have}; last error: "
                                         f"{self.error})", "step", code="not_staged")  # fmt: skip
             self.staged = None
-        self.engine.swap_model(staged.model, step=step, path=f"collective:step_{step}")
+        self.engine.swap(staged.model, step=step, path=f"collective:step_{step}")
         self.prepare()
         return time.perf_counter() - started
 

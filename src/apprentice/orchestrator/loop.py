@@ -50,6 +50,13 @@ from apprentice.config import Config, load_config
 from apprentice.config.rl import check_rl_config
 from apprentice.envs.registry import load_environment
 from apprentice.errors import ApprenticeError, UsageError, exit_on_user_error
+from apprentice.handoff.rollouts import (
+    drop_unpackable,
+    latest_step_batch,
+    remove_partial_steps,
+    split_across_ranks,
+    write_step_batch,
+)
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.batch import NothingToTrainError, empty_step_message, rollout_metrics, set_aside_reason
 from apprentice.orchestrator.client import build_client
@@ -63,13 +70,6 @@ from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trajectory import Trajectory
-from apprentice.transport import (
-    drop_unpackable,
-    latest_step_batch,
-    remove_partial_steps,
-    split_across_ranks,
-    write_step_batch,
-)
 from apprentice.types import TrainingSample
 
 __all__ = ["NothingToTrainError", "main", "run"]
@@ -92,8 +92,9 @@ def load_student_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str, float]]]
-"""On-policy distillation's hook: rendered samples -> (the scored ones with token_advantages, distill/* metrics)."""
+ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str, float], dict[str, str]]]
+"""On-policy distillation's hook: rendered samples -> (the scored ones with token_advantages, distill/* metrics,
+the scoring teacher's first error message per kind of this step)."""
 
 
 def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None) -> dict[str, float]:
@@ -118,11 +119,13 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
     # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
     render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
+    scoring_errors: dict[str, str] = {}
     if score is not None:
-        samples, distill_metrics = score(samples)
+        samples, distill_metrics, scoring_errors = score(samples)
         render_metrics |= distill_metrics
     if not samples:
-        raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
+        message = empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg, scoring_errors)
+        raise NothingToTrainError(message)
     tasks = [f"{t['env']}/{t['task_id']}" for t in done.trajectories]
     write_step_batch(Path(cfg.output_dir), done.step, split_across_ranks(samples, cfg.trainer.world_size), {"tasks": tasks})
     metrics = rollout_metrics(done.trajectories, dropped) | render_metrics | rl_metrics
@@ -172,7 +175,12 @@ async def run(cfg: Config) -> None:
     score: ScoreFn | None = None
     if distiller is not None:  # the render thread hands the samples to the event loop, where the scoring client lives
         scorer = distiller
-        score = lambda samples: asyncio.run_coroutine_threadsafe(scorer.apply(samples), loop).result()  # noqa: E731
+
+        def score_on_loop(samples: list[TrainingSample]) -> tuple[list[TrainingSample], dict[str, float], dict[str, str]]:
+            kept, metrics = asyncio.run_coroutine_threadsafe(scorer.apply(samples), loop).result()
+            return kept, metrics, dict(scorer.first_errors)
+
+        score = score_on_loop
     area, written_at = client.meter.area()
     next(bar, None)
     try:
@@ -204,7 +212,7 @@ async def run(cfg: Config) -> None:
         if policy is not None:
             await policy.finish_evaluation()
         if policy is not None and eval_log is not None:  # the final weights' score closes the curve
-            await policy.sync_to(last, last + 1)
+            await policy.reload_newest(last, last + 1)
             evaluated = time.monotonic()
             scores = await eval_policy(cfg)
             eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **scores,

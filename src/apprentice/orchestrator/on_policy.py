@@ -155,6 +155,8 @@ class OnPolicyDistiller:
                  cache_dir: Path | None) -> None:  # fmt: skip
         self.cfg = cfg or OnPolicyDistillConfig()
         self.client = TeacherScoringClient(endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
+        self.first_errors: dict[str, str] = {}
+        """The last `apply`'s first error message per kind of set-aside sample (for the empty-step message)."""
 
     async def check_tokenizer(self, student_tokenizer: Any, student_name: str) -> None:
         await check_teacher_tokenizer(self.client, student_tokenizer, student_name)
@@ -167,9 +169,11 @@ class OnPolicyDistiller:
         reverse_kl = ReverseKL()
         kept: list[TrainingSample] = []
         set_aside: Counter[str] = Counter()
+        self.first_errors = {}
         for sample, result in zip(samples, results, strict=True):
             if isinstance(result, ClientError):
                 set_aside[result.kind] += 1
+                self.first_errors.setdefault(result.kind, str(result))
                 continue
             if isinstance(result, BaseException):
                 raise result

@@ -3,9 +3,10 @@
 `PolicySync` is both seams of the continuous producer (orchestrator/producer.py):
 
     Backpressure.wait(n)    before step n opens: wait until weights recent enough for batch n are published,
-                            load the newest into the server, then start `on_step(n, policy_step)` (the held-out
-                            evaluation when due) beside the step's rollouts; the next reload waits for it
-                            (collective weight updates: or apply the newest the trainer sent, staged in the server)
+                            `reload` the newest into the server (collective weight updates: or apply the
+                            newest the trainer sent, staged in the server), then start `on_step(n, policy_step)`
+                            (the held-out evaluation when due) beside the step's rollouts; the next reload
+                            waits for it
     RolloutPolicy.ready()   not while the server reloads weights
     .policy_step()          the weights sampling now; the producer tags each rollout with it
     .keep(w, n)             a rollout sampled by weights w may go into batch n (else it is re-rolled)
@@ -33,10 +34,10 @@ import httpx
 
 from apprentice.config import Config
 from apprentice.errors import ApprenticeError
+from apprentice.handoff.weights import latest_published, weights_dir
 from apprentice.inference.backends import Backend, WeightReloadError, backend_for
 from apprentice.orchestrator.advantages import assign_advantages
 from apprentice.orchestrator.client import rollout_endpoint
-from apprentice.trainer.publish import latest_published, weights_dir
 from apprentice.trajectory import Trajectory
 
 log = logging.getLogger("apprentice.orchestrator")
@@ -106,11 +107,11 @@ class PolicySync:
         """Backpressure: return once step `step` may open (weights loaded, evaluation done); seconds waited."""
         start = time.monotonic()
         self._reload_s = self._eval_wait_s = 0.0
-        policy_step = await self.before_step(step)
+        policy_step = await self.reload_newest(max(0, step - 1 - self.bound), step)
         self.phases[step] = {"perf/reload_s": self._reload_s, "perf/eval_wait_s": self._eval_wait_s}
         if self.on_step is not None:
             # The evaluation runs beside the step's rollouts (the server batches both), not before them: the next
-            # reload waits for it instead (`load`), so it still scores exactly the weights it started on.
+            # reload waits for it instead (`reload`), so it still scores exactly the weights it started on.
             self._evaluating = asyncio.create_task(self.on_step(step, policy_step))
         return time.monotonic() - start
 
@@ -154,12 +155,8 @@ class PolicySync:
                 )
             await asyncio.sleep(0.5)
 
-    async def before_step(self, step: int) -> int:
-        """Wait until weights recent enough for batch `step` are published, load the newest; their step."""
-        return await self.sync_to(max(0, step - 1 - self.bound), step)
-
-    async def sync_to(self, need: int, step: int) -> int:
-        """Wait for published weights of step >= `need`, load the newest; their step (`step` is for messages)."""
+    async def reload_newest(self, need: int, step: int) -> int:
+        """Wait for published weights of step >= `need`, `reload` the newest; their step (`step` is for messages)."""
         start = time.monotonic()
         announced = False
         while (newest := await self.newest()) < need:
@@ -172,7 +169,7 @@ class PolicySync:
                     f"{self.wait_timeout_s:.0f} s; is the trainer running? (trainer.batch_timeout_s)"
                 )
             await asyncio.sleep(POLL_S)
-        await self.load(newest)
+        await self.reload(newest)
         return newest
 
     async def newest(self) -> int:
@@ -187,7 +184,7 @@ class PolicySync:
         self.staged = staged if isinstance(staged, int) and staged >= published else None
         return self.staged or published
 
-    async def load(self, step: int) -> None:
+    async def reload(self, step: int) -> None:
         """Tell the server to sample from the weights of `step` (0: the initial model); no-op when it already does."""
         if self.loaded is None:
             self.loaded = await self._server_step()
@@ -201,7 +198,7 @@ class PolicySync:
             if step == self.staged:  # sent by the trainer over the collective (inference/collective.py)
                 server_s = await self._apply(step)
             else:
-                server_s = await self.backend.load_weights(self._http, self.base_url, path, step)
+                server_s = await self.backend.reload(self._http, self.base_url, path, step)
         finally:
             self._idle.set()
         elapsed = time.monotonic() - started

@@ -7,26 +7,24 @@ and wait until the server reports the update staged. The orchestrator applies it
 when the step it opens may use it, as it loads weights from disk in the filesystem mode.
 
 A server that restarted (its group is gone: 409 no_group) is joined again. Any other failure is a
-`BroadcastError`; the train loop then publishes that step to disk instead, so the run goes on.
+`BroadcastError`; the train loop then publishes that step to disk instead (`send_weights`), so the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import httpx
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from apprentice import collective
 from apprentice.config import Config
 from apprentice.errors import ApprenticeError
+from apprentice.handoff.hfdir import full_state_dict
 from apprentice.inference.launch import free_port
-from apprentice.trainer.export import full_state_dict
-from apprentice.trainer.publish import weights_dir, write_weights
 
 log = logging.getLogger("apprentice.trainer")
 
@@ -107,28 +105,20 @@ def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def send_or_publish(
-    sender: WeightSender | None, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path,
-    step: int, keep: int, *, to_disk: bool,
-) -> None:  # fmt: skip
-    """rl mode, after step `step`: the weights to the server (collective when `sender` is set, on rank 0), and to
-    OUTPUT/weights when `to_disk` (filesystem mode: every step; collective: the steps that get a checkpoint, which
-    resume reads) or when the collective update failed. Every rank calls it (the gather is collective)."""
-    if sender is None and not dist.is_initialized() and not to_disk:
-        return
+def send_weights(sender: WeightSender | None, model: PreTrainedModel, step: int) -> bool:
+    """Collective mode, after step `step`: gather the full weights (every rank calls) and send them from rank 0
+    (which holds `sender`). Whether the server staged them: False tells every rank to publish to disk instead."""
     state = full_state_dict(model)
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
-    if is_main:
-        if sender is not None:
-            try:
-                sender.send(state, step)
-            except BroadcastError as e:
-                log.warning("%s; publishing step %d to %s instead", e, step, weights_dir(output_dir, step))
-                to_disk = True
-        if to_disk:
-            write_weights(model, state, tokenizer, output_dir, step, keep)
+    sent = [True]
+    if sender is not None:
+        try:
+            sender.send(state, step)
+        except BroadcastError as e:
+            log.warning("%s; publishing the weights of step %d to OUTPUT/weights instead", e, step)
+            sent[0] = False
     if dist.is_initialized():
-        dist.barrier()
+        dist.broadcast_object_list(sent, src=0)
+    return sent[0]
 
 
 def weight_sender(cfg: Config) -> WeightSender | None:
