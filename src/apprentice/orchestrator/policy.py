@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from apprentice.config import Config
+from apprentice.config.rl import weight_broadcast
 from apprentice.errors import ApprenticeError
 from apprentice.handoff.weights import latest_published, weights_dir
 from apprentice.inference.backends import Backend, WeightReloadError, backend_for
@@ -92,7 +93,7 @@ class PolicySync:
         """Per step, the seconds its opening spent reloading weights and evaluating (`take_phases`)."""
         self._reload_s = self._eval_wait_s = 0.0
         self._evaluating: asyncio.Task[None] | None = None
-        self.collective = cfg.trainer.weight_broadcast == "collective"
+        self.collective = weight_broadcast(cfg) == "collective"
         self.staged: int | None = None
         """collective: the step of the complete update the server holds staged, at the last look (`newest`)."""
         self.loaded: int | None = None

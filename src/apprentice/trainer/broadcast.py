@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from apprentice import collective
 from apprentice.config import Config
+from apprentice.config.rl import weight_broadcast
 from apprentice.errors import ApprenticeError
 from apprentice.handoff.hfdir import full_state_dict
 from apprentice.inference.launch import free_port
@@ -123,7 +124,7 @@ def send_weights(sender: WeightSender | None, model: PreTrainedModel, step: int)
 
 def weight_sender(cfg: Config) -> WeightSender | None:
     """Rank 0's sender when rl mode sends weights over the collective (None: they go through the filesystem)."""
-    if cfg.mode != "rl" or cfg.trainer.weight_broadcast != "collective":
+    if cfg.mode != "rl" or weight_broadcast(cfg) != "collective":
         return None
     from apprentice.orchestrator.client import rollout_endpoint
 

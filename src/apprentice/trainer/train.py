@@ -22,6 +22,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config, load_config
+from apprentice.config.rl import weight_broadcast
 from apprentice.errors import exit_on_user_error
 from apprentice.handoff import weights
 from apprentice.handoff.hfdir import export_final
@@ -89,7 +90,7 @@ def main(cfg: Config) -> None:
             run_config=cfg.model_dump(mode="json"),
         )
 
-        collective = cfg.mode == "rl" and cfg.trainer.weight_broadcast == "collective"
+        collective = cfg.mode == "rl" and weight_broadcast(cfg) == "collective"
         sender = weight_sender(cfg) if collective and world.is_main else None
 
         # The step loop.
