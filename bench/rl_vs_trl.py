@@ -76,8 +76,13 @@ def run_apprentice(model_dir: Path, steps: int, output_dir: Path, extra: list[st
     trainer = read_metrics(run_dir / "trainer" / "metrics.jsonl")
     evals = read_metrics(run_dir / "orchestrator" / "eval.jsonl")
     steady = [row["perf/step_s"] + row["perf/wait_s"] + row.get("perf/publish_s", 0.0) for row in trainer[1:]]
+    first = trainer[0]["perf/step_s"] + trainer[0].get("perf/publish_s", 0.0)
+    # Outside the step loop: process starts, model loads, server start, the first batch (evaluation before it
+    # included), checkpoints, the final export and evaluation, shutdown.
+    overhead = wall - sum(steady) - first
     return {"wall_s": wall, "step_s": mean(steady) if steady else float("nan"), "before": evals[0]["eval/reward"],
-            "after": evals[-1]["eval/reward"], "phases": _phase_means(run_dir)}  # fmt: skip
+            "after": evals[-1]["eval/reward"], "overhead_s": overhead, "final_eval_s": evals[-1].get("perf/eval_s"),
+            "phases": _phase_means(run_dir)}  # fmt: skip
 
 
 def _phase_means(run_dir: Path) -> dict[str, float]:
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_trl(args.trl_python, model_dir, args.steps, args.output_dir, args.trl_threads)
         else:
             results[name] = run_apprentice(model_dir, args.steps, args.output_dir, extra)
+        print(f"== {name}: {json.dumps(results[name])}", flush=True)  # each run's result as soon as it is in
     results["load_after"] = load()
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(f"\n{args.steps} steps, {os.cpu_count()} CPUs, load average {results['load_before']} -> {results['load_after']}, "
@@ -131,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TRL / apprentice: whole run {t['wall_s'] / a['wall_s']:.2f}x, steady step {t['step_s'] / a['step_s']:.2f}x; "
               f"held-out after: apprentice - TRL = {a['after'] - t['after']:+.3f}")  # fmt: skip
     if "apprentice" in results:
+        a = results["apprentice"]
+        print(f"apprentice outside the step loop: {a['overhead_s']:.0f} s (final evaluation {a['final_eval_s'] or 0:.0f} s)")
         print("apprentice phases, mean over steps 2..N:", ", ".join(f"{k} {v:.2f}" for k, v in results["apprentice"]["phases"].items()))
     return 0
 
