@@ -3,9 +3,10 @@
 Endpoints: POST /v1/chat/completions (streaming SSE ending in `data: [DONE]`, or one JSON body), POST /v1/completions
 (token-id prompts and vLLM's `prompt_logprobs` scoring: scoring.py), GET /v1/models,
 POST /v1/load_weights {"path": DIR, "step": N} (rl mode: `reload` verifies DIR (apprentice.handoff.weights), loads
-it and swaps it in; 200 {"step", "path"} once requests admitted afterwards sample with the new weights; a batch in
-flight finishes on the old ones), GET /v1/weights
-(the step and path being served; step 0 is the model the server started with), GET /stats (batching counters), GET /health.
+it and swaps it in; 200 {"step", "path", "reload_s"} once requests admitted afterwards sample with the new weights; a
+batch in flight finishes on the old ones), GET /v1/weights
+(the step and path being served; step 0 is the model the server started with), the collective weight updates of
+`trainer.weight_broadcast = "collective"` (collective.py), GET /stats (batching counters), GET /health.
 Requests go through `BatchEngine` (engine.py), which serves concurrent requests as one batch.
 
 Binds 127.0.0.1 unless told otherwise. With `--api-key-var NAME` every endpoint but /health needs
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -34,6 +36,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 
 from apprentice.handoff.weights import WeightsError, verify
+from apprentice.inference.collective import register_collective
 from apprentice.inference.engine import BatchEngine, SamplingParams
 from apprentice.inference.guards import (
     LimitBody,
@@ -206,6 +209,7 @@ def build_app(
         req = LoadWeightsRequest.model_validate(await json_body(request))
         async with load_lock:  # one load at a time; the swap itself is one reference assignment
             step = engine.weights["step"] + 1 if req.step is None else req.step
+            started = time.perf_counter()
             try:
                 new_model = await asyncio.to_thread(load_published, Path(req.path), engine.model,
                                                     trust_remote_code=trust_remote_code)  # fmt: skip
@@ -213,13 +217,14 @@ def build_app(
                 log.error("%s", e)
                 raise RequestError(400, str(e), param="path", code="invalid_weights") from None
             engine.swap(new_model, step=step, path=req.path)
-        return JSONResponse(dict(engine.weights))
+        return JSONResponse({**engine.weights, "reload_s": time.perf_counter() - started})
 
     @app.get("/v1/weights")
     async def weights() -> dict[str, Any]:
-        return dict(engine.weights)
+        return {**engine.weights, **receiver.status()}
 
     register_completions(app, engine, tokenizer, name, hidden, max_context)  # scoring.py
+    receiver = register_collective(app, engine)  # weights straight from the trainer (collective.py)
     return app
 
 

@@ -25,6 +25,10 @@ previous step was written):
     perf/wait_trainer_s     seconds step n waited for the trainer before it could open (backpressure)
     perf/wait_rollouts_s    seconds the writer waited for step n's last rollout
     perf/render_s           rendering and writing the batch
+    perf/sample_s           from step n opening to its last rollout done
+    perf/reload_s           rl: the server's weight reload before step n opened (as the server reports it)
+    perf/eval_wait_s        rl: how long the reload before step n waited for a held-out evaluation to finish
+                            (evaluations run beside the rollouts; each one's own time is perf/eval_s in eval.jsonl)
     perf/step_time_s        from step n opening to its batch written
     perf/step_interval_s    since the previous batch was written
 """
@@ -37,7 +41,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -207,15 +211,23 @@ async def run(cfg: Config) -> None:
                 metrics["perf/wait_trainer_s"] = done.wait_trainer_s
                 metrics["perf/wait_rollouts_s"] = ready_at - waiting_since
                 metrics["perf/render_s"] = now - ready_at
+                metrics["perf/sample_s"] = done.sample_s
+                if policy is not None:
+                    metrics.update(policy.take_phases(done.step))
                 metrics["perf/step_time_s"] = now - done.opened_at
                 metrics["perf/step_interval_s"] = interval
                 area, written_at, waiting_since = now_area, now, now
                 ledger.save()
                 metrics_log.write(metrics)
                 next(bar, None)
+        if policy is not None:
+            await policy.finish_evaluation()
         if policy is not None and eval_log is not None:  # the final weights' score closes the curve
             await policy.reload_newest(last, last + 1)
-            eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **await eval_policy(cfg)})
+            evaluated = time.monotonic()
+            scores = await eval_policy(cfg)
+            eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **scores,
+                            "perf/eval_s": time.monotonic() - evaluated})  # fmt: skip
     except SpendCapReached as e:
         done_step = latest_step_batch(output_dir)
         raise SpendCapReached(f"{e}; stopped after step {done_step}, the last complete one. {_resume_hint(done_step + 1)}") from None
@@ -232,14 +244,16 @@ async def run(cfg: Config) -> None:
         await client.aclose()
 
 
-def _evaluator(cfg: Config, eval_log: MetricsLog | None) -> Callable[[int, int], Awaitable[None]] | None:
+def _evaluator(cfg: Config, eval_log: MetricsLog | None) -> Callable[[int, int], Coroutine[Any, Any, None]] | None:
     """rl mode: the held-out evaluation run before step n opens, when due (one line in eval.jsonl)."""
     if eval_log is None:
         return None
 
     async def evaluate(step: int, policy_step: int) -> None:
         if due(cfg, step):
-            eval_log.write({"step": step, "policy/step": policy_step, **await eval_policy(cfg)})
+            evaluated = time.monotonic()
+            scores = await eval_policy(cfg)
+            eval_log.write({"step": step, "policy/step": policy_step, **scores, "perf/eval_s": time.monotonic() - evaluated})
 
     return evaluate
 
