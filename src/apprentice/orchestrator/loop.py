@@ -88,8 +88,9 @@ def load_student_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str, float]]]
-"""On-policy distillation's hook: rendered samples -> (the scored ones with token_advantages, distill/* metrics)."""
+ScoreFn = Callable[[list[TrainingSample], list[Trajectory]], tuple[list[TrainingSample], dict[str, float]]]
+"""On-policy distillation's hook: rendered samples and their trajectories -> (the scored ones with
+token_advantages, distill/* metrics)."""
 
 
 def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None) -> dict[str, float]:
@@ -115,7 +116,7 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
     render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
     if score is not None:
-        samples, distill_metrics = score(samples)
+        samples, distill_metrics = score(samples, kept)
         render_metrics |= distill_metrics
     if not samples:
         raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
@@ -135,11 +136,11 @@ async def run(cfg: Config) -> None:
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
     tokenizer = load_student_tokenizer(cfg)
     distiller = None  # on-policy distillation: the teacher scores every sampled token (orchestrator/on_policy.py);
-    # its tokenizer is checked first: a config mistake should fail before anything else waits or spends
+    # it is probed first (tokenizer, protocol, noise): a config mistake should fail before anything else waits
     if orch.teacher_model is not None:
         distiller = OnPolicyDistiller(orch.teacher_model, orch.on_policy_distill, max_concurrency=orch.max_concurrency,
                                       cache_dir=output_dir / "teacher_cache")  # fmt: skip
-        await distiller.check_tokenizer(tokenizer, cfg.model.name)
+        await distiller.probe(tokenizer)
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
     if removed := remove_partial_steps(output_dir):  # a killed run's half-written steps: rewritten below
         log.info("removed %d partial rollouts step directories left by an earlier run: %s", len(removed), removed)
@@ -168,7 +169,8 @@ async def run(cfg: Config) -> None:
     score: ScoreFn | None = None
     if distiller is not None:  # the render thread hands the samples to the event loop, where the scoring client lives
         scorer = distiller
-        score = lambda samples: asyncio.run_coroutine_threadsafe(scorer.apply(samples), loop).result()  # noqa: E731
+        score = lambda samples, trajectories: asyncio.run_coroutine_threadsafe(  # noqa: E731
+            scorer.apply(samples, cast(list[dict[str, Any]], trajectories)), loop).result()
     area, written_at = client.meter.area()
     next(bar, None)
     try:
