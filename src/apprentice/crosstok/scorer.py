@@ -69,10 +69,12 @@ class CrossTokenizerScorer:
         if len(scores.logprobs) != len(turn.ids) or any(lp is None for lp in teacher_lps):
             raise ClientError("malformed", "the teacher returned no logprob for some completion token")
         teacher_ids = turn.ids[turn.completion_start :]
-        student = Completion(self.side.student_bytes(completion_ids), student_logprobs, turn.ends_turn)
+        n = turn.student_scored  # the tokens of an unfinished last character (cut-off turn) get no value
+        student = Completion(self.side.student_bytes(completion_ids[:n]), student_logprobs[:n], turn.ends_turn)
         teacher = Completion(self.side.teacher_bytes(teacher_ids), [float(lp) for lp in teacher_lps if lp is not None],
                              turn.ends_turn)  # fmt: skip
-        return align_completion(student, teacher, spread=self.spread)
+        values = align_completion(student, teacher, spread=self.spread)
+        return values + [0.0] * (len(completion_ids) - n)
 
     async def score_sample(self, sample: TrainingSample, steps: StepIndex) -> list[float]:
         """[T] equivalent teacher logprobs (s_t + v_t) on the sample's loss tokens, 0.0 elsewhere."""

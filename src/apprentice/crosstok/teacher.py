@@ -10,7 +10,7 @@ the prompt's last added token on, so a BPE merge across the generation prompt's 
 completion's first byte into the prompt. Turns that cannot be compared are refused with a kind (AlignError),
 counted as distill/set_aside/<kind> by the caller:
 
-    partial_character   the student's bytes end inside a UTF-8 character (a turn cut off by max_tokens)
+    invalid_utf8        the student's tokens are not UTF-8 text (bytes that form no character)
     control_token       the text holds the teacher's control-token text (it would be read as a turn marker)
     tool_call_text      a tool call (or reasoning) the teacher's template writes as other text than the student's
     teacher_template    the teacher's chat template refuses the conversation
@@ -34,6 +34,9 @@ class TeacherTurn:
     completion_start: int
     """P: index in `ids` of the completion's first token."""
     ends_turn: bool
+    student_scored: int
+    """How many of the student's completion tokens the teacher's sequence covers: all of them, except in a turn
+    cut off by max_tokens inside a character, whose last few tokens (the unfinished character) are left out."""
 
 
 def find_end_of_turn(tokenizer: Any) -> int:
@@ -69,18 +72,28 @@ class TeacherSide:
             {t.content for t in teacher_tokenizer.added_tokens_decoder.values() if t.special and t.content}
         )
 
-    def student_text(self, completion_ids: list[int]) -> tuple[str, bool]:
-        """(the completion's text, whether its last token ends the turn: a special token of the student's)."""
+    def student_text(self, completion_ids: list[int]) -> tuple[str, bool, int]:
+        """(the completion's text, whether its last token ends the turn (a special token of the student's), how
+        many of its tokens that text covers). A turn cut off inside a character drops the unfinished character's
+        tokens (at most 3 bytes); other bytes that are not UTF-8 raise AlignError("invalid_utf8")."""
         ends_turn = bool(completion_ids) and completion_ids[-1] in self.student_special
-        raw = b"".join(self.student_bytes(completion_ids[: len(completion_ids) - int(ends_turn)]))
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise AlignError("partial_character", "the student's text ends inside a UTF-8 character") from None
+        pieces = self.student_bytes(completion_ids[: len(completion_ids) - int(ends_turn)])
+        raw = b"".join(pieces)
+        n, kept = len(pieces), raw
+        while True:
+            try:
+                text = kept.decode("utf-8")
+                break
+            except UnicodeDecodeError as e:
+                # Only a cut-off turn may end inside a character, and only its last character is unfinished.
+                if ends_turn or n == 0 or e.start < len(kept) - 3 or e.reason != "unexpected end of data":
+                    raise AlignError("invalid_utf8", "the student's tokens are not UTF-8 text") from None
+                n -= 1
+                kept = b"".join(pieces[:n])
         for control in self.teacher_control:
             if control in text:
                 raise AlignError("control_token", f"the student's text holds the teacher's control token {control!r}")
-        return text, ends_turn
+        return text, ends_turn, n + int(ends_turn)
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *, generation: bool) -> str:
         try:
@@ -97,7 +110,7 @@ class TeacherSide:
     ) -> TeacherTurn:
         """The teacher-side sequence of the student's turn (prompt messages, the parsed completion messages, the
         ids the student sampled). AlignError(kind) when the turn cannot be compared."""
-        text, ends_turn = self.student_text(student_completion_ids)
+        text, ends_turn, scored = self.student_text(student_completion_ids)
         prompt_text = self.render(prompt, tools, generation=True)
         message = completion[-1] if completion else {}
         if message.get("tool_calls") or message.get("reasoning_content"):
@@ -110,4 +123,4 @@ class TeacherSide:
         prompt_ids = list(self.tok(prompt_text, add_special_tokens=False)["input_ids"])
         completion_ids, _ = self.tokens.continuation(prompt_text, text)
         ids = prompt_ids + completion_ids + ([self.end_of_turn] if ends_turn else [])
-        return TeacherTurn(ids=ids, completion_start=len(prompt_ids), ends_turn=ends_turn)
+        return TeacherTurn(ids=ids, completion_start=len(prompt_ids), ends_turn=ends_turn, student_scored=scored)

@@ -73,6 +73,7 @@ def rollout_metrics(trajectories: list[Trajectory], dropped: Counter[str]) -> di
 
 def empty_step_message(step: int, trajectories: list[Trajectory], dropped: Counter[str], render: dict[str, float], cfg: Config) -> str:
     reasons = dict(dropped) | {k.removeprefix("render/"): int(v) for k, v in render.items() if k.startswith("render/set_aside/") and v}
+    reasons |= {k: int(v) for k, v in render.items() if k.startswith("distill/set_aside/") and v}  # on-policy teacher
     first_error = next((t["error_message"] for t in trajectories if t.get("error_message")), None)
     hints = []
     if any(r.startswith("client/") for r in reasons):
@@ -83,6 +84,9 @@ def empty_step_message(step: int, trajectories: list[Trajectory], dropped: Count
         hints.append("raise orchestrator.sampling.max_tokens or set orchestrator.truncated = \"keep\"")
     if reasons.get("set_aside/too_long"):
         hints.append("raise trainer.micro_batch_tokens or lower orchestrator.sampling.max_tokens: rendered samples are longer than a micro-batch")
+    if any(r.startswith("distill/set_aside/") for r in reasons):
+        hints.append("see distill/set_aside/* in OUTPUT/orchestrator/metrics.jsonl: the teacher could not score these "
+                     "samples (docs/distillation.md, on-policy distillation)")
     if any(r.startswith("set_aside/") and r != "set_aside/too_long" for r in reasons):
         hints.append("see render/set_aside/* in OUTPUT/orchestrator/metrics.jsonl: the student's chat template cannot represent these rollouts")
     return (

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from apprentice.testing.tiny import _CORPUS, build_tiny_model
+from apprentice.testing.tiny import _CORPUS, CHATML_TEMPLATE, SPECIAL_TOKENS, build_tiny_model
 
 SP_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
@@ -60,6 +60,38 @@ def save_tiny_sp_model(path: str | Path, seed: int = 0, vocab_size: int = 600) -
     tok = build_tiny_sp_tokenizer(vocab_size)
     model = build_tiny_model(len(tok), seed=seed)
     end = tok.convert_tokens_to_ids("<|end|>")
+    model.config.eos_token_id = end
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = end
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _ascii_tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # No initial alphabet: only the bytes the (ASCII) corpus holds become tokens.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def save_ascii_student(path: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
+    """A tiny ChatML student whose byte-level BPE holds ASCII bytes only, so that even an untrained model's samples
+    are text (a random model on a full byte vocabulary mostly samples bytes that form no character, which a
+    teacher of another tokenizer cannot score): for end-to-end cross-tokenizer runs."""
+    path = Path(path)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_ascii_tokenizer_json(vocab_size)),
+        bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )  # fmt: skip
+    tok.chat_template = CHATML_TEMPLATE
+    model = build_tiny_model(len(tok), seed=seed)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
     model.config.eos_token_id = end
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = end
