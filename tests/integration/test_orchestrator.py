@@ -15,10 +15,11 @@ import pytest
 from fault_teacher import Fault, FaultTeacher, reverse_last_user
 
 from apprentice.config import Config
+from apprentice.handoff.progress import write_trainer_progress
+from apprentice.handoff.rollouts import latest_step_batch, read_step_batch, read_step_marker
 from apprentice.metrics import read_metrics
 from apprentice.orchestrator.loop import run
 from apprentice.testing.tiny import save_tiny_student
-from apprentice.transport import latest_step_batch, read_step_batch, read_step_marker, write_trainer_progress
 
 SECRET = "sk-orchestrator-test-4f1c9a"
 
@@ -255,8 +256,8 @@ def test_distill_exits_with_the_spend_cap_code_after_training_the_written_steps(
     import subprocess
     import sys
 
+    from apprentice.handoff.progress import read_trainer_progress
     from apprentice.orchestrator.spend import EXIT_SPEND_CAP
-    from apprentice.transport import read_trainer_progress
 
     output = tmp_path / "out"
     with FaultTeacher(respond=reverse_last_user) as teacher:

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fault_teacher import serve_asgi
 
 from apprentice.config import Config, load_config
+from apprentice.handoff.weights import publish, published_steps
 from apprentice.inference.launch import free_port
 from apprentice.inference.server import build_app
 from apprentice.metrics import read_metrics
@@ -31,7 +32,6 @@ from apprentice.orchestrator.loop import run as orchestrate
 from apprentice.orchestrator.policy import PolicySync
 from apprentice.testing.tiny import build_tiny_tokenizer, save_tiny_student
 from apprentice.trainer import ckpt
-from apprentice.trainer.publish import publish_weights, published_steps
 
 HERE = Path(__file__).resolve().parent
 MESSAGES = [{"role": "user", "content": "Say something about 3."}]
@@ -81,15 +81,15 @@ def test_published_weights_reloaded_into_the_server_change_its_answers(tmp_path:
         cfg = student_endpoint_config(tmp_path, student, base_url)
         before = sample_ids(base_url)
         assert sample_ids(base_url) == before  # same prompt, same seed, same weights: same answer
-        publish_weights(model, tokenizer, cfg.output_dir, 1, keep=3)  # unchanged weights
+        publish(model, tokenizer, cfg.output_dir, 1, keep=3)  # unchanged weights
         with torch.no_grad():
             model.lm_head.weight.mul_(3.0)  # tied to the embeddings: a sharper, different policy
-        publish_weights(model, tokenizer, cfg.output_dir, 2, keep=3)
+        publish(model, tokenizer, cfg.output_dir, 2, keep=3)
 
         async def load(step: int) -> None:
             sync = PolicySync(cfg)
             try:
-                await sync.load(step)
+                await sync.reload(step)
             finally:
                 await sync.aclose()
 
@@ -122,7 +122,8 @@ def test_a_server_without_token_ids_is_a_clear_error_at_the_first_step(tmp_path:
     assert not (Path(cfg.output_dir) / "rollouts" / "step_1").exists()
 
 
-def write_rl_config(tmp_path: Path, student: Path, port: int, max_steps: int) -> Path:
+def write_rl_config(tmp_path: Path, student: Path, port: int, max_steps: int, max_tokens: int = 16) -> Path:
+    """A first rl run as a new user writes it: orchestrator.truncated left at its default."""
     path = tmp_path / "rl.toml"
     path.write_text(f"""
 output_dir = "{tmp_path / 'out'}"
@@ -133,11 +134,10 @@ name = "{student}"
 batch_size = 16
 rollouts_per_prompt = 4
 max_async_level = 0
-truncated = "keep"
 eval_interval = 4
 eval_num_tasks = 4
 [orchestrator.sampling]
-max_tokens = 16
+max_tokens = {max_tokens}
 temperature = 1.0
 seed = 0
 [[orchestrator.env]]
@@ -220,3 +220,20 @@ def test_rl_run_learns_and_resumes_after_kill_9(tmp_path: Path) -> None:
     assert all("eval/letters/reward" in row for row in evals)
     assert published_steps(output) == [max_steps - 1, max_steps]
     assert (output / "final" / "config.json").is_file()
+
+
+def test_a_first_rl_run_trains_on_truncated_completions_by_default(tmp_path: Path) -> None:
+    """A random tiny policy rambles: with max_tokens = 3 nearly every completion is cut off. rl mode keeps them by
+    default (a rambling answer is a low-reward sample), so the first step trains instead of stopping with "none of
+    the rollouts could be trained on"; --dry-run shows the value in force."""
+    student = save_tiny_student(tmp_path / "student", seed=0)
+    config = write_rl_config(tmp_path, student, free_port(), max_steps=1, max_tokens=3)
+    dry = subprocess.run([*rl_command(config), "--dry-run"], capture_output=True, text=True, env=rl_env(), timeout=120)
+    assert dry.returncode == 0 and 'truncated = "keep"' in dry.stdout, dry.stderr[-2000:]
+    run = subprocess.run([*rl_command(config), "--orchestrator.eval_interval", "0"], capture_output=True, text=True,
+                         env=rl_env(), timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    output = tmp_path / "out"
+    (row,) = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    assert row["rollout/set_aside"] == 0 and row["render/samples"] == 16
+    assert [r["step"] for r in read_metrics(output / "trainer" / "metrics.jsonl")] == [1]

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from apprentice.config import load_config
+from apprentice.handoff.weights import publish, weights_dir
 from apprentice.inference.backends import VLLMBackend
 from apprentice.inference.launch import free_port
 from apprentice.testing import smollm2
-from apprentice.trainer.publish import publish_weights, weights_dir
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,11 +65,11 @@ def test_vllm_reloads_published_weights_without_restart(tmp_path: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         with torch.no_grad():
             model.lm_head.weight.mul_(-1.0)  # the least likely token becomes the greedy choice
-        publish_weights(model, AutoTokenizer.from_pretrained(model_dir), tmp_path / "out", 1, keep=2)
+        publish(model, AutoTokenizer.from_pretrained(model_dir), tmp_path / "out", 1, keep=2)
 
         async def reload() -> None:
             async with httpx.AsyncClient(timeout=600) as http:
-                await backend.load_weights(http, base_url, weights_dir(tmp_path / "out", 1), 1)
+                await backend.reload(http, base_url, weights_dir(tmp_path / "out", 1), 1)
 
         asyncio.run(reload())
         assert _answer(base_url)[0] != ids

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from apprentice.config import load_config
 from apprentice.inference.backends import BuiltinBackend
 from apprentice.inference.server import build_app, main
-from apprentice.inference.weights import load_causal_lm
+from apprentice.loader import load_causal_lm
 from apprentice.testing import smollm2
 from apprentice.testing.tiny import save_tiny_student
 
@@ -38,7 +38,7 @@ def test_gguf_file_reaches_the_tokenizer_and_model_loaders(tiny: Path, tmp_path:
     with pytest.raises(ValueError, match="broken.gguf"):
         build_app(model_dir, gguf_file="broken.gguf")  # the tokenizer is read first
     with pytest.raises(ValueError, match="broken.gguf"):
-        load_causal_lm(model_dir, torch.float32, "cpu", gguf_file="broken.gguf")
+        load_causal_lm(model_dir, dtype=torch.float32, device="cpu", gguf_file="broken.gguf")
 
 
 def test_missing_gguf_file_exits_2_naming_it(tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:

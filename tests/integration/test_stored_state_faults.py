@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 
 from apprentice import fsio
 from apprentice.config import Config
+from apprentice.handoff.rollouts import latest_step_batch, read_step_batch, write_step_batch
 from apprentice.metrics import read_metrics
 from apprentice.orchestrator.loop import run as run_orchestrator
 from apprentice.testing.tiny import save_tiny_student
 from apprentice.trainer import ckpt
 from apprentice.trainer.train import main as train
-from apprentice.transport import latest_step_batch, read_step_batch, write_step_batch
 from apprentice.types import TrainingSample
 
 

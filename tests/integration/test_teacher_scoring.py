@@ -183,16 +183,21 @@ def test_distiller_sets_token_advantages_and_sets_aside_unscorable_samples(teach
         samples.append(TrainingSample(ids, mask, [student_lp if m else 0.0 for m in mask], advantage=0.5))
     broken = TrainingSample([1, 2, 10**6], [False, True, True], [0.0, -1.0, -1.0], advantage=0.5)
 
+    first_errors: dict[str, str] = {}
+
     async def run() -> tuple[list[TrainingSample], dict[str, float]]:
         distiller = OnPolicyDistiller(EndpointConfig(base_url=url, model="tiny", max_retries=0),
                                       OnPolicyDistillConfig(kl_coef=1.0, reward_coef=2.0), max_concurrency=2, cache_dir=None)  # fmt: skip
         try:
             return await distiller.apply([samples[0], broken, samples[1]])
         finally:
+            first_errors.update(distiller.first_errors)
             await distiller.aclose()
 
     kept, metrics = asyncio.run(run())
     assert kept == [samples[0], samples[1]] and metrics["distill/set_aside/bad_request"] == 1
+    # The teacher's own text of the first failure per kind, for the "none of the N rollouts" message.
+    assert list(first_errors) == ["bad_request"] and "400" in first_errors["bad_request"]
     total, count = 0.0, 0
     for s in kept:
         teacher_lps = direct_logprobs(model, s.token_ids)

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apprentice.config import Config, dump_config
+from apprentice.handoff.progress import read_trainer_progress
+from apprentice.handoff.rollouts import BatchError, rank_file, split_across_ranks, write_step_batch
 from apprentice.inference.launch import free_port
 from apprentice.launcher import trainer_command
 from apprentice.metrics import read_metrics as read_metrics_file
@@ -25,13 +27,6 @@ from apprentice.trainer.ckpt import complete_checkpoints
 from apprentice.trainer.metrics import metrics_path
 from apprentice.trainer.optim import NonFiniteError
 from apprentice.trainer.train import main
-from apprentice.transport import (
-    BatchError,
-    rank_file,
-    read_trainer_progress,
-    split_across_ranks,
-    write_step_batch,
-)
 from apprentice.types import TrainingSample
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,8 +121,12 @@ def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(student: Path, tmp
     write_step_batch(out, 2, [bad])
     # A wide trust region keeps the (meaningless, logprob-free) tokens in the loss so the NaN reaches it.
     cfg = make_config(student, out, max_steps=2, loss={"type": "rl", "ratio_low": 1e-6, "ratio_high": 1e6})
-    with pytest.raises(NonFiniteError, match=r"step 2: non-finite.*checkpoints/step_1"):
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite.*checkpoints/step_1") as err:
         main(cfg)
+    batch = str(out / "rollouts" / "step_2")
+    # The message names the batch that holds the NaN and says to delete it (not to lower the learning rate).
+    assert f"step batch {batch} holds non-finite values (sample 0 has advantage nan)" in str(err.value)
+    assert f"Delete {batch} and every later rollouts/step_*" in str(err.value) and "optim.lr" not in str(err.value)
     assert [s for s, _ in complete_checkpoints(out)] == [1]
     assert read_trainer_progress(out) == 1
 

@@ -624,3 +624,52 @@ def test_pydantic_errors_do_not_print_rejected_values() -> None:
 
 def test_a_key_pasted_as_a_config_key_name_is_not_echoed() -> None:
     assert_refused_without_echo([f"--orchestrator.sampling.{KEY}=1"], "orchestrator.sampling.<redacted>", "looks like a credential")
+
+
+# Real-looking values: upper-case hex API keys (the shape several providers issue, 32 and 40 digits; random keys
+# that the randomness tests alone let through, as about 1 in 120 such keys was), and a git commit id.
+UPPER_HEX_KEYS = ["957911573283A9506379630B0F166011", "55FAF52615F156525AAA8AF1CF569FD8",
+                  "C432658C0651054E027506BEAEFA79FBF8634610"]  # fmt: skip
+COMMIT = "84ea427f460ffc8d2ddc08a341ccda076c24fc1f"
+
+
+@pytest.mark.parametrize("key", UPPER_HEX_KEYS)
+def test_upper_case_hex_keys_are_caught_in_headers_extra_body_and_urls(key: str) -> None:
+    from apprentice.config.secrets import looks_like_credential
+
+    assert looks_like_credential(key) and looks_like_credential(key.lower()[:32])
+    for overrides in (
+        [f'--orchestrator.rollout_model.headers={{"X-Client" = "{key}"}}'],
+        [f'--orchestrator.sampling.extra_body={{metadata = {{note = "{key}"}}}}'],
+        [f"--orchestrator.rollout_model.base_url=https://teacher.example/v1?session={key}"],
+    ):
+        message = error_of([MINIMAL], overrides)
+        assert "credential" in message and key not in message and key[:12] not in message
+
+
+def test_a_git_commit_id_is_not_a_credential_in_a_revision_a_path_or_a_url(tmp_path: Path) -> None:
+    snapshot = f"/models/hub/models--Qwen--Qwen3-0.6B/snapshots/{COMMIT}"
+    cfg = load_config(
+        [MINIMAL],
+        [f'--orchestrator.sampling.extra_body={{revision = "{COMMIT}", model_path = "{snapshot}"}}',
+         f'--orchestrator.rollout_model.headers={{"X-Model-Revision" = "{COMMIT}"}}',
+         f"--orchestrator.rollout_model.base_url=http://127.0.0.1:8000/models/{COMMIT}/v1",
+         f"--model.name={snapshot}"],
+    )  # fmt: skip
+    assert cfg.orchestrator.sampling.extra_body["revision"] == COMMIT
+    assert cfg.orchestrator.rollout_model is not None and COMMIT in cfg.orchestrator.rollout_model.base_url
+    # Upper-case (no tool prints a commit id so) or another length stays refused, as does a credential-named field.
+    assert "credential" in error_of([MINIMAL], [f'--orchestrator.sampling.extra_body={{revision = "{COMMIT.upper()}"}}'])
+    assert "credential" in error_of([MINIMAL], [f'--orchestrator.sampling.extra_body={{api_key = "{COMMIT}"}}'])
+
+
+def test_truncated_default_follows_the_mode_and_is_shown(tmp_path: Path) -> None:
+    from apprentice.config import dump_config
+
+    distill = load_config([MINIMAL], [])
+    assert distill.mode == "distill" and distill.orchestrator.truncated == "drop"
+    rl = load_config([write(tmp_path, "rl.toml", RL_CONFIG)], [])
+    assert rl.mode == "rl" and rl.orchestrator.truncated == "keep"
+    assert 'truncated = "keep"' in dump_config(rl) and 'truncated = "drop"' in dump_config(distill)  # --dry-run
+    assert load_config([write(tmp_path, "rl.toml", RL_CONFIG)], ["--orchestrator.truncated", "drop"]).orchestrator.truncated == "drop"
+    assert load_config([MINIMAL], ["--orchestrator.truncated", "keep"]).orchestrator.truncated == "keep"

@@ -12,10 +12,10 @@ import torch
 from apprentice.clients.scoring import parse_prompt_logprobs
 from apprentice.config.orchestrator import OnPolicyDistillConfig
 from apprentice.config.trainer import RLLossConfig
+from apprentice.handoff.rollouts import BatchError, decode_samples, encode_samples, read_step_batch, write_step_batch
 from apprentice.orchestrator.on_policy import ReverseKL, apply_teacher_scores, distill_token_advantages
 from apprentice.trainer.losses import LossInputs, rl_loss
 from apprentice.trainer.packing import collate
-from apprentice.transport import BatchError, decode_samples, encode_samples, read_step_batch, write_step_batch
 from apprentice.types import TrainingSample
 
 

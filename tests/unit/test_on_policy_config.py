@@ -55,6 +55,15 @@ type = "sft"
     assert "Who samples must be unambiguous" in message
 
 
+def test_both_samplers_fire_first_whatever_else_the_config_holds(tmp_path: Path) -> None:
+    """An rl config ([inference], token client, rl loss) given a rollout_model too: the first message must be the
+    one naming both keys, not the distill-mode rules about [inference] / use_token_client / loss."""
+    rollout = '[orchestrator.rollout_model]\nbase_url = "http://127.0.0.1:8000/v1"\nmodel = "t"\n'
+    message = error_of(tmp_path, RL_CONFIG + TEACHER + rollout)
+    assert "orchestrator.teacher_model and orchestrator.rollout_model are both set" in message
+    assert "[inference]" not in message and "use_token_client" not in message and "sft" not in message
+
+
 def test_teacher_model_needs_the_rl_loss_and_the_token_client(tmp_path: Path) -> None:
     message = error_of(tmp_path, RL_CONFIG + TEACHER + '[trainer.loss]\ntype = "sft"\n')
     assert 'trainer.loss.type must be "rl"' in message and "--trainer.loss.type rl" in message

@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from apprentice import fsio
 from apprentice.errors import ApprenticeError
+from apprentice.handoff.paths import MANIFEST
 from apprentice.trainer import ckpt
 from apprentice.trainer.world import World
 
@@ -72,8 +73,8 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_manifest_lists_every_file_and_modes_are_the_standard_ones(tmp_path: Path) -> None:
     _, _ = train_and_save(tmp_path, 1)
     path = tmp_path / "checkpoints" / "step_1"
-    manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {ckpt.MANIFEST, ckpt.MARKER}
+    manifest = json.loads((path / MANIFEST).read_text())
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST, ckpt.MARKER}
     assert set(manifest["files"]) == on_disk and "trainer_state.json" in on_disk and any(n.endswith(".distcp") for n in on_disk)
     assert json.loads((path / ckpt.MARKER).read_text())["format"] == ckpt.FORMAT
     ckpt.verify_checkpoint(path)
@@ -94,11 +95,11 @@ DAMAGE = {
     "truncated_shard": lambda p: (shard(p).write_bytes(shard(p).read_bytes()[:-100]), shard(p))[1],
     "garbled_trainer_state": lambda p: ((p / "trainer_state.json").write_text("{garbage"), p / "trainer_state.json")[1],
     "deleted_rng": lambda p: ((p / "rng_rank_0.safetensors").unlink(), p / "rng_rank_0.safetensors")[1],
-    "garbled_manifest": lambda p: ((p / ckpt.MANIFEST).write_text("\x00\x01"), p / ckpt.MANIFEST)[1],
+    "garbled_manifest": lambda p: ((p / MANIFEST).write_text("\x00\x01"), p / MANIFEST)[1],
     "garbled_marker": lambda p: ((p / ckpt.MARKER).write_bytes(b"\xff\xfe"), p / ckpt.MARKER)[1],
     "marker_format_not_int": lambda p: ((p / ckpt.MARKER).write_text('{"step": 2, "format": "x"}'), p / ckpt.MARKER)[1],
-    "deleted_manifest": lambda p: ((p / ckpt.MANIFEST).unlink(), p / ckpt.MANIFEST)[1],
-    "manifest_entry_not_object": lambda p: ((p / ckpt.MANIFEST).write_text('{"files": {"trainer_state.json": 3}}'), p / ckpt.MANIFEST)[1],
+    "deleted_manifest": lambda p: ((p / MANIFEST).unlink(), p / MANIFEST)[1],
+    "manifest_entry_not_object": lambda p: ((p / MANIFEST).write_text('{"files": {"trainer_state.json": 3}}'), p / MANIFEST)[1],
 }
 
 
@@ -149,7 +150,7 @@ def test_pruning_after_a_fallback_keeps_the_verified_checkpoint(tmp_path: Path) 
 def test_a_checkpoint_without_manifest_from_an_older_version_still_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _, weights = train_and_save(tmp_path, 1)
     path = tmp_path / "checkpoints" / "step_1"
-    (path / ckpt.MANIFEST).unlink()
+    (path / MANIFEST).unlink()
     (path / ckpt.MARKER).write_text(json.dumps({"step": 1}))
     fresh = Parts(1)
     with caplog.at_level(logging.WARNING, logger="apprentice.trainer"):

@@ -126,7 +126,7 @@ def test_no_loss_tokens_still_has_a_graph() -> None:
 
 
 def test_mapping_chooses_by_type() -> None:
-    assert set(LOSSES) == {"sft", "rl"}
+    assert set(LOSSES) == {"sft", "rl", "distill"}
     inputs, _ = make_inputs()
     assert float(build_loss(SFTLossConfig())(inputs)[0].detach()) == float(sft_loss(inputs)[0].detach())
     assert float(build_loss(RLLossConfig(kl_coef=0.5))(inputs)[0].detach()) == float(rl_loss(inputs, RLLossConfig(kl_coef=0.5))[0].detach())

@@ -11,9 +11,10 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config
+from apprentice.handoff.hfdir import write_hf_dir
+from apprentice.handoff.paths import MARKER
 from apprentice.testing.tiny import save_tiny_student
 from apprentice.tokenizer import load_tokenizer
-from apprentice.trainer.export import EXPORT_MARKER, export_hf
 from apprentice.trainer.logprobs import LOSS_METHOD
 from apprentice.trainer.losses import build_loss
 from apprentice.trainer.model import load_model
@@ -118,9 +119,9 @@ def test_export_replaces_a_previous_export_atomically(student: Path, tmp_path: P
     cfg = config(student)
     model, tokenizer = load_model(cfg.model, CPU), load_tokenizer(cfg.model)
     target = tmp_path / "final"
-    export_hf(model, tokenizer, target)
+    write_hf_dir(model, tokenizer, target)
     (target / "stale.txt").write_text("from the previous export")
-    export_hf(model, tokenizer, target)
-    assert (target / EXPORT_MARKER).is_file() and (target / "model.safetensors").is_file()
+    write_hf_dir(model, tokenizer, target)
+    assert (target / MARKER).is_file() and (target / "model.safetensors").is_file()
     assert not (target / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no temporary or old directory left behind

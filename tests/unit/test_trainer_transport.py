@@ -14,21 +14,19 @@ import pytest
 
 from apprentice import fsio
 from apprentice.errors import ApprenticeError
-from apprentice.transport import (
+from apprentice.handoff.progress import ProgressError, read_trainer_progress, write_trainer_progress
+from apprentice.handoff.rollouts import (
     BatchError,
     BatchTimeoutError,
-    ProgressError,
     drop_unpackable,
     latest_step_batch,
     rank_file,
     read_step_batch,
-    read_trainer_progress,
     remove_partial_steps,
     split_across_ranks,
     step_dir,
     wait_for_step_batch,
     write_step_batch,
-    write_trainer_progress,
 )
 from apprentice.types import TrainingSample
 

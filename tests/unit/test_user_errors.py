@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from apprentice.cli import main
+from apprentice.handoff.rollouts import rank_file, write_step_batch
 from apprentice.testing.tiny import save_tiny_student
-from apprentice.transport import rank_file, write_step_batch
 from apprentice.types import TrainingSample
 
 

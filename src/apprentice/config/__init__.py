@@ -13,6 +13,7 @@ from apprentice.config.orchestrator import (
 from apprentice.config.root import Config, LogConfig
 from apprentice.config.trainer import (
     CkptConfig,
+    DistillLossConfig,
     LossConfig,
     OptimConfig,
     RLLossConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "CkptConfig",
     "Config",
     "ConfigError",
+    "DistillLossConfig",
     "EndpointConfig",
     "EnvConfig",
     "InferenceConfig",

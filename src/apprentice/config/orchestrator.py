@@ -251,15 +251,18 @@ class OrchestratorConfig(Section):
     reasoning: Literal["keep", "drop"] = "keep"
     """Teacher reasoning (`reasoning_content` / think blocks): "keep" trains on it as generated; "drop" trains on
     the answer only (for APIs that hide or summarise reasoning)."""
-    truncated: Literal["drop", "keep"] = "drop"
-    """Turns cut off by max_tokens: "drop" sets the rollout aside; "keep" trains on the truncated text (without an
-    end-of-turn token: the model never emitted one)."""
     allow_control_tokens: bool = False
     """Keep rollouts whose teacher text contains special tokens of the student's tokenizer (e.g. `<|im_end|>`,
     `<|im_start|>system`). Off by default: training on them teaches the student to emit control tokens (prompt
     injection into the training data); such rollouts are set aside as render/set_aside/control_token."""
     rollout_model: EndpointConfig | None = None
     """The teacher endpoint. Setting it selects distill mode (external rollouts, SFT loss)."""
+    truncated: Literal["drop", "keep"] = "keep"
+    """Turns cut off by max_tokens: "drop" sets the rollout aside; "keep" trains on the truncated text (without an
+    end-of-turn token: the model never emitted one). Default: "keep" in rl mode (a rambling answer is a
+    low-reward sample the policy must learn from; a random or verbose first policy would otherwise have every
+    rollout set aside), "drop" in distill mode (a teacher's cut-off answer is not one to imitate). Resolved in
+    one place, `_truncated_default_follows_the_mode` below; `--dry-run` and OUTPUT/config.toml show the value."""
     student_endpoint: EndpointConfig | None = None
     """rl mode without an [inference] section: an already running server of the student to sample from."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -272,6 +275,15 @@ class OrchestratorConfig(Section):
     """With teacher_model: the mix of teacher signal and reward (default kl_coef = 1, reward_coef = 0)."""
     env: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(id="reverse-text")], min_length=1)
     """Environments, as [[orchestrator.env]] tables."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _truncated_default_follows_the_mode(cls, data: Any) -> Any:
+        """The one place the mode-dependent default of `truncated` is decided, from this section's own input:
+        "drop" with a rollout_model (distill mode), else "keep". A value the user gave is never changed."""
+        if isinstance(data, dict) and "truncated" not in data:
+            data = {**data, "truncated": "drop" if data.get("rollout_model") is not None else "keep"}
+        return data
 
     @model_validator(mode="after")
     def _whole_groups(self) -> OrchestratorConfig:

@@ -50,6 +50,18 @@ class Config(Section):
         return "distill" if self.orchestrator.rollout_model is not None else "rl"
 
     @model_validator(mode="after")
+    def _one_sampler(self) -> Config:
+        """Checked before every other rule (validators run in definition order): the other rules assume one mode,
+        and their messages would lead a config with both keys from one fix to the next."""
+        if self.orchestrator.teacher_model is not None and self.orchestrator.rollout_model is not None:
+            raise ValueError(
+                "orchestrator.teacher_model and orchestrator.rollout_model are both set: teacher_model selects "
+                "on-policy distillation (the student samples, the teacher scores its tokens), rollout_model selects "
+                "off-policy distillation (the teacher samples). Who samples must be unambiguous: remove one of them."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _mode_rules(self) -> Config:
         orch = self.orchestrator
         if orch.rollout_model is not None:
@@ -98,12 +110,6 @@ class Config(Section):
                     "(the endpoint that scores the student's tokens) or remove [orchestrator.on_policy_distill]."
                 )
             return self
-        if orch.rollout_model is not None:
-            raise ValueError(
-                "orchestrator.teacher_model and orchestrator.rollout_model are both set: teacher_model selects "
-                "on-policy distillation (the student samples, the teacher scores its tokens), rollout_model selects "
-                "off-policy distillation (the teacher samples). Who samples must be unambiguous: remove one of them."
-            )
         if self.trainer.loss.type != "rl":
             raise ValueError(
                 f'orchestrator.teacher_model is set (on-policy distillation), so trainer.loss.type must be "rl", '

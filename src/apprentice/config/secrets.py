@@ -33,6 +33,11 @@ _KEY_PREFIX = re.compile(
     r"|^eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
 )
 _TOKEN_CHARS = re.compile(r"^[A-Za-z0-9_\-.+=~]+$")
+# Hex strings: keys are often 32+ hex digits, in either case. A 40-digit lower-case one is a git commit id (every
+# tool prints them in lower case): a model revision or a snapshot directory, not a credential. Upper-case or
+# mixed-case hex, and every other length (32-hex and 64-hex keys are common), stay refused.
+_HEX = re.compile(r"^[0-9A-Fa-f]+$")
+_HASH_HEX = re.compile(r"^[0-9a-f]{40}$")
 
 
 def _entropy_bits_per_char(text: str) -> float:
@@ -54,6 +59,13 @@ def looks_like_credential(value: str) -> bool:
     text = value.strip()
     if _AUTH_SCHEME.match(text) or _KEY_PREFIX.match(text):
         return True
+    if _HEX.match(text):  # decided by shape, not by the randomness tests below (they miss some random hex keys)
+        return (
+            len(text) >= 32
+            and not _HASH_HEX.match(text)
+            and any(c.isdigit() for c in text)
+            and any(c.isalpha() for c in text)
+        )
     # A long random token: 32+ characters, no spaces, letters and digits mixed as in a key, not words and dates.
     return (
         len(text) >= 32

@@ -29,17 +29,43 @@ class RLLossConfig(Section):
     """Weight of the penalty on the squared log ratio (0 disables it)."""
 
 
+class DistillLossConfig(Section):
+    """A divergence between the teacher's top-k distribution and the student's, at every loss position that has
+    top-k targets (TrainingSample.teacher_topk_*); the plain NLL of the sampled token where none exist.
+
+    Both distributions live on the same k + 1 outcomes: the teacher's top-k ids plus one tail bucket holding
+    everything else (the teacher's tail is 1 - its top-k mass, the student's is its exact mass outside those
+    ids). Computed chunk by chunk through the lm_head: memory per token is O(k), no [T, V] tensor (training.md).
+    """
+
+    type: Literal["distill"] = "distill"
+    """Loss kind; "distill" learns the teacher's top-k distribution (soft targets) at each position."""
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """"forward_kl": KL(teacher || student), mass-covering (what top-k distillation usually trains);
+    "reverse_kl": KL(student || teacher), mode-seeking; "jsd": GKD's generalized Jensen-Shannon divergence
+    with mixture weight `beta`."""
+    beta: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """"jsd" only: GKD's beta, JSD_beta = beta KL(teacher || M) + (1 - beta) KL(student || M) with
+    M = beta teacher + (1 - beta) student. Towards 0 it behaves like a (scaled) forward KL, towards 1 like a
+    (scaled) reverse KL; those ends are the other two divergences."""
+    sft_weight: float = Field(default=0.0, ge=0.0)
+    """Weight of the sampled token's NLL added at positions with top-k targets (0: the divergence alone).
+    Positions without targets always train on the NLL with weight 1."""
+
+
 def _loss_type(value: Any) -> Any:
     """The union tag. A `[trainer.loss]` table without `type` is the default "rl" loss (DESIGN.md section 3)."""
     return value.get("type", "rl") if isinstance(value, dict) else getattr(value, "type", None)
 
 
 LossConfig = Annotated[
-    Annotated[RLLossConfig, Tag("rl")] | Annotated[SFTLossConfig, Tag("sft")],
+    Annotated[RLLossConfig, Tag("rl")] | Annotated[SFTLossConfig, Tag("sft")]
+    | Annotated[DistillLossConfig, Tag("distill")],
     Discriminator(
         _loss_type,
         custom_error_type="loss_type",
-        custom_error_message='trainer.loss.type must be "rl" (rl mode) or "sft" (distill mode): set it under [trainer.loss]',
+        custom_error_message='trainer.loss.type must be "rl" (rl mode), "sft" or "distill" (the teacher\'s top-k '
+        'as soft targets): set it under [trainer.loss]',
     ),
 ]
 
@@ -112,7 +138,7 @@ class TrainerConfig(Section):
     """rl mode: how many of the newest published OUTPUT/weights/step_{n} directories to keep (at least
     orchestrator.max_async_level + 2 are kept, so weights the server may still be loading stay on disk)."""
     loss: LossConfig = Field(default_factory=RLLossConfig)
-    """The loss, chosen by `type` ("rl" default, or "sft")."""
+    """The loss, chosen by `type` ("rl" default, "sft", or "distill")."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
     ckpt: CkptConfig = Field(default_factory=CkptConfig)

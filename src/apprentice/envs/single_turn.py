@@ -7,6 +7,7 @@ from typing import Any
 
 from apprentice.clients.base import ChatClient
 from apprentice.envs.base import Split, Task
+from apprentice.envs.reward_check import reward_function
 from apprentice.envs.trajectory import answer_text, assistant_message, make_step, make_trajectory
 from apprentice.trajectory import Trajectory
 
@@ -33,7 +34,8 @@ class SingleTurnEnv:
         prompt = [dict(m) for m in task.prompt]
         response = await client.chat(prompt, tools=None, key=f"{key}/turn-0")
         message = assistant_message(response, turn=0)
-        reward, metrics = self._score(answer_text(message), task)
+        with reward_function(f"of environment {self.name!r}"):
+            reward, metrics = self._score(answer_text(message), task)
         return make_trajectory(
             env=self.name,
             task_id=task.id,

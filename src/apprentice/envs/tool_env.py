@@ -14,6 +14,7 @@ from typing import Any
 
 from apprentice.clients.base import ChatClient
 from apprentice.envs.base import Split, Task
+from apprentice.envs.reward_check import reward_function
 from apprentice.envs.single_turn import ScoreFn
 from apprentice.envs.trajectory import answer_text, assistant_message, make_step, make_trajectory
 from apprentice.trajectory import ToolCall, Trajectory, TrajectoryStep
@@ -92,7 +93,11 @@ class ToolEnv:
                 num_tool_calls += 1
                 tool_errors += not ok
                 messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
-        reward, metrics = self._score(answer_text(messages[-1]), task) if answered else (0.0, {})
+        reward: float = 0.0
+        metrics: dict[str, float] = {}
+        if answered:
+            with reward_function(f"of environment {self.name!r}"):
+                reward, metrics = self._score(answer_text(messages[-1]), task)
         return make_trajectory(
             env=self.name,
             task_id=task.id,

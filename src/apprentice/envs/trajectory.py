@@ -77,7 +77,7 @@ def make_trajectory(
     return {
         "steps": steps,
         "tools": tools,
-        "reward": float(reward),
+        "reward": reward,  # checked (not converted) by the orchestrator: envs/reward_check.py
         "metrics": metrics,
         "error": None,
         "task_id": task_id,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from apprentice.clients.base import ChatClient
 from apprentice.envs.base import EnvError, Split, Task
+from apprentice.envs.reward_check import reward_function
 from apprentice.envs.trajectory import assistant_message, make_step, make_trajectory
 from apprentice.trajectory import Trajectory
 
@@ -139,7 +140,8 @@ class VerifiersEnv:
         response = await client.chat(prompt, tools=None, key=f"{key}/turn-0")
         message = assistant_message(response, turn=0)
         trace = self._trace(vf_task, prompt, message, response.finish_reason)
-        await vf_task.score(trace)  # no runtime: the taskset was checked to need none
+        with reward_function(f"of taskset {self.name!r}"):
+            await vf_task.score(trace)  # no runtime: the taskset was checked to need none
         rewards = {name: r.score for name, r in trace.rewards.items() if r is not None}
         metrics = {"num_turns": 1.0}
         metrics |= {f"reward_{name}": float(v) for name, v in rewards.items()}

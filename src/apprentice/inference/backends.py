@@ -1,10 +1,11 @@
 """Inference backends of rl mode behind one small interface: how to start the server, how to reload weights.
 
-    builtin  `apprentice serve` (CPU or GPU): POST /v1/load_weights {"path", "step"}
+    builtin  `apprentice serve` (CPU or GPU): POST /v1/load_weights {"path", "step"}, where the server verifies,
+             loads and swaps (inference/server.py)
     vllm     `vllm serve` with apprentice's worker extension (GPU, the `vllm` extra): with
              VLLM_SERVER_DEV_MODE=1 vLLM exposes POST /collective_rpc, which calls a method on every worker;
-             `apprentice.inference.vllm_worker.WeightReloader.reload_weights_from(path)` reads the published
-             safetensors into the running model in place (no restart), then the prefix cache is reset.
+             `apprentice.inference.vllm_worker.WeightReloader.reload(path)` verifies the published directory and
+             reads its safetensors into the running model in place (no restart), then the prefix cache is reset.
 
 Both serve the OpenAI chat API with token ids (`return_token_ids`) and raw-model logprobs, which is all the
 orchestrator's token client needs.
@@ -37,7 +38,7 @@ class Backend(Protocol):
         """Extra environment variables of the server process."""
         ...
 
-    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
         """Make the server sample from the weights in `path` (published trainer step `step`) from now on."""
         ...
 
@@ -66,7 +67,7 @@ class BuiltinBackend:
     def env(self) -> dict[str, str]:
         return {}
 
-    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
         response = await http.post(f"{base_url}/load_weights", json={"path": str(path), "step": step})
         _raise_for(response, f"{base_url}/load_weights ({path})")
 
@@ -95,11 +96,11 @@ class VLLMBackend:
     def env(self) -> dict[str, str]:
         return {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache
 
-    async def load_weights(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
         root = base_url.removesuffix("/v1")
-        body = {"method": "reload_weights_from", "args": [str(path)]}
+        body = {"method": "reload", "args": [str(path)]}
         response = await http.post(f"{root}/collective_rpc", json=body)
-        _raise_for(response, f"{root}/collective_rpc reload_weights_from({path})")
+        _raise_for(response, f"{root}/collective_rpc reload({path})")
         # Cached KV blocks were computed by the old weights; a prefix hit would silently mix two policies.
         _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
 

@@ -154,7 +154,7 @@ class BatchEngine:
         self._queue.put(_Request(list(prompt_ids), params, n, on_delta, future))
         return future
 
-    def swap_model(self, model: Any, step: int, path: str) -> None:
+    def swap(self, model: Any, step: int, path: str) -> None:
         """Replace the weights atomically: batches in flight finish on the old model, the next uses the new one."""
         self.model = model
         self.weights = {"step": step, "path": path}
@@ -236,7 +236,7 @@ class BatchEngine:
         return batch
 
     def _generate(self, batch: list[_Request]) -> None:
-        model = self.model  # one reference for the whole batch: a concurrent swap_model takes effect next batch
+        model = self.model  # one reference for the whole batch: a concurrent swap takes effect next batch
         rows: list[_Row] = []
         for request in batch:
             try:

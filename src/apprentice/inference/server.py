@@ -3,8 +3,9 @@
 Endpoints: POST /v1/chat/completions (streaming SSE ending in `data: [DONE]`, or one JSON body), POST /v1/completions
 (token-id prompts and vLLM's `prompt_logprobs` scoring: scoring.py; legacy `echo` + `logprobs` scoring: echo.py),
 POST /tokenize and /v1/tokenize (vLLM's shape: tokenize.py), GET /v1/models,
-POST /v1/load_weights {"path": DIR, "step": N} (hot-swap weights, rl mode: 200 {"step", "path"} once requests
-admitted afterwards sample with the new weights; a batch in flight finishes on the old ones), GET /v1/weights
+POST /v1/load_weights {"path": DIR, "step": N} (rl mode: `reload` verifies DIR (apprentice.handoff.weights), loads
+it and swaps it in; 200 {"step", "path"} once requests admitted afterwards sample with the new weights; a batch in
+flight finishes on the old ones), GET /v1/weights
 (the step and path being served; step 0 is the model the server started with), GET /stats (batching counters), GET /health.
 Requests go through `BatchEngine` (engine.py), which serves concurrent requests as one batch.
 
@@ -31,7 +32,9 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from safetensors import SafetensorError
 
+from apprentice.handoff.weights import WeightsError, verify
 from apprentice.inference.engine import BatchEngine, SamplingParams
 from apprentice.inference.guards import (
     LimitBody,
@@ -45,7 +48,7 @@ from apprentice.inference.responses import completion_body, stream_chunks
 from apprentice.inference.schema import ChatCompletionRequest, LoadWeightsRequest, error_body, validation_error_body
 from apprentice.inference.scoring import register_completions
 from apprentice.inference.tokenize import register_tokenize
-from apprentice.inference.weights import DTYPES, WeightsError, load_causal_lm, load_reload, resolve_dtype
+from apprentice.loader import DTYPES, load_causal_lm, resolve_dtype
 
 DEFAULT_MAX_BODY_MB = 8.0
 """Request bodies above this are refused (413) before they are read: a 128k-token prompt is well under 1 MB."""
@@ -59,19 +62,36 @@ def load_model(
 ) -> tuple[Any, Any]:  # fmt: skip
     """(model in eval mode on `device`, tokenizer). "auto" dtype: bfloat16 on CUDA, float32 on CPU.
 
-    With `gguf_file` both come from that GGUF file inside `path` (as the trainer's student does).
+    A local directory is verified first (WeightsError, one line, for damaged or incomplete weights). With
+    `gguf_file` both come from that GGUF file inside `path` (as the trainer's student does).
     """
     from transformers import AutoTokenizer
 
+    if gguf_file is None and Path(path).is_dir():
+        verify(Path(path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.chat_template is None:
         raise ValueError(f"{path}: the tokenizer has no chat template; `apprentice serve` needs a chat model")
     model = load_causal_lm(
-        path, resolve_dtype(dtype, device), device, trust_remote_code=trust_remote_code, gguf_file=gguf_file
+        path, dtype=resolve_dtype(dtype, device), device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file
     )
     return model, tokenizer
+
+
+def load_published(path: Path, current: Any, *, trust_remote_code: bool = False) -> Any:
+    """Verify `path`, then load it with the served model's dtype and device; WeightsError (one line) if unusable."""
+    verify(path)
+    param = next(current.parameters())
+    try:
+        model = load_causal_lm(path, dtype=param.dtype, device=param.device, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # garbled files, unknown architectures
+        raise WeightsError(f"weights directory {str(path)!r} could not be loaded: {type(e).__name__}: {e}") from None
+    if model.config.vocab_size != current.config.vocab_size:
+        raise WeightsError(f"{path}: vocab size {model.config.vocab_size} differs from the served model's "
+                           f"{current.config.vocab_size}; load_weights swaps weights of the same model only")  # fmt: skip
+    return model
 
 
 def build_app(
@@ -173,16 +193,17 @@ def build_app(
         return JSONResponse(completion_body(req, name, prompt_ids, choices, tools, tokenizer))
 
     @app.post("/v1/load_weights")
-    async def load_weights(request: Request) -> JSONResponse:
+    async def reload(request: Request) -> JSONResponse:
         req = LoadWeightsRequest.model_validate(await json_body(request))
         async with load_lock:  # one load at a time; the swap itself is one reference assignment
             step = engine.weights["step"] + 1 if req.step is None else req.step
             try:
-                new_model = await asyncio.to_thread(load_reload, Path(req.path), engine.model,
+                new_model = await asyncio.to_thread(load_published, Path(req.path), engine.model,
                                                     trust_remote_code=trust_remote_code)  # fmt: skip
             except WeightsError as e:
+                log.error("%s", e)
                 raise RequestError(400, str(e), param="path", code="invalid_weights") from None
-            engine.swap_model(new_model, step=step, path=req.path)
+            engine.swap(new_model, step=step, path=req.path)
         return JSONResponse(dict(engine.weights))
 
     @app.get("/v1/weights")
@@ -244,7 +265,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--system-prompt-file", type=Path, default=None, help="hidden system prompt for every request")
     p.add_argument("--prompt-prefix-file", type=Path, default=None,
                    help="JSON list of chat messages (e.g. instructions and worked examples) prepended to every request")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto")
     p.add_argument("--gguf-file", default=None, metavar="NAME",
                    help="a GGUF file inside MODEL to load (dequantised), as [model] gguf_file does for training")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -291,10 +312,14 @@ def main(argv: list[str]) -> int:
         except ValueError as e:
             print(f"error: --prompt-prefix-file {e}", file=sys.stderr)
             return 2
-    app = build_app(args.model, served_name=args.served_model_name, api_key=api_key, system_prompt=system_prompt, prompt_prefix=prompt_prefix,
-                    max_batch_size=args.max_batch_size, dtype=args.dtype, device=args.device,
-                    max_body_bytes=int(args.max_body_mb * 2**20), trust_remote_code=args.trust_remote_code,
-                    gguf_file=args.gguf_file)  # fmt: skip
+    try:
+        app = build_app(args.model, served_name=args.served_model_name, api_key=api_key, system_prompt=system_prompt, prompt_prefix=prompt_prefix,
+                        max_batch_size=args.max_batch_size, dtype=args.dtype, device=args.device,
+                        max_body_bytes=int(args.max_body_mb * 2**20), trust_remote_code=args.trust_remote_code,
+                        gguf_file=args.gguf_file)  # fmt: skip
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -1,8 +1,9 @@
 """vLLM worker extension (loaded inside vLLM's workers via `--worker-extension-cls`): reload weights from a
 published Hugging Face directory in place, so the server never restarts between RL steps.
 
-Called through vLLM's dev-mode `POST /collective_rpc {"method": "reload_weights_from", "args": [DIR]}`
-(see inference/backends.py). Needs only vLLM and safetensors; imported by vLLM, never by apprentice itself.
+Called through vLLM's dev-mode `POST /collective_rpc {"method": "reload", "args": [DIR]}` (see
+inference/backends.py): the last act of the weight-update path of apprentice.handoff. Imported by vLLM, never by
+apprentice itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import safe_open
+
+from apprentice.handoff.weights import verify
 
 
 def _tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -30,8 +33,10 @@ class WeightReloader:
 
     model_runner: Any
 
-    def reload_weights_from(self, path: str) -> int:
-        """Load every tensor of `path` into the running model (vLLM maps HF names to its fused layers)."""
+    def reload(self, path: str) -> int:
+        """Verify `path`, then load every tensor of it into the running model (vLLM maps HF names to its fused
+        layers); a damaged directory is set aside and the error (one line) goes back to the caller."""
+        verify(Path(path))
         model = self.model_runner.model
         loaded = model.load_weights(weights=_tensors(Path(path)))
         torch.cuda.synchronize()

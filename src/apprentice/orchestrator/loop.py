@@ -46,6 +46,13 @@ from apprentice.config import Config, load_config
 from apprentice.config.rl import check_rl_config
 from apprentice.envs.registry import load_environment
 from apprentice.errors import ApprenticeError, UsageError, exit_on_user_error
+from apprentice.handoff.rollouts import (
+    drop_unpackable,
+    latest_step_batch,
+    remove_partial_steps,
+    split_across_ranks,
+    write_step_batch,
+)
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.batch import NothingToTrainError, empty_step_message, rollout_metrics, set_aside_reason
 from apprentice.orchestrator.client import build_client
@@ -59,13 +66,6 @@ from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trajectory import Trajectory
-from apprentice.transport import (
-    drop_unpackable,
-    latest_step_batch,
-    remove_partial_steps,
-    split_across_ranks,
-    write_step_batch,
-)
 from apprentice.types import TrainingSample
 
 __all__ = ["NothingToTrainError", "main", "run"]
@@ -88,9 +88,9 @@ def load_student_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-ScoreFn = Callable[[list[TrainingSample], list[Trajectory]], tuple[list[TrainingSample], dict[str, float]]]
-"""On-policy distillation's hook: rendered samples and their trajectories -> (the scored ones with
-token_advantages, distill/* metrics)."""
+ScoreFn = Callable[[list[TrainingSample], list[Trajectory]], tuple[list[TrainingSample], dict[str, float], dict[str, str]]]
+"""On-policy distillation's hook: rendered samples and their trajectories -> (the scored ones with token_advantages,
+distill/* metrics, the scoring teacher's first error message per kind of this step)."""
 
 
 def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None) -> dict[str, float]:
@@ -115,11 +115,13 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
     # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
     render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
+    scoring_errors: dict[str, str] = {}
     if score is not None:
-        samples, distill_metrics = score(samples, kept)
+        samples, distill_metrics, scoring_errors = score(samples, kept)
         render_metrics |= distill_metrics
     if not samples:
-        raise NothingToTrainError(empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg))
+        message = empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg, scoring_errors)
+        raise NothingToTrainError(message)
     tasks = [f"{t['env']}/{t['task_id']}" for t in done.trajectories]
     write_step_batch(Path(cfg.output_dir), done.step, split_across_ranks(samples, cfg.trainer.world_size), {"tasks": tasks})
     metrics = rollout_metrics(done.trajectories, dropped) | render_metrics | rl_metrics
@@ -169,8 +171,14 @@ async def run(cfg: Config) -> None:
     score: ScoreFn | None = None
     if distiller is not None:  # the render thread hands the samples to the event loop, where the scoring client lives
         scorer = distiller
-        score = lambda samples, trajectories: asyncio.run_coroutine_threadsafe(  # noqa: E731
-            scorer.apply(samples, cast(list[dict[str, Any]], trajectories)), loop).result()
+
+        def score_on_loop(samples: list[TrainingSample], trajectories: list[Trajectory]
+                          ) -> tuple[list[TrainingSample], dict[str, float], dict[str, str]]:  # fmt: skip
+            kept, metrics = asyncio.run_coroutine_threadsafe(
+                scorer.apply(samples, cast(list[dict[str, Any]], trajectories)), loop).result()
+            return kept, metrics, dict(scorer.first_errors)
+
+        score = score_on_loop
     area, written_at = client.meter.area()
     next(bar, None)
     try:
@@ -197,7 +205,7 @@ async def run(cfg: Config) -> None:
                 metrics_log.write(metrics)
                 next(bar, None)
         if policy is not None and eval_log is not None:  # the final weights' score closes the curve
-            await policy.sync_to(last, last + 1)
+            await policy.reload_newest(last, last + 1)
             eval_log.write({"step": last + 1, "policy/step": policy.policy_step(), **await eval_policy(cfg)})
     except SpendCapReached as e:
         done_step = latest_step_batch(output_dir)

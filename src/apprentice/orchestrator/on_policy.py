@@ -125,6 +125,8 @@ class OnPolicyDistiller:
         self.protocol = "prompt_logprobs"
         self.cross: CrossTokenizerScorer | None = None
         self.noise: float | None = None
+        self.first_errors: dict[str, str] = {}
+        """The last `apply`'s first error message per kind of set-aside sample (for the empty-step message)."""
 
     async def probe(self, student_tokenizer: Any) -> None:
         """The startup probe (crosstok/probe.py): tokenizer, protocol, self-test; ConfigError with the fix."""
@@ -161,9 +163,11 @@ class OnPolicyDistiller:
         reverse_kl = ReverseKL()
         kept: list[TrainingSample] = []
         set_aside: Counter[str] = Counter()
+        self.first_errors = {}
         for sample, result in zip(samples, results, strict=True):
             if isinstance(result, ClientError | AlignError):
                 set_aside[result.kind] += 1
+                self.first_errors.setdefault(result.kind, str(result))
                 continue
             if isinstance(result, BaseException):
                 raise result

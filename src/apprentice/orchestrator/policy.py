@@ -3,8 +3,8 @@
 `PolicySync` is both seams of the continuous producer (orchestrator/producer.py):
 
     Backpressure.wait(n)    before step n opens: wait until weights recent enough for batch n are published,
-                            load the newest into the server, then run `on_step(n, policy_step)` (the held-out
-                            evaluation when due)
+                            `reload` the newest into the server, then run `on_step(n, policy_step)` (the
+                            held-out evaluation when due)
     RolloutPolicy.ready()   not while the server reloads weights
     .policy_step()          the weights sampling now; the producer tags each rollout with it
     .keep(w, n)             a rollout sampled by weights w may go into batch n (else it is re-rolled)
@@ -31,10 +31,10 @@ import httpx
 
 from apprentice.config import Config
 from apprentice.errors import ApprenticeError
+from apprentice.handoff.weights import latest_published, weights_dir
 from apprentice.inference.backends import Backend, backend_for
 from apprentice.orchestrator.advantages import assign_advantages
 from apprentice.orchestrator.client import rollout_endpoint
-from apprentice.trainer.publish import latest_published, weights_dir
 from apprentice.trajectory import Trajectory
 
 log = logging.getLogger("apprentice.orchestrator")
@@ -96,7 +96,7 @@ class PolicySync:
     async def wait(self, step: int) -> float:
         """Backpressure: return once step `step` may open (weights loaded, evaluation done); seconds waited."""
         start = time.monotonic()
-        policy_step = await self.before_step(step)
+        policy_step = await self.reload_newest(max(0, step - 1 - self.bound), step)
         if self.on_step is not None:
             await self.on_step(step, policy_step)
         return time.monotonic() - start
@@ -128,12 +128,8 @@ class PolicySync:
                 )
             await asyncio.sleep(0.5)
 
-    async def before_step(self, step: int) -> int:
-        """Wait until weights recent enough for batch `step` are published, load the newest; their step."""
-        return await self.sync_to(max(0, step - 1 - self.bound), step)
-
-    async def sync_to(self, need: int, step: int) -> int:
-        """Wait for published weights of step >= `need`, load the newest; their step (`step` is for messages)."""
+    async def reload_newest(self, need: int, step: int) -> int:
+        """Wait for published weights of step >= `need`, `reload` the newest; their step (`step` is for messages)."""
         start = time.monotonic()
         announced = False
         while (newest := latest_published(self.output_dir)) < need:
@@ -146,10 +142,10 @@ class PolicySync:
                     f"{self.wait_timeout_s:.0f} s; is the trainer running? (trainer.batch_timeout_s)"
                 )
             await asyncio.sleep(POLL_S)
-        await self.load(newest)
+        await self.reload(newest)
         return newest
 
-    async def load(self, step: int) -> None:
+    async def reload(self, step: int) -> None:
         """Tell the server to sample from the weights of `step` (0: the initial model); no-op when it already does."""
         if self.loaded is None:
             self.loaded = await self._server_step()
@@ -159,7 +155,7 @@ class PolicySync:
         started = time.monotonic()
         self._idle.clear()  # new rollouts wait: each must be tagged with the weights that really sample it
         try:
-            await self.backend.load_weights(self._http, self.base_url, path, step)
+            await self.backend.reload(self._http, self.base_url, path, step)
         finally:
             self._idle.set()
         log.info("inference server now on the weights of step %d (%.1f s)", step, time.monotonic() - started)

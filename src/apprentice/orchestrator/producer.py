@@ -36,12 +36,12 @@ from typing import Protocol
 
 from apprentice.clients.base import ChatClient
 from apprentice.envs.base import Environment
-from apprentice.orchestrator.batch import rollout_one
+from apprentice.handoff.progress import read_trainer_progress
+from apprentice.orchestrator.batch import is_reward_failure, rollout_one
 from apprentice.orchestrator.metered import StepAccount, current_account
 from apprentice.orchestrator.scheduler import Slot, TaskScheduler
 from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.trajectory import Trajectory
-from apprentice.transport import read_trainer_progress
 
 log = logging.getLogger("apprentice.orchestrator")
 
@@ -164,6 +164,8 @@ class Producer:
         self._error: BaseException | None = None
         self._error_from_step = 0
         """Steps >= this one will never complete because of `_error` (0: none will be handed over)."""
+        self._reported: set[tuple[str, str]] = set()
+        """(kind, environment) of the reward failures already logged: each is logged once, then only counted."""
 
     async def steps(self, first: int, last: int) -> AsyncGenerator[StepRollouts, None]:
         """Each step's rollouts, in step order, as soon as all of them are done. Close it (aclosing) when done."""
@@ -232,6 +234,18 @@ class Producer:
         except Exception as e:  # a bug or an unreadable progress file: surface it through steps()
             self._fail(e, 0)
 
+    def _report(self, trajectory: Trajectory) -> None:
+        """Log a reward failure's message the first time its kind occurs in its environment."""
+        if not is_reward_failure(trajectory):
+            return
+        kind, env = str(trajectory["error"]), str(trajectory["env"])
+        if (kind, env) not in self._reported:
+            self._reported.add((kind, env))
+            log.warning(
+                "rollout set aside (%s): %s. Further ones are counted as rollout/set_aside/%s, not logged",
+                kind, trajectory.get("error_message"), kind,
+            )  # fmt: skip
+
     async def _rollout(self, run: _StepRun, index: int) -> None:
         current_account.set(run.account)  # this task's requests are charged to its step
         slot = run.slots[index]
@@ -242,6 +256,7 @@ class Producer:
                 await self.policy.ready()
                 policy_step = self.policy.policy_step()
                 trajectory = await rollout_one(env, slot, self.client, run.step, attempt)
+                self._report(trajectory)
                 trajectory["policy_step"] = policy_step
                 if self.policy.keep(policy_step, run.step):
                     break

@@ -14,14 +14,13 @@ complete. Leftover temporary directories are removed at the next start.
 On resume the newest complete checkpoint is verified against its manifest before anything is loaded: a
 truncated, garbled or bit-flipped file is named in a warning, the checkpoint is renamed aside (to
 `step_{n}.corrupt`, kept for inspection) and the previous complete one is used; the steps after it are
-retrained from the step batches still on disk. sha256 (hashlib, no new dependency) because with the CPU's SHA
-extensions it ran at 1.35 GB/s here against 0.73 GB/s for blake2b; bench/ckpt_hash.py measured the manifest of
-a 500 MB checkpoint at 1.2-1.9 s against 3.9-4.5 s for the save itself (shared, loaded 2-core CPU machine).
+retrained from the step batches still on disk. Paths, the marker and the manifest are the hand-off package's
+(apprentice.handoff); bench/ckpt_hash.py measured the manifest of a 500 MB checkpoint at 1.2-1.9 s against
+3.9-4.5 s for the save itself (shared, loaded 2-core CPU machine).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,16 +40,15 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from apprentice import fsio
 from apprentice.errors import ApprenticeError
+from apprentice.handoff.manifest import ManifestError, read_json, verify_manifest, write_manifest
+from apprentice.handoff.paths import MARKER, checkpoints_root, complete_steps, step_name
 from apprentice.trainer.world import World, barrier
 
 log = logging.getLogger("apprentice.trainer")
 
-MARKER = "COMPLETE"
-MANIFEST = "MANIFEST.json"
 CORRUPT_SUFFIX = ".corrupt"
 FORMAT = 2
 """Marker format: 2 = the checkpoint has a MANIFEST.json (1, or no "format" key: written before checksums)."""
-_CHUNK = 8 << 20
 
 
 class CheckpointError(ApprenticeError):
@@ -67,19 +65,9 @@ class TrainerState:
     world_size: int
 
 
-def checkpoints_root(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     """(step, dir) of every complete checkpoint, oldest first (complete = has its marker; not yet verified)."""
-    root = checkpoints_root(output_dir)
-    found = [
-        (int(p.name[5:]), p)
-        for p in root.glob("step_*")
-        if p.name[5:].isdigit() and (p / MARKER).is_file()
-    ]
-    return sorted(found)
+    return complete_steps(checkpoints_root(output_dir))
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
@@ -103,70 +91,22 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _data_files(directory: Path) -> list[Path]:
-    """Every file of a checkpoint except the manifest and the marker, sorted."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER))
-
-
-def write_manifest(directory: Path) -> dict[str, Any]:
-    """Hash every file of `directory` as it is on disk, give it the standard mode, write MANIFEST.json."""
-    fsio.set_modes(directory)  # DCP and safetensors create files with their own modes
-    files = {
-        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
-        for path in _data_files(directory)
-    }
-    manifest = {"format": FORMAT, "algorithm": "sha256", "files": files}
-    fsio.write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
-    return manifest
-
-
 def verify_checkpoint(directory: Path) -> None:
     """Check every file against the manifest; raise CheckpointError naming the first bad file.
 
     A checkpoint written before manifests existed (marker format 1) is accepted unverified, with a warning.
     """
-    marker = _read_json(directory / MARKER, "completion marker")
-    version = marker.get("format", 1)
-    if not isinstance(version, int):
-        raise CheckpointError(f"{directory / MARKER}: completion marker has a non-integer format {str(version)[:40]!r}")
-    if version < FORMAT:
-        log.warning("%s has no checksum manifest (written by an older apprentice): loading it unverified", directory)
-        return
-    manifest = _read_json(directory / MANIFEST, "checksum manifest")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{directory / MANIFEST}: lists no files; the manifest is corrupt")
-    for name, expected in sorted(files.items()):
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
-        if not isinstance(expected, dict):
-            raise CheckpointError(f"{directory / MANIFEST}: the entry for {name} is not an object; the manifest is corrupt")
-        size = path.stat().st_size
-        if size != expected.get("size"):
-            raise CheckpointError(f"{path}: {size} bytes, the manifest says {expected.get('size')} (truncated or overwritten)")
-        if file_sha256(path) != expected.get("sha256"):
-            raise CheckpointError(f"{path}: sha256 mismatch, the file is corrupt")
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {what} is not a JSON object")
-    return data
+        marker = read_json(directory / MARKER, "completion marker")
+        version = marker.get("format", 1)
+        if not isinstance(version, int):
+            raise CheckpointError(f"{directory / MARKER}: completion marker has a non-integer format {str(version)[:40]!r}")
+        if version < FORMAT:
+            log.warning("%s has no checksum manifest (written by an older apprentice): loading it unverified", directory)
+            return
+        verify_manifest(directory)
+    except ManifestError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def choose_checkpoint(output_dir: Path) -> Path | None:
@@ -240,7 +180,7 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every rank calls it. Returns the final directory; prunes to the newest `keep`."""
     root = checkpoints_root(output_dir)
-    tmp, final = root / f".step_{step}.tmp", root / f"step_{step}"
+    tmp, final = root / f".{step_name(step)}.tmp", root / step_name(step)
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         fsio.make_dirs(tmp)
@@ -261,7 +201,7 @@ def save_checkpoint(
     barrier(world)
     if world.is_main:
         fsio.sync_tree(tmp)  # the data is durable before the manifest vouches for it
-        write_manifest(tmp)
+        write_manifest(tmp, FORMAT)
         fsio.write_text(tmp / MARKER, json.dumps({"step": step, "format": FORMAT}))
         # Re-saving a step after a resume replaces the old copy (complete but superseded); replace_dir fsyncs.
         fsio.replace_dir(tmp, final)
@@ -289,7 +229,7 @@ def load_checkpoint(
     world: World,
 ) -> TrainerState:
     """Restore everything `save_checkpoint` wrote, in place. Collective under FSDP2."""
-    raw = _read_json(path / "trainer_state.json", "trainer state")
+    raw = _trainer_state(path)
     if raw["world_size"] != world.world_size:
         # The sharded state itself could be resharded by DCP, but per-rank RNG and the data split could not.
         raise CheckpointError(
@@ -309,6 +249,13 @@ def load_checkpoint(
         torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(_python_rng_from_json(raw["python_rng"]))
     return TrainerState(step=int(raw["step"]), scheduler=raw["scheduler"], world_size=int(raw["world_size"]))
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path / "trainer_state.json", "trainer state")
+    except ManifestError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def restore_schedule_position(scheduler: torch.optim.lr_scheduler.LRScheduler, last_epoch: int) -> None:

@@ -12,6 +12,13 @@ the next starts:
     d loss / d logits_c = g_c * (onehot(target) - softmax(logits_c))
     d loss / d h_c = (d loss / d logits_c) W,   d loss / d W += (d loss / d logits_c)^T h_c
 
+With the teacher's top-k (distill loss) the loss also sees the student's logprobs of the k teacher ids S and
+the log of its tail mass r = sum of p over ids outside S, read from the same buffer (the mass outside S summed
+directly, not 1 - its complement, which float32 rounds to 0 for a confident student). With g_j the loss's
+gradients for the gathered logprobs and g_r for log r, G = sum_j g_j + g_r:
+
+    d loss / d logits_v = sum_j g_j [v = j] - p_v G + (g_r / r) p_v [v not in S]
+
 so the gradients for the hidden states and W are complete when the forward ends and backward only scales
 them by the incoming gradient (1.0 for the loss itself). That costs the same three matmuls as the plain
 path (no recomputation), and peak memory is a few [C, V] buffers plus one [V, H] fp32 gradient accumulator
@@ -25,13 +32,14 @@ plain Linear take the plain path through the model's own forward; so does `train
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from apprentice.trainer.losses import LossFn, LossInputs, Metrics, target_logprobs
+from apprentice.trainer.losses import STUDENT_TAIL_FLOOR, LossFn, LossInputs, Metrics, target_logprobs, topk_index
 from apprentice.trainer.packing import MicroBatch
 
 LOSS_METHOD = "apprentice_micro_batch_loss"
@@ -45,7 +53,15 @@ def full_loss(
     logits: torch.Tensor, target_ids: torch.Tensor, inputs: LossInputs, loss_fn: LossFn
 ) -> tuple[torch.Tensor, Metrics]:
     """The plain path: logits [T, V] of the whole micro-batch at once (reference, and fallback)."""
-    return loss_fn(dataclasses.replace(inputs, trainer_logprobs=target_logprobs(logits, target_ids)))
+    inputs = dataclasses.replace(inputs, trainer_logprobs=target_logprobs(logits, target_ids))
+    if inputs.teacher_topk_ids is not None:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+        index = topk_index(inputs.teacher_topk_ids, target_ids)
+        outside = log_probs.scatter(-1, index, float("-inf"))  # the tail: every id but the valid top-k
+        tail = torch.logsumexp(outside, dim=-1).clamp_min(math.log(STUDENT_TAIL_FLOOR))
+        inputs = dataclasses.replace(inputs, student_topk_logprobs=log_probs.gather(-1, index),
+                                     student_tail_logprobs=tail)  # fmt: skip
+    return loss_fn(inputs)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -67,25 +83,45 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        teacher_ids = inputs.teacher_topk_ids
         for start in range(0, hidden.shape[0], chunk):
             end = min(start + chunk, hidden.shape[0])
             h_c = hidden[start:end]
             target_c = target_ids[start:end].unsqueeze(-1)  # [C, 1]
             logits_c = F.linear(h_c, weight, bias).float()  # [C, V]
             picked_c = logits_c.gather(-1, target_c)  # [C, 1]
+            index_c = None if teacher_ids is None else topk_index(teacher_ids[start:end], target_c[:, 0])  # [C, k]
+            picked_topk_c = None if index_c is None else logits_c.gather(-1, index_c)  # [C, k]
             # Softmax in place in the one [C, V] fp32 buffer (torch.logsumexp would allocate a second one).
             max_c = logits_c.amax(dim=-1, keepdim=True)
             probs_c = logits_c.sub_(max_c).exp_()
             sum_c = probs_c.sum(dim=-1, keepdim=True)
             probs_c.div_(sum_c)
-            lp_c = (picked_c - max_c - sum_c.log()).squeeze(-1)  # [C]
+            log_norm_c = max_c + sum_c.log()  # [C, 1] logsumexp of the logits
+            lp_c = (picked_c - log_norm_c).squeeze(-1)  # [C]
+            leaves = {"trainer_logprobs": lp_c.detach().requires_grad_(True)}
+            if index_c is not None and picked_topk_c is not None:
+                probs_topk_c = probs_c.gather(-1, index_c)  # [C, k]
+                probs_c.scatter_(-1, index_c, 0.0)  # now p_v [v not in S]; restored below through the gradient
+                tail_c = probs_c.sum(-1).clamp_min(STUDENT_TAIL_FLOOR)  # [C]
+                leaves["student_topk_logprobs"] = (picked_topk_c - log_norm_c).requires_grad_(True)
+                leaves["student_tail_logprobs"] = tail_c.log().requires_grad_(True)
             with torch.enable_grad():
-                lp_leaf = lp_c.detach().requires_grad_(True)
-                loss_c, metrics_c = loss_fn(dataclasses.replace(inputs.positions(start, end), trainer_logprobs=lp_leaf))
-                grads = torch.autograd.grad(loss_c, lp_leaf, allow_unused=True) if loss_c.requires_grad else (None,)
-            g_c = torch.zeros_like(lp_c) if grads[0] is None else grads[0].float()  # [C]
-            # d loss / d logits = g * (onehot - softmax), built in place over the probabilities.
-            grad_logits = probs_c.mul_(-g_c.unsqueeze(-1))
+                loss_c, metrics_c = loss_fn(dataclasses.replace(inputs.positions(start, end), **leaves))  # type: ignore[arg-type]
+                wrt = list(leaves.values())
+                grads = torch.autograd.grad(loss_c, wrt, allow_unused=True) if loss_c.requires_grad else [None] * len(wrt)
+            g = [torch.zeros_like(x) if gx is None else gx.float() for x, gx in zip(wrt, grads, strict=True)]
+            g_c = g[0]  # [C]
+            if index_c is None:
+                # d loss / d logits = g * (onehot - softmax), built in place over the probabilities.
+                grad_logits = probs_c.mul_(-g_c.unsqueeze(-1))
+            else:
+                g_topk, g_tail = g[1], g[2]  # [C, k], [C]
+                total_g = (g_c + g_topk.sum(-1) + g_tail).unsqueeze(-1)  # [C, 1]
+                outside_coef = torch.where(g_tail == 0, 0.0, g_tail / tail_c).unsqueeze(-1) - total_g
+                grad_logits = probs_c.mul_(outside_coef)  # ids outside S (entries in S are 0 here)
+                grad_logits.scatter_(-1, index_c, -probs_topk_c * total_g)  # ids in S (stand-ins repeat a value)
+                grad_logits.scatter_add_(-1, index_c, g_topk)  # 0 on padding
             grad_logits.scatter_add_(-1, target_c, g_c.unsqueeze(-1))
             grad_logits_lp = grad_logits.to(weight.dtype)  # what autograd feeds the lm_head matmul backward
             grad_hidden[start:end] = grad_logits_lp @ weight
@@ -157,6 +193,8 @@ def micro_batch_loss(
         loss_mask=mb.loss_mask[0],
         advantages=mb.advantages[0],
         num_global_tokens=num_global_tokens,
+        teacher_topk_ids=None if mb.teacher_topk_ids is None else mb.teacher_topk_ids[0],
+        teacher_topk_logprobs=None if mb.teacher_topk_logprobs is None else mb.teacher_topk_logprobs[0],
     )
     target_ids = mb.target_ids[0]
     if chunk_tokens > 0 and chunkable(model):

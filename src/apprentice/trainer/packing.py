@@ -13,6 +13,9 @@ Worked example, samples A = [a0 a1 a2] (mask 0 1 1) and B = [b0 b1] (mask 0 1):
     target_ids    a1 a2  .  b1  .
     loss_mask      1  1  0  1  0
     cu_seqlens    [0, 3, 5]
+
+The teacher's top-k targets (distill loss) shift the same way: row j of `teacher_topk_ids` is the sample's
+row j+1 (the teacher's distribution over the target at j); rows without targets are all -1.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ class MicroBatch:
     """[S + 1] int32 cumulative sample lengths (varlen attention boundaries)."""
     max_seqlen: int
     """Length of the longest sample in the row."""
+    teacher_topk_ids: torch.Tensor | None = None
+    """[1, T, k] int64 the teacher's top-k ids for the target at each position (-1: padding, or no targets at
+    that position); None when no sample of the row carries top-k targets."""
+    teacher_topk_logprobs: torch.Tensor | None = None
+    """[1, T, k] float32 the teacher's logprobs of `teacher_topk_ids` (ignored where the id is -1)."""
     num_pad_tokens: int = 0
     """Positions that hold no real sample (only the placeholder batch of a rank without data)."""
 
@@ -127,6 +135,7 @@ def collate(samples: list[TrainingSample]) -> MicroBatch:
         lps += s.logprobs[1:] + [0.0]
         adv += s.token_advantages[1:] + [0.0] if s.token_advantages is not None else [s.advantage] * n
         cu.append(cu[-1] + n)
+    topk_ids, topk_lps = _collate_topk(samples)
     return MicroBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.tensor([pos], dtype=torch.long),
@@ -136,7 +145,27 @@ def collate(samples: list[TrainingSample]) -> MicroBatch:
         advantages=torch.tensor([adv], dtype=torch.float32),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32),
         max_seqlen=max((len(s) for s in samples), default=0),
+        teacher_topk_ids=topk_ids,
+        teacher_topk_logprobs=topk_lps,
     )
+
+
+def _collate_topk(samples: list[TrainingSample]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """[1, T, k] top-k ids and logprobs of the packed row, shifted like the targets; (None, None) without any."""
+    k = max((s.num_topk for s in samples), default=0)
+    if k == 0:
+        return None, None
+    total = sum(len(s) for s in samples)
+    ids = torch.full((total, k), -1, dtype=torch.long)
+    lps = torch.zeros((total, k), dtype=torch.float32)
+    start = 0
+    for s in samples:
+        if s.teacher_topk_ids is not None and s.teacher_topk_logprobs is not None and s.num_topk and len(s) > 1:
+            # Position j of the row predicts token j+1 of the sample: sample rows 1.. fill row positions 0..n-2.
+            ids[start : start + len(s) - 1, : s.num_topk] = torch.tensor(s.teacher_topk_ids[1:], dtype=torch.long)
+            lps[start : start + len(s) - 1, : s.num_topk] = torch.tensor(s.teacher_topk_logprobs[1:])
+        start += len(s)
+    return ids.unsqueeze(0), lps.unsqueeze(0)
 
 
 def placeholder_batch() -> MicroBatch:

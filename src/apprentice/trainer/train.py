@@ -23,9 +23,19 @@ from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config, load_config
 from apprentice.errors import exit_on_user_error
+from apprentice.handoff import weights
+from apprentice.handoff.hfdir import export_final
+from apprentice.handoff.progress import write_trainer_progress
+from apprentice.handoff.rollouts import (
+    BatchError,
+    drop_unpackable,
+    read_step_marker,
+    step_batch_has_topk,
+    step_dir,
+    wait_for_step_batch,
+)
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
-from apprentice.trainer.export import export_hf
 from apprentice.trainer.logprobs import LOSS_METHOD
 from apprentice.trainer.losses import LossFn, build_loss, finalize_metrics
 from apprentice.trainer.metrics import MetricsLogger
@@ -34,16 +44,7 @@ from apprentice.trainer.optim import NonFiniteError, build_optimizer, build_sche
 from apprentice.trainer.packing import MicroBatch, pack_samples, placeholder_batch
 from apprentice.trainer.parallelize import needs_mesh, parallelize
 from apprentice.trainer.precision import resolve_precision
-from apprentice.trainer.publish import publish_weights
 from apprentice.trainer.world import World, all_reduce_sum_, init_distributed, pick_device, shutdown, step_counts
-from apprentice.transport import (
-    BatchError,
-    drop_unpackable,
-    read_step_marker,
-    step_dir,
-    wait_for_step_batch,
-    write_trainer_progress,
-)
 from apprentice.types import TrainingSample
 
 log = logging.getLogger("apprentice.trainer")
@@ -79,6 +80,9 @@ def main(cfg: Config) -> None:
         # Resume from the newest complete checkpoint that passes verification, if any.
         ckpt.remove_partial(output_dir, world)
         start_step = ckpt.resume(output_dir, model, optimizer, scheduler, world)
+        weights_keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
+        if cfg.mode == "rl":  # an orchestrator may be waiting for the weights of the step we resume from
+            weights.republish(model, tokenizer, output_dir, start_step, weights_keep)
         logger = MetricsLogger(
             output_dir, cfg.log, enabled=world.is_main, start_step=start_step, max_steps=cfg.trainer.max_steps,
             run_config=cfg.model_dump(mode="json"),
@@ -89,11 +93,13 @@ def main(cfg: Config) -> None:
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
             samples, skipped = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world)
+            if cfg.trainer.loss.type == "distill":
+                check_distill_targets(samples, output_dir, step)
             t_start = time.perf_counter()
             result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
                                 grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens,
                                 skipped_samples=skipped)  # fmt: skip
-            check_finite(step, result, output_dir)
+            check_finite(step, result, output_dir, samples)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -109,14 +115,13 @@ def main(cfg: Config) -> None:
                 "perf/wait_s": t_start - t_wait,
             })
             if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
-                keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
-                publish_weights(model, tokenizer, output_dir, step, keep)
+                weights.publish(model, tokenizer, output_dir, step, weights_keep)
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
 
-        export_hf(model, tokenizer, output_dir / "final")
+        export_final(model, tokenizer, output_dir)
         logger.close()
     except BaseException:
         shutdown(world, completed=False)
@@ -135,6 +140,18 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
             f"for trainer.num_nodes x trainer.num_processes ranks)"
         )
     return samples
+
+
+def check_distill_targets(samples: list[TrainingSample], output_dir: Path, step: int) -> None:
+    """The distill loss needs top-k targets somewhere in the step (any rank's file): a BatchError otherwise,
+    since training on the NLL alone would silently be the sft loss."""
+    if any(s.teacher_topk_ids is not None for s in samples) or step_batch_has_topk(output_dir, step):
+        return
+    raise BatchError(
+        f'{step_dir(output_dir, step)} carries no top-k targets but trainer.loss.type = "distill": its orchestrator '
+        f"wrote no teacher distributions. Set orchestrator.on_policy_distill.top_k or orchestrator.sampling."
+        f'top_logprobs > 0 for the run that writes the batches, or use trainer.loss.type = "sft"'
+    )
 
 
 def skip_unpackable(
@@ -200,16 +217,40 @@ def train_step(
     return StepResult(step_metrics, values[-1], int(values[-3]), int(values[-2]))
 
 
-def check_finite(step: int, result: StepResult, output_dir: Path) -> None:
-    """Stop before a NaN/inf update reaches the weights; the last complete checkpoint stays as it is."""
+def first_non_finite(samples: list[TrainingSample]) -> str | None:
+    """Where this rank's batch holds a NaN/inf (advantage, a loss token's logprob or token advantage), or None."""
+    for i, s in enumerate(samples):
+        if not math.isfinite(s.advantage):
+            return f"sample {i} has advantage {s.advantage}"
+        for name, values in (("logprobs", s.logprobs), ("token_advantages", s.token_advantages or [])):
+            bad = next((v for v, m in zip(values, s.loss_mask, strict=False) if m and not math.isfinite(v)), None)
+            if bad is not None:
+                return f"sample {i} has {name} value {bad}"
+    return None
+
+
+def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[TrainingSample]) -> None:
+    """Stop before a NaN/inf update reaches the weights; the last complete checkpoint stays as it is. The message
+    names the step batch, and says to delete it when it holds the non-finite values (a rerun would read it again)."""
     loss = result.metrics["loss/total"]
     if math.isfinite(loss) and math.isfinite(result.grad_norm):
         return
     last = ckpt.latest_checkpoint(output_dir)
+    batch = step_dir(output_dir, step)
+    where = first_non_finite(samples)
+    if where is not None:
+        cause = (
+            f"The step batch {batch} holds non-finite values ({where}): every rerun reads it again. Delete {batch} "
+            f"and every later rollouts/step_* directory, then rerun: the orchestrator writes them again"
+        )
+    else:
+        cause = (
+            f"The step batch {batch} is finite on this rank, so the model diverged: lower trainer.optim.lr (or "
+            f"raise trainer.grad_clip), delete {batch} and later rollouts/step_* if you change the data, and rerun"
+        )
     raise NonFiniteError(
         f"step {step}: non-finite loss ({loss}) or gradient norm ({result.grad_norm}); the update was not applied. "
-        f"Last good checkpoint: {last or 'none yet'}. Inspect {output_dir}/rollouts/step_{step}, lower "
-        f"trainer.optim.lr or check the data, then rerun to resume from that checkpoint."
+        f"Last good checkpoint: {last or 'none yet'} (a rerun resumes from it). {cause}."
     )
 
 

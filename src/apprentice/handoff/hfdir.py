@@ -1,13 +1,14 @@
-"""Export the student as a Hugging Face directory (config, safetensors, tokenizer, generation config).
+"""The one Hugging Face directory writer: OUTPUT/final and, in rl mode, OUTPUT/weights/step_{n}.
 
-Used for OUTPUT/final and, in rl mode, OUTPUT/weights/step_{n}. The directory is built under a temporary
-name, every file and the directory fsync'ed, and renamed into place with a `.complete` marker inside
-(`apprentice.fsio.atomic_dir`), so an inference server polling for it never loads a partial model, and a
-power cut leaves the old directory or the new one.
+A directory holds config, model.safetensors, generation config, tokenizer, a MANIFEST.json (size and sha256
+of every file) and the COMPLETE marker, written last. It is built under a temporary name, every file and the
+directory fsync'ed, and renamed into place (`apprentice.fsio.atomic_dir`), so an inference server polling for
+it never loads a partial model, and a power cut leaves the old directory or the new one.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,8 +17,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from apprentice import fsio
+from apprentice.handoff.manifest import write_manifest
+from apprentice.handoff.paths import MARKER, final_dir
 
-EXPORT_MARKER = ".complete"
+FORMAT = 1
+"""Format of a written directory's marker and manifest."""
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,23 +37,30 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path | None:
+def write_hf_dir(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, *, step: int | None = None
+) -> Path | None:
     """Write `model` + `tokenizer` as a loadable HF directory at `path`, atomically (replacing an old one).
 
     Collective when torch.distributed is initialised: call it on every rank; rank 0 writes and returns the
-    path, other ranks return None after the write is done.
+    path, other ranks return None after the write is done. `step` goes into the marker.
     """
     path = Path(path)
     state = full_state_dict(model)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if is_main:
-        # fsio.atomic_dir: standard file modes (mkdtemp alone would leave the directory 0700), fsync, rename.
         with fsio.atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if model.generation_config is not None:
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / EXPORT_MARKER).write_text("")
+            write_manifest(tmp, FORMAT)
+            fsio.write_text(tmp / MARKER, json.dumps({"step": step, "format": FORMAT}) + "\n")
     if dist.is_initialized():
         dist.barrier()
     return path if is_main else None
+
+
+def export_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> Path | None:
+    """OUTPUT/final: the trained student. Collective (see `write_hf_dir`)."""
+    return write_hf_dir(model, tokenizer, final_dir(output_dir))

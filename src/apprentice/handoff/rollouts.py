@@ -2,7 +2,6 @@
 
     OUTPUT/rollouts/step_{n}/rank_{r}.safetensors   one file per trainer rank
     OUTPUT/rollouts/step_{n}/COMPLETE               JSON marker: world_size, sample/token counts, meta
-    OUTPUT/trainer/progress.json                    the trainer's last finished step (backpressure)
 
 A step directory is built under a temporary name, fsync'ed and renamed into place (apprentice.fsio), so a
 reader never sees a partial step. Each rank file is a safetensors file (no pickle) holding the samples
@@ -32,16 +31,20 @@ from safetensors.torch import save as st_save
 
 from apprentice import fsio
 from apprentice.errors import ApprenticeError
+from apprentice.handoff.paths import MARKER, complete_steps, rollouts_root, step_name
 from apprentice.types import TrainingSample
 
-log = logging.getLogger("apprentice.transport")
+log = logging.getLogger("apprentice.handoff")
 
-MARKER = "COMPLETE"
 FORMAT_VERSION = "1"
 _COLUMNS = ("lengths", "advantages", "token_ids", "loss_mask", "logprobs")
 # Written only when some sample carries per-token advantages (on-policy distillation): `has_token_advantages`
 # [N] bool says which samples do, `token_advantages` [sum T] float32 holds theirs (the others' are unused).
-_OPTIONAL_COLUMNS = ("has_token_advantages", "token_advantages")
+# Written only when some sample carries the teacher's top-k (distill loss): `has_topk` [N] bool says which
+# samples do, `topk_ids` [sum T, k] int32 and `topk_logprobs` [sum T, k] float32 hold theirs (-1 / 0.0 rows for
+# the others). One k per file; samples with a narrower k are padded with -1 entries.
+_TOPK_COLUMNS = ("has_topk", "topk_ids", "topk_logprobs")
+_OPTIONAL_COLUMNS = ("has_token_advantages", "token_advantages", *_TOPK_COLUMNS)
 
 
 class BatchError(ApprenticeError):
@@ -53,7 +56,7 @@ class BatchTimeoutError(ApprenticeError, TimeoutError):
 
 
 def step_dir(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / "rollouts" / f"step_{step}"
+    return rollouts_root(output_dir) / step_name(step)
 
 
 def rank_file(output_dir: Path, step: int, rank: int) -> Path:
@@ -82,7 +85,25 @@ def encode_samples(samples: list[TrainingSample]) -> bytes:
             [a for s in samples for a in (s.token_advantages if s.token_advantages is not None else [0.0] * len(s))],
             dtype=torch.float32,
         )
+    if any(s.teacher_topk_ids is not None for s in samples):
+        tensors.update(_encode_topk(samples))
     return st_save(tensors, metadata={"format": FORMAT_VERSION, "sha256": _digest(tensors)})
+
+
+def _encode_topk(samples: list[TrainingSample]) -> dict[str, torch.Tensor]:
+    """The three top-k columns of `samples` (some of which carry targets)."""
+    k = max(s.num_topk for s in samples)
+    total = sum(len(s) for s in samples)
+    ids = torch.full((total, k), -1, dtype=torch.int32)
+    lps = torch.zeros((total, k), dtype=torch.float32)
+    start = 0
+    for s in samples:
+        if s.teacher_topk_ids is not None and s.teacher_topk_logprobs is not None and s.num_topk:
+            ids[start : start + len(s), : s.num_topk] = torch.tensor(s.teacher_topk_ids, dtype=torch.int32)
+            lps[start : start + len(s), : s.num_topk] = torch.tensor(s.teacher_topk_logprobs, dtype=torch.float32)
+        start += len(s)
+    has = torch.tensor([s.teacher_topk_ids is not None for s in samples], dtype=torch.bool)
+    return {"has_topk": has, "topk_ids": ids, "topk_logprobs": lps}
 
 
 def decode_samples(data: bytes, source: str) -> list[TrainingSample]:
@@ -107,13 +128,39 @@ def decode_samples(data: bytes, source: str) -> list[TrainingSample]:
     advantages = tensors["advantages"].tolist()
     per_token = _token_advantages(tensors, lengths, total, source)
     per_token_flags = tensors["has_token_advantages"].tolist() if per_token is not None else []
+    topk = _topk_columns(tensors, lengths, total, source)
     samples, start = [], 0
     for i, (n, adv) in enumerate(zip(lengths, advantages, strict=True)):
         end = start + n
         token_adv = per_token[start:end] if per_token is not None and per_token_flags[i] else None
-        samples.append(TrainingSample(ids[start:end], mask[start:end], lps[start:end], adv, token_adv))
+        topk_ids = topk_lps = None
+        if topk is not None and topk[0][i]:
+            topk_ids, topk_lps = topk[1][start:end], topk[2][start:end]
+        try:
+            samples.append(TrainingSample(ids[start:end], mask[start:end], lps[start:end], adv, token_adv,
+                                          topk_ids, topk_lps))  # fmt: skip
+        except ValueError as e:
+            raise BatchError(f"{source}: sample {i} is invalid: {e}") from None
         start = end
     return samples
+
+
+def _topk_columns(
+    tensors: dict[str, torch.Tensor], lengths: list[int], total: int, source: str
+) -> tuple[list[bool], list[list[int]], list[list[float]]] | None:
+    """The optional top-k columns as (has_topk [N], ids [sum T][k], logprobs [sum T][k]); None when absent."""
+    present = [c for c in _TOPK_COLUMNS if c in tensors]
+    if not present:
+        return None
+    if len(present) != len(_TOPK_COLUMNS):
+        raise BatchError(f"{source}: has top-k columns {present} without {sorted(set(_TOPK_COLUMNS) - set(present))}")
+    ids, lps, has = tensors["topk_ids"], tensors["topk_logprobs"], tensors["has_topk"]
+    if ids.dim() != 2 or ids.shape != lps.shape or ids.shape[0] != total or has.numel() != len(lengths):
+        raise BatchError(
+            f"{source}: top-k columns disagree with the per-sample lengths (topk_ids {list(ids.shape)}, "
+            f"topk_logprobs {list(lps.shape)}, has_topk {has.numel()} for {len(lengths)} samples, {total} tokens)"
+        )
+    return has.tolist(), ids.tolist(), lps.tolist()
 
 
 def _token_advantages(tensors: dict[str, torch.Tensor], lengths: list[int], total: int, source: str) -> list[float] | None:
@@ -207,6 +254,23 @@ def read_step_batch(output_dir: Path, step: int, rank: int) -> list[TrainingSamp
         raise BatchError(f"{e}. {_rewrite_fix(output_dir, step)}") from None
 
 
+def step_batch_has_topk(output_dir: Path, step: int) -> bool:
+    """Whether any rank file of the complete step `step` carries top-k columns (reads only the headers)."""
+    marker = read_step_marker(output_dir, step)
+    if marker is None:
+        raise BatchError(f"{step_dir(output_dir, step)} is not a complete step batch (no {MARKER} marker)")
+    for rank in range(marker["world_size"]):
+        path = rank_file(output_dir, step, rank)
+        with open(path, "rb") as f:
+            header = f.read(int.from_bytes(f.read(8), "little"))
+        try:
+            if "topk_ids" in json.loads(header):
+                return True
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BatchError(f"{path}: corrupt header. {_rewrite_fix(output_dir, step)}") from None
+    return False
+
+
 def drop_unpackable(samples: list[TrainingSample], micro_batch_tokens: int) -> tuple[list[TrainingSample], int]:
     """The samples the trainer can pack (1 to `micro_batch_tokens` tokens), in order, and how many were not.
 
@@ -237,9 +301,7 @@ def wait_for_step_batch(
 
 def latest_step_batch(output_dir: Path) -> int:
     """The highest complete rollouts step (0 if none)."""
-    root = Path(output_dir) / "rollouts"
-    steps = [int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit() and (p / MARKER).is_file()]
-    return max(steps, default=0)
+    return max((step for step, _ in complete_steps(rollouts_root(output_dir))), default=0)
 
 
 def remove_partial_steps(output_dir: Path) -> list[Path]:
@@ -248,7 +310,7 @@ def remove_partial_steps(output_dir: Path) -> list[Path]:
     Call only where nothing else can be writing rollouts (the orchestrator, its only writer, at its start):
     `fsio.atomic_dir` removes its temporary directory on an exception, but not when the process is killed.
     """
-    leftovers = sorted(p for p in (Path(output_dir) / "rollouts").glob(".step_*.tmp-*") if p.is_dir())
+    leftovers = sorted(p for p in rollouts_root(output_dir).glob(".step_*.tmp-*") if p.is_dir())
     for path in leftovers:
         shutil.rmtree(path)
     return leftovers
@@ -268,42 +330,3 @@ def split_across_ranks(samples: list[TrainingSample], world_size: int) -> list[l
         owner[i] = rank
         loads[rank] += len(samples[i])
     return [[s for i, s in enumerate(samples) if owner[i] == r] for r in range(world_size)]
-
-
-def _progress_path(output_dir: Path) -> Path:
-    return Path(output_dir) / "trainer" / "progress.json"
-
-
-def write_trainer_progress(output_dir: Path, step: int) -> None:
-    """Record (atomically) that the trainer finished optimizer step `step`."""
-    fsio.write_text(_progress_path(output_dir), json.dumps({"step": step}))
-
-
-class ProgressError(ApprenticeError):
-    """OUTPUT/trainer/progress.json cannot be read; the message names it and says how to fix it."""
-
-
-def read_trainer_progress(output_dir: Path) -> int:
-    """The trainer's last finished step (0 when it has not finished any).
-
-    The file is written atomically, so a garbled one was damaged from outside. Guessing a value would be
-    unsafe (0 can deadlock the orchestrator's backpressure against a trainer waiting for the next batch), so
-    it is a ProgressError naming the file; deleting it is safe because the trainer rewrites it every step.
-    """
-    path = _progress_path(output_dir)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return 0
-    try:
-        step = json.loads(raw.decode("utf-8"))["step"]
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
-        step, problem = None, f"{type(e).__name__}: {e}"
-    else:
-        problem = f"step is {step!r}, not a whole number >= 0"
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ProgressError(
-            f"{path}: unreadable trainer progress file ({problem[:200]}). Fix: stop the run, delete the file and "
-            f"rerun; the trainer rewrites it after every step"
-        )
-    return step
