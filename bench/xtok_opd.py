@@ -65,6 +65,21 @@ def held_out(cfg: Config, model: str) -> float:
     return next(r.reward for r in evaluate(cfg, model) if r.env == "vowels")
 
 
+def save_plot(out: Path, opd: list[dict[str, float]]) -> Path | None:
+    if (plt := pyplot()) is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [m["step"] for m in opd]
+    ax.plot(steps, [m["distill/reverse_kl"] for m in opd], marker=".", color="C0")
+    ax.set(title="on-policy, teacher on another tokenizer", xlabel="step")
+    ax.set_ylabel("reverse KL per token (byte-aligned, nats)", color="C0")
+    reward = ax.twinx()
+    reward.plot(steps, [m["rollout/reward"] for m in opd], marker=".", color="C1")
+    reward.set_ylabel("train reward (vowel share of samples)", color="C1")
+    reward.set_ylim(0, 1.05)
+    return save_figure(fig, out / "xtok_opd.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/xtok-bench")
@@ -75,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     student = save_ascii_student(out / "student_init", seed=0)
     teacher_init = save_tiny_sp_model(out / "teacher_init", seed=1)
-    print("== training the teacher (byte-fallback tokenizer) with apprentice rl on the task", flush=True)
     teacher_cfg = config(out, "teacher", teacher_init, args.teacher_steps, rl_body())
-    if not (out / "teacher" / "final" / "config.json").is_file():
+    if not (out / "teacher" / "final" / "config.json").is_file():  # a rerun reuses the trained teacher
+        print("== training the teacher (byte-fallback tokenizer) with apprentice rl on the task", flush=True)
         timed(run_rl, teacher_cfg)
     teacher_dir = out / "teacher" / "final"
     eval_cfg = config(out, "eval", student, 1, rl_body())  # held-out tasks, greedy (orchestrator.eval_temperature)
@@ -109,13 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                "reverse_kl": [m["distill/reverse_kl"] for m in opd], "set_aside": set_aside,
                "scored_samples": sum(m["distill/scored_samples"] for m in opd)}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    if (plt := pyplot()) is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([m["step"] for m in opd], [m["distill/reverse_kl"] for m in opd], marker=".", label="reverse KL (byte-aligned)")
-        ax.plot([m["step"] for m in opd], [m["rollout/reward"] for m in opd], marker=".", label="train reward (vowel share)")
-        ax.set(title="on-policy, teacher on another tokenizer", xlabel="step")
-        ax.legend(fontsize=8)
-        print(f"plot: {save_figure(fig, out / 'xtok_opd.png')}")
+    if (plot := save_plot(out, opd)) is not None:
+        print(f"plot: {plot}")
     print(f"\nheld-out prompts (16), greedy; {args.steps} steps of 16 samples; 2-core CPU")
     print("| model | held-out reward (vowel share) | training wall-clock |")
     print("|---|---|---|")
