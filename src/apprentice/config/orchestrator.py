@@ -200,7 +200,9 @@ class OnPolicyDistillConfig(Section):
     + reward_coef * A, where student_lp_t is the student's sampling logprob, teacher_lp_t the teacher's logprob of
     the same token after the same prefix, and A the sample's group-relative reward advantage (rl mode's). The
     first term is minus the per-token reverse KL: the student is pushed toward tokens the teacher rates higher
-    than it does. kl_coef = 1, reward_coef = 0 is pure distillation; kl_coef = 0 is plain RL; both add up.
+    than it does. kl_coef = 1, reward_coef = 0 is pure distillation; kl_coef = 0 is plain RL; both add up. With a
+    teacher of another tokenizer, teacher_lp_t - student_lp_t is the token's share of the teacher-minus-student
+    log-ratio of its byte-aligned chunk of text (apprentice.crosstok).
     """
 
     kl_coef: float = Field(default=1.0, ge=0.0, le=1e3)
