@@ -20,6 +20,7 @@ from apprentice.clients.base import ClientError
 from apprentice.clients.scoring import PromptScores
 from apprentice.crosstok.align import AlignError, Completion, Spread, align_completion
 from apprentice.crosstok.teacher import TeacherSide
+from apprentice.crosstok.token_bytes import UnsupportedTokenizer
 from apprentice.types import TrainingSample
 
 
@@ -85,10 +86,13 @@ class CrossTokenizerScorer:
             if hit is None:
                 raise AlignError("no_messages", "a trained turn has no step with its messages in the trajectory")
             found.append(hit)
-        values = await asyncio.gather(*(
-            self.turn_values(step, tools, sample.token_ids[start:end], sample.logprobs[start:end])
-            for (start, end), (step, tools) in zip(runs, found, strict=True)
-        ))  # fmt: skip
+        try:
+            values = await asyncio.gather(*(
+                self.turn_values(step, tools, sample.token_ids[start:end], sample.logprobs[start:end])
+                for (start, end), (step, tools) in zip(runs, found, strict=True)
+            ))  # fmt: skip
+        except UnsupportedTokenizer as e:  # a piece whose bytes cannot be read (checked on a probe at startup)
+            raise AlignError("token_bytes", str(e)) from None
         out = [0.0] * len(sample)
         for (start, _), turn in zip(runs, values, strict=True):
             for i, v in enumerate(turn):
