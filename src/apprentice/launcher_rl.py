@@ -8,8 +8,9 @@
 
 Rerunning the same command resumes: the trainer from its newest complete checkpoint (published weights newer
 than that checkpoint are deleted first: those steps are trained again, and the server must not sample from
-weights that are about to be replaced), the orchestrator after its newest complete batch, and the server
-from the newest remaining weights.
+weights that are about to be replaced; it republishes the checkpoint's own weights when they are missing or
+damaged), the orchestrator after its newest complete batch, and the server from the newest remaining weights
+that verify (damaged ones are named and set aside).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from apprentice.config import Config, write_resolved
 from apprentice.config.resume import check_resumable
 from apprentice.config.rl import check_rl_config
+from apprentice.cpu_budget import split_cores, usable_cores
 from apprentice.handoff.weights import latest_verified, remove_after, weights_dir
 from apprentice.inference.backends import backend_for
 from apprentice.launcher import supervise, trainer_processes
@@ -44,6 +46,16 @@ def resume_point(output_dir: Path) -> int:
     return step
 
 
+def thread_budget(cfg: Config) -> tuple[int | None, int | None]:
+    """(inference server threads, threads per trainer rank) from the usable cores (apprentice/cpu_budget.py);
+    OMP_NUM_THREADS set in the environment is the trainer's choice as it stands (None: left alone)."""
+    inference_threads = cfg.inference.threads if cfg.inference is not None else None
+    server, trainer = split_cores(usable_cores(), cfg.trainer.num_processes, inference_threads, cfg.trainer.threads)
+    if cfg.trainer.threads is None and "OMP_NUM_THREADS" in os.environ:
+        return server, None
+    return server, trainer
+
+
 def run_rl(cfg: Config) -> int:
     check_rl_config(cfg)
     output_dir = Path(cfg.output_dir)
@@ -58,14 +70,24 @@ def run_rl(cfg: Config) -> int:
     env.setdefault("TQDM_MININTERVAL", "5")
     commands: dict[str, list[str]] = {}
     envs: dict[str, dict[str, str]] = {}
+    server_threads, trainer_threads = thread_budget(cfg)
     if cfg.inference is not None:
         backend = backend_for(cfg)
-        commands["inference"] = backend.command(cfg, model)
+        served = cfg.model_copy(deep=True)  # the server's command line only: the resolved config stays as written
+        assert served.inference is not None
+        served.inference.threads = server_threads
+        commands["inference"] = backend.command(served, model)
         envs["inference"] = backend.env()
     commands["orchestrator"] = [sys.executable, "-m", "apprentice", "orchestrate", str(config_path)]
     trainers, trainer_envs = trainer_processes(cfg, config_path)
     commands.update(trainers)
     envs.update(trainer_envs)
+    if trainer_threads is not None:
+        for name in trainers:
+            envs.setdefault(name, {})["OMP_NUM_THREADS"] = str(trainer_threads)
+    print(f"apprentice rl: CPU threads: inference server {server_threads}, trainer "
+          f"{trainer_threads or os.environ.get('OMP_NUM_THREADS', 'torch default')} per rank "
+          f"({usable_cores()} usable cores)", flush=True)  # fmt: skip
     code = supervise(commands, env=env, envs=envs, must_finish="trainer", services=("inference",),
                      grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG},
                      peers=tuple(trainers))  # fmt: skip

@@ -212,12 +212,17 @@ def test_rl_run_learns_and_resumes_after_kill_9(tmp_path: Path) -> None:
     assert [row["policy/step"] for row in orchestrator] == list(range(max_steps))
     assert all(row["policy/lag"] == 0 for row in orchestrator)
     assert all(row["rl/mismatch_kl"] < 1e-3 for row in trainer)
+    # Phase timings (issue 20): where a step's time goes, on both sides.
+    assert all(0 < row["perf/train_s"] < 60 and 0 < row["perf/publish_s"] < 60 for row in trainer)
+    assert all(0 < row["perf/sample_s"] < 120 and 0 <= row["perf/reload_s"] < 60 for row in orchestrator)
+    assert all(row["perf/reload_s"] > 0 for row in orchestrator[1:] if row["step"] != newest + 1)  # new weights each step
+    assert all(0 <= row["perf/eval_wait_s"] < 120 for row in orchestrator)
     rewards = [row["rollout/reward"] for row in orchestrator]
     assert sum(rewards[-3:]) / 3 > 2 * sum(rewards[:3]) / 3 + 0.05, rewards
 
     evals = read_metrics(output / "orchestrator" / "eval.jsonl")
     assert [(row["step"], row["policy/step"]) for row in evals] == [(1, 0), (5, 4), (max_steps + 1, max_steps)]
-    assert all("eval/letters/reward" in row for row in evals)
+    assert all("eval/letters/reward" in row and row["perf/eval_s"] > 0 for row in evals)
     assert published_steps(output) == [max_steps - 1, max_steps]
     assert (output / "final" / "config.json").is_file()
 

@@ -22,7 +22,8 @@ class InferenceConfig(Section):
     """Weights dtype of the server ("auto": bfloat16 on GPU, float32 on CPU). Keep it equal to the trainer's
     precision for exact importance ratios."""
     threads: int | None = Field(default=None, ge=1)
-    """builtin backend on CPU: torch threads of the server (lower it when it shares the cores with the trainer)."""
+    """builtin backend: torch threads of the server. Default: half of the cores this machine lets the run use
+    (at least one); the trainer gets the rest (apprentice/cpu_budget.py)."""
     startup_timeout_s: float = Field(default=600.0, gt=0.0)
     """How long the orchestrator waits for the server to answer before failing."""
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=1.0)

@@ -137,6 +137,17 @@ class TrainerConfig(Section):
     weights_keep: int = Field(default=3, ge=1)
     """rl mode: how many of the newest published OUTPUT/weights/step_{n} directories to keep (at least
     orchestrator.max_async_level + 2 are kept, so weights the server may still be loading stay on disk)."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads of each trainer rank (torch's intra-op pool). Default: `apprentice rl` gives the trainer the
+    cores the inference server does not get (apprentice/cpu_budget.py); other commands leave torch's default."""
+    weight_broadcast: Literal["auto", "filesystem", "collective"] = "auto"
+    """rl mode: how each step's weights reach the inference server. "filesystem": OUTPUT/weights/step_{n} every
+    step, which the server reads (works across machines on a shared filesystem, any backend). "collective": sent
+    from the trainer's memory to the server's over a torch.distributed group (gloo), no file per step; weights
+    are written to disk only at checkpoint steps (what a resumed run starts from). Needs `apprentice serve`
+    (inference.backend = "builtin" or a student endpoint that is one) reachable from the trainer. "auto":
+    collective with the builtin server the run starts ([inference] backend = "builtin"; measured faster, see
+    docs/rl.md), filesystem otherwise."""
     loss: LossConfig = Field(default_factory=RLLossConfig)
     """The loss, chosen by `type` ("rl" default, "sft", or "distill")."""
     optim: OptimConfig = Field(default_factory=OptimConfig)

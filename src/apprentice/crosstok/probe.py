@@ -71,15 +71,41 @@ def _same_local(teacher: Any, student: Any) -> bool:
     return bool(teacher(PROBE_TEXT)["input_ids"] == student(PROBE_TEXT)["input_ids"])
 
 
+def refused_top_k(client: TeacherScoringClient, e: ClientError) -> ConfigError:
+    endpoint = client.endpoint
+    return ConfigError(
+        f"orchestrator.on_policy_distill.top_k = {client.top_k}: the teacher ({endpoint.base_url}, model "
+        f"{endpoint.model!r}) refused prompt_logprobs = {client.top_k} at startup ({e}). vLLM returns at most "
+        f"its --max-logprobs (20 by default), `apprentice serve` 20: lower top_k, or raise the server's limit."
+    )
+
+
+def check_topk_width(scores: PromptScores, client: TeacherScoringClient) -> None:
+    """The probe's answer must hold top_k entries per position: a server that silently returns fewer would
+    train on truncated distributions (a bigger tail than the user asked for)."""
+    widths = [len(row) for row in scores.topk_ids or [] if row]
+    if not widths or min(widths) < client.top_k:
+        endpoint = client.endpoint
+        raise ConfigError(
+            f"orchestrator.on_policy_distill.top_k = {client.top_k}, but the teacher ({endpoint.base_url}, model "
+            f"{endpoint.model!r}) returned at most {max(widths, default=0)} candidates per position when probed at "
+            f"startup: lower top_k to {min(widths, default=0)} or serve the teacher with a higher logprobs limit."
+        )
+
+
 async def _same_at_endpoint(client: TeacherScoringClient, student: Any, endpoint: TeacherEndpointConfig) -> bool:
     try:
         scores = await client.score(PROBE_TEXT, return_token_ids=True)
     except ClientError as e:
+        if client.top_k and e.kind == "bad_request":
+            raise refused_top_k(client, e) from None
         raise ConfigError(
             f"{where(endpoint)}: cannot tell whether the teacher shares the student's tokenizer: scoring a probe "
             f"text failed ({e}). Set [orchestrator.teacher_model] tokenizer = \"<HF directory or cached hub id>\" "
             f"(the teacher's tokenizer and chat template)"
         ) from None
+    if client.top_k:
+        check_topk_width(scores, client)
     t_ids, s_ids = scores.token_ids or [], list(student(PROBE_TEXT)["input_ids"])
     if t_ids and t_ids[0] == -1:  # no prompt_token_ids: the first id is unknown, compare from position 1
         t_ids, s_ids = t_ids[1:], s_ids[1:]
@@ -109,6 +135,13 @@ async def probe_teacher(
             )
     if not same:
         assert teacher is not None
+        if prompt_logprobs.top_k:
+            raise ConfigError(
+                f"orchestrator.on_policy_distill.top_k = {prompt_logprobs.top_k} needs a teacher with the student's "
+                f"tokenizer: {where(endpoint)} has another, and its top-k are ids of its own vocabulary with no "
+                f"per-position counterpart in the student's. Set top_k = 0 (the sampled-text estimator, aligned "
+                f"by bytes) for this teacher"
+            )
         if not getattr(teacher, "chat_template", None):
             raise ConfigError(f"{where(endpoint)}: the teacher's tokenizer has no chat template, so the conversation "
                               f"cannot be written as the teacher sees it; point tokenizer at one that has")  # fmt: skip
@@ -123,14 +156,23 @@ async def probe_teacher(
     probe_tok = student if same or teacher is None else teacher
     probe_ids = list(probe_tok(PROBE_TEXT)["input_ids"])
     order: list[Protocol] = ["prompt_logprobs", "echo"] if endpoint.scoring == "auto" else [endpoint.scoring]
+    if prompt_logprobs.top_k:  # top-k targets come from prompt_logprobs only (echo's alternatives are keyed by text)
+        if "prompt_logprobs" not in order:
+            raise ConfigError(f"orchestrator.on_policy_distill.top_k = {prompt_logprobs.top_k} needs scoring = "
+                              f"\"prompt_logprobs\" or \"auto\" in [orchestrator.teacher_model], not \"echo\"")  # fmt: skip
+        order = ["prompt_logprobs"]
     failures: list[str] = []
     for protocol in order:
         scorer = prompt_logprobs if protocol == "prompt_logprobs" else echo
         try:
             first = await scorer.score(probe_ids)
         except ClientError as e:
+            if protocol == "prompt_logprobs" and prompt_logprobs.top_k and e.kind == "bad_request":
+                raise refused_top_k(prompt_logprobs, e) from None
             failures.append(f"{protocol}: {e}")
             continue
+        if protocol == "prompt_logprobs" and prompt_logprobs.top_k:
+            check_topk_width(first, prompt_logprobs)
         if any(lp is None for lp in first.logprobs[1:]):
             failures.append(f"{protocol}: no logprob for some probe tokens")
             continue

@@ -11,35 +11,21 @@ tokenizer's decoder uses (read from the `tokenizers` decoder itself, not guessed
   "▁" a space, any other piece its UTF-8.
 - added tokens (chat control tokens like <|im_end|>): their text, as they appear in a rendered template.
 
-A tokenizer of another kind (WordPiece, a slow Python tokenizer) raises `UnsupportedTokenizer` with the reason.
+The table itself is apprentice.tokenbytes' (`vocab_bytes`, shared with off-policy soft targets); this module
+adds the refusal of tokenizers whose pieces follow neither convention: a tokenizer of another kind (WordPiece, a
+slow Python tokenizer) raises `UnsupportedTokenizer` with the reason, instead of being read wrongly.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 from typing import Any
 
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+from apprentice.tokenbytes import vocab_bytes
 
 
 class UnsupportedTokenizer(ValueError):
     """A tokenizer whose token bytes cannot be read exactly."""
-
-
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-in character -> the byte it stands for (the 256-entry map byte-level BPE uses)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 def _decoder_types(state: dict[str, Any]) -> list[dict[str, Any]]:
@@ -75,43 +61,21 @@ def decoder_scheme(tokenizer: Any) -> str:
 
 
 class TokenBytes:
-    """id -> the bytes it stands for, for one tokenizer (looked up lazily and remembered)."""
+    """id -> the bytes it stands for, for one tokenizer (the whole vocabulary read once)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.scheme = decoder_scheme(tokenizer)
-        self._added = {int(i): t.content.encode("utf-8") for i, t in tokenizer.added_tokens_decoder.items()}
-        self._cache: dict[int, bytes] = {}
-
-    def piece_bytes(self, piece: str) -> bytes:
-        if self.scheme == "byte_level":
-            table = _byte_level_decoder()
-            try:
-                return bytes(table[c] for c in piece)
-            except KeyError as e:
-                raise UnsupportedTokenizer(f"piece {piece!r} has a character outside the byte-level map: {e}") from None
-        match = _BYTE_PIECE.match(piece)
-        if match:
-            return bytes([int(match.group(1), 16)])
-        return piece.replace("▁", " ").encode("utf-8")
+        self._table = vocab_bytes(tokenizer)
 
     def of(self, token_id: int) -> bytes:
-        found = self._cache.get(token_id)
+        found = self._table[token_id] if 0 <= token_id < len(self._table) else None
         if found is None:
-            found = self._added.get(token_id)
-            if found is None:
-                piece = self.tokenizer.convert_ids_to_tokens(token_id)
-                if piece is None:
-                    raise UnsupportedTokenizer(f"token id {token_id} is outside the vocabulary")
-                found = self.piece_bytes(piece)
-            self._cache[token_id] = found
+            raise UnsupportedTokenizer(f"token id {token_id} has no vocabulary entry")
         return found
 
     def __call__(self, ids: list[int]) -> list[bytes]:
         return [self.of(i) for i in ids]
-
-    def is_added(self, token_id: int) -> bool:
-        return token_id in self._added
 
     def roundtrip_problem(self, text: str) -> str | None:
         """None when the bytes of tok(text) are exactly text's UTF-8 (a leading space a SentencePiece tokenizer

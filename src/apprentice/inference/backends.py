@@ -38,8 +38,9 @@ class Backend(Protocol):
         """Extra environment variables of the server process."""
         ...
 
-    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
-        """Make the server sample from the weights in `path` (published trainer step `step`) from now on."""
+    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
+        """Make the server sample from the weights in `path` (published trainer step `step`) from now on; the
+        seconds the server says the reload took, or None when it does not say."""
         ...
 
 
@@ -67,9 +68,11 @@ class BuiltinBackend:
     def env(self) -> dict[str, str]:
         return {}
 
-    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
         response = await http.post(f"{base_url}/load_weights", json={"path": str(path), "step": step})
         _raise_for(response, f"{base_url}/load_weights ({path})")
+        seconds = response.json().get("reload_s")
+        return float(seconds) if isinstance(seconds, int | float) else None
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,14 @@ class VLLMBackend:
     def env(self) -> dict[str, str]:
         return {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache
 
-    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> None:
+    async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
         root = base_url.removesuffix("/v1")
         body = {"method": "reload", "args": [str(path)]}
         response = await http.post(f"{root}/collective_rpc", json=body)
         _raise_for(response, f"{root}/collective_rpc reload({path})")
         # Cached KV blocks were computed by the old weights; a prefix hit would silently mix two policies.
         _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
+        return None  # vLLM does not report it; the orchestrator times the requests instead
 
 
 BACKENDS: dict[str, Backend] = {"builtin": BuiltinBackend(), "vllm": VLLMBackend()}

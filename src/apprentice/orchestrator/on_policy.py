@@ -10,6 +10,13 @@ KL(student || teacher) at that position, so the first term rewards exactly the t
 than the student does, and the rl loss (importance ratio times advantage) turns that into a policy gradient on
 the reverse KL. The orchestrator logs `distill/reverse_kl`, the mean of s_t - q_t over completion tokens.
 
+With `on_policy_distill.top_k = k > 0` the scoring request asks for the teacher's top-k at every position, and
+the sample carries them as soft targets (`teacher_topk_ids` / `teacher_topk_logprobs`) for the `distill` loss,
+which learns the teacher's distribution rather than a one-sample estimate; no advantages are set. Logged too:
+`distill/topk_mass`, the teacher probability its top-k covers (mean over completion tokens; 1 - it is the tail
+the loss lumps into one bucket). `distill/forward_kl` needs the student's probabilities of the teacher's top-k
+ids, which only the trainer computes: it is the trainer's metric (the distill loss's), not the orchestrator's.
+
 A teacher with another tokenizer (apprentice.crosstok) gives, per student token, an equivalent q_t: the student's
 s_t plus the token's share of the teacher-minus-student log-ratio of its byte-aligned chunk of text, so the
 same formula applies and the per-sample sum of q_t - s_t is the log-ratio of the whole completion text.
@@ -18,6 +25,7 @@ same formula applies and the per-sample sum of q_t - s_t is the log-ratio of the
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +33,7 @@ from typing import Any
 
 from apprentice.clients.base import ClientError
 from apprentice.clients.echo import EchoScoringClient
-from apprentice.clients.scoring import PromptScores, TeacherScoringClient
-from apprentice.config import ConfigError
+from apprentice.clients.scoring import PromptScores, SampleScores, TeacherScoringClient
 from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig, TeacherEndpointConfig
 from apprentice.crosstok.align import AlignError
 from apprentice.crosstok.probe import probe_teacher
@@ -88,8 +95,36 @@ def apply_teacher_scores(
     return sample
 
 
-def logprobs_on_mask(scores: PromptScores, loss_mask: list[bool]) -> list[float]:
-    """[T] teacher logprobs of a sample's own tokens, 0.0 off the loss mask; a loss token without one is a
+@dataclass
+class TopkMass:
+    """Running mean over loss tokens of the teacher probability its top-k covers: `distill/topk_mass`."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    def add(self, topk_logprobs: list[list[float]], topk_ids: list[list[int]], loss_mask: list[bool]) -> None:
+        for row_lps, row_ids, m in zip(topk_logprobs, topk_ids, loss_mask, strict=True):
+            if m:
+                self.total += sum(math.exp(lp) for lp, t in zip(row_lps, row_ids, strict=True) if t >= 0)
+                self.tokens += 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.tokens if self.tokens else 0.0
+
+
+def apply_topk_targets(sample: TrainingSample, scores: SampleScores, reverse_kl: ReverseKL, mass: TopkMass) -> TrainingSample:
+    """Set the sample's soft targets (top_k > 0): the teacher's top-k rows, -1 off the loss mask."""
+    assert scores.topk_ids is not None and scores.topk_logprobs is not None
+    sample.teacher_topk_ids = scores.topk_ids
+    sample.teacher_topk_logprobs = scores.topk_logprobs
+    reverse_kl.add(sample, scores.logprobs)
+    mass.add(scores.topk_logprobs, scores.topk_ids, sample.loss_mask)
+    return sample
+
+
+def logprobs_on_mask(scores: PromptScores, loss_mask: list[bool]) -> SampleScores:
+    """A sample's teacher logprobs of its own tokens, 0.0 off the loss mask; a loss token without one is a
     ClientError("malformed") (a silent 0.0 there would be trained as if it were a score)."""
     if len(scores.logprobs) != len(loss_mask):
         raise ClientError("malformed", f"{len(scores.logprobs)} teacher logprobs for {len(loss_mask)} tokens")
@@ -98,12 +133,13 @@ def logprobs_on_mask(scores: PromptScores, loss_mask: list[bool]) -> list[float]
         if m and lp is None:
             raise ClientError("malformed", f"the teacher returned no logprob for trained token {i} of {len(loss_mask)}")
         out.append(lp if m and lp is not None else 0.0)
-    return out
+    return SampleScores(out)
 
 
 class OnPolicyDistiller:
     """The orchestrator's on-policy distillation step: after the student's samples are rendered (token path,
-    group advantages set), score each with the teacher and turn the scores into per-token advantages.
+    group advantages set), score each with the teacher and turn the scores into per-token advantages (or, with
+    top_k > 0, soft targets).
 
     At startup `probe` finds whether the teacher shares the student's token ids, which scoring protocol its
     endpoint speaks and how noisy it is (crosstok/probe.py). Same ids: one request per sample scores the
@@ -120,8 +156,9 @@ class OnPolicyDistiller:
         self.cfg = cfg or OnPolicyDistillConfig()
         self.endpoint = (endpoint if isinstance(endpoint, TeacherEndpointConfig)
                          else TeacherEndpointConfig.model_validate(endpoint.model_dump()))  # fmt: skip
-        self.client = TeacherScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
-        self.echo = EchoScoringClient(self.client, cache_dir)
+        self.client = TeacherScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir,
+                                           top_k=self.cfg.top_k)  # fmt: skip
+        self.echo = EchoScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
         self.protocol = "prompt_logprobs"
         self.cross: CrossTokenizerScorer | None = None
         self.noise: float | None = None
@@ -129,38 +166,35 @@ class OnPolicyDistiller:
         """The last `apply`'s first error message per kind of set-aside sample (for the empty-step message)."""
 
     async def probe(self, student_tokenizer: Any) -> None:
-        """The startup probe (crosstok/probe.py): tokenizer, protocol, self-test; ConfigError with the fix."""
-        probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)  # the self-test asks twice
+        """The startup probe (crosstok/probe.py): tokenizer, protocol, top-k width, self-test; ConfigError with
+        the fix. The probe's own clients have no cache: the self-test asks the teacher itself twice."""
+        probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k)
+        echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)
         try:
-            found = await probe_teacher(self.endpoint, probing, EchoScoringClient(probing, None), student_tokenizer)
+            found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer)
         finally:
             await probing.aclose()
+            await echo.aclose()
         self.protocol, self.noise = found.protocol, found.noise
         if not found.same_tokenizer:
-            if getattr(self.cfg, "top_k", 0):
-                raise ConfigError(
-                    f"orchestrator.on_policy_distill.top_k = {getattr(self.cfg, 'top_k', 0)} needs a teacher with the "
-                    f"student's tokenizer: the teacher's top-k are ids of its own vocabulary, with no per-position "
-                    f"counterpart in the student's. With this teacher set top_k = 0 (the sampled-text estimator, "
-                    f"aligned by bytes)"
-                )
             scorer = self.client if self.protocol == "prompt_logprobs" else self.echo
             self.cross = CrossTokenizerScorer(TeacherSide(found.teacher_tokenizer, student_tokenizer), scorer)
 
-    async def _score(self, sample: TrainingSample, steps: StepIndex) -> list[float]:
+    async def _score(self, sample: TrainingSample, steps: StepIndex) -> SampleScores:
         if self.cross is not None:
-            return await self.cross.score_sample(sample, steps)
+            return SampleScores(await self.cross.score_sample(sample, steps))
         if self.protocol == "prompt_logprobs":
             return await self.client.score_sample(sample.token_ids, sample.loss_mask)  # the original path
         return logprobs_on_mask(await self.echo.score(sample.token_ids), sample.loss_mask)
 
     async def apply(self, samples: list[TrainingSample], trajectories: list[dict[str, Any]] | None = None
                     ) -> tuple[list[TrainingSample], dict[str, float]]:  # fmt: skip
-        """(the samples that were scored, with token_advantages set; `distill/*` metrics of this step).
-        `trajectories` (the ones the samples were rendered from) give a teacher of another tokenizer the messages."""
+        """(the samples that were scored, with token_advantages or top-k targets set; `distill/*` metrics of this
+        step). `trajectories` (the ones the samples were rendered from) give a teacher of another tokenizer the
+        conversation."""
         steps = index_steps(trajectories or []) if self.cross is not None else {}
         results = await asyncio.gather(*(self._score(s, steps) for s in samples), return_exceptions=True)
-        reverse_kl = ReverseKL()
+        reverse_kl, mass = ReverseKL(), TopkMass()
         kept: list[TrainingSample] = []
         set_aside: Counter[str] = Counter()
         self.first_errors = {}
@@ -171,9 +205,14 @@ class OnPolicyDistiller:
                 continue
             if isinstance(result, BaseException):
                 raise result
-            kept.append(apply_teacher_scores(sample, result, self.cfg, reverse_kl))
+            if self.cfg.top_k:
+                kept.append(apply_topk_targets(sample, result, reverse_kl, mass))
+            else:
+                kept.append(apply_teacher_scores(sample, result.logprobs, self.cfg, reverse_kl))
         metrics = {"distill/reverse_kl": reverse_kl.mean, "distill/scored_tokens": float(reverse_kl.tokens),
                    "distill/scored_samples": float(len(kept))}  # fmt: skip
+        if self.cfg.top_k:
+            metrics["distill/topk_mass"] = mass.mean
         if self.noise is not None:
             metrics["distill/teacher_noise"] = self.noise
         metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
@@ -182,3 +221,4 @@ class OnPolicyDistiller:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.echo.aclose()

@@ -3,8 +3,10 @@
 `PolicySync` is both seams of the continuous producer (orchestrator/producer.py):
 
     Backpressure.wait(n)    before step n opens: wait until weights recent enough for batch n are published,
-                            `reload` the newest into the server, then run `on_step(n, policy_step)` (the
-                            held-out evaluation when due)
+                            `reload` the newest into the server (collective weight updates: or apply the
+                            newest the trainer sent, staged in the server), then start `on_step(n, policy_step)`
+                            (the held-out evaluation when due) beside the step's rollouts; the next reload
+                            waits for it
     RolloutPolicy.ready()   not while the server reloads weights
     .policy_step()          the weights sampling now; the producer tags each rollout with it
     .keep(w, n)             a rollout sampled by weights w may go into batch n (else it is re-rolled)
@@ -24,15 +26,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from apprentice.config import Config
+from apprentice.config.rl import weight_broadcast
 from apprentice.errors import ApprenticeError
 from apprentice.handoff.weights import latest_published, weights_dir
-from apprentice.inference.backends import Backend, backend_for
+from apprentice.inference.backends import Backend, WeightReloadError, backend_for
 from apprentice.orchestrator.advantages import assign_advantages
 from apprentice.orchestrator.client import rollout_endpoint
 from apprentice.trajectory import Trajectory
@@ -74,7 +78,7 @@ class PolicySync:
     """Keeps the inference server on the newest published weights the async bound allows."""
 
     def __init__(
-        self, cfg: Config, backend: Backend | None = None, on_step: Callable[[int, int], Awaitable[None]] | None = None
+        self, cfg: Config, backend: Backend | None = None, on_step: Callable[[int, int], Coroutine[Any, Any, None]] | None = None
     ) -> None:
         self.output_dir = Path(cfg.output_dir)
         self.base_url = rollout_endpoint(cfg).base_url
@@ -85,6 +89,13 @@ class PolicySync:
         self.startup_timeout_s = cfg.inference.startup_timeout_s if cfg.inference is not None else 120.0
         self.wait_timeout_s = cfg.trainer.batch_timeout_s
         self.on_step = on_step
+        self.phases: dict[int, dict[str, float]] = {}
+        """Per step, the seconds its opening spent reloading weights and evaluating (`take_phases`)."""
+        self._reload_s = self._eval_wait_s = 0.0
+        self._evaluating: asyncio.Task[None] | None = None
+        self.collective = weight_broadcast(cfg) == "collective"
+        self.staged: int | None = None
+        """collective: the step of the complete update the server holds staged, at the last look (`newest`)."""
         self.loaded: int | None = None
         """Published step the server holds, as far as this process knows (None: not asked yet)."""
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
@@ -96,10 +107,27 @@ class PolicySync:
     async def wait(self, step: int) -> float:
         """Backpressure: return once step `step` may open (weights loaded, evaluation done); seconds waited."""
         start = time.monotonic()
+        self._reload_s = self._eval_wait_s = 0.0
         policy_step = await self.reload_newest(max(0, step - 1 - self.bound), step)
+        self.phases[step] = {"perf/reload_s": self._reload_s, "perf/eval_wait_s": self._eval_wait_s}
         if self.on_step is not None:
-            await self.on_step(step, policy_step)
+            # The evaluation runs beside the step's rollouts (the server batches both), not before them: the next
+            # reload waits for it instead (`reload`), so it still scores exactly the weights it started on.
+            self._evaluating = asyncio.create_task(self.on_step(step, policy_step))
         return time.monotonic() - start
+
+    def take_phases(self, step: int) -> dict[str, float]:
+        """`perf/reload_s` (the server's reload time, as it reports it) and `perf/eval_wait_s` (how long the reload
+        waited for the held-out evaluation still running on the previous weights) before step `step` opened."""
+        return self.phases.pop(step, {})
+
+    async def finish_evaluation(self) -> None:
+        """Wait for the evaluation running on the current weights, if any (its errors are raised here)."""
+        if self._evaluating is not None:
+            task, self._evaluating = self._evaluating, None
+            waited = time.monotonic()
+            await task
+            self._eval_wait_s += time.monotonic() - waited
 
     async def ready(self) -> None:
         await self._idle.wait()
@@ -132,7 +160,7 @@ class PolicySync:
         """Wait for published weights of step >= `need`, `reload` the newest; their step (`step` is for messages)."""
         start = time.monotonic()
         announced = False
-        while (newest := latest_published(self.output_dir)) < need:
+        while (newest := await self.newest()) < need:
             if not announced:
                 log.info("step %d: waiting for the trainer's weights of step %d (async bound %d)", step, need, self.bound)
                 announced = True
@@ -145,6 +173,18 @@ class PolicySync:
         await self.reload(newest)
         return newest
 
+    async def newest(self) -> int:
+        """The newest weights the server could sample from: published on disk, or (collective) staged in it."""
+        published = latest_published(self.output_dir)
+        if not self.collective:
+            return published
+        try:
+            staged = (await self._http.get(f"{self.base_url}/weights", timeout=10.0)).json().get("staged")
+        except (httpx.HTTPError, ValueError):
+            staged = None
+        self.staged = staged if isinstance(staged, int) and staged >= published else None
+        return self.staged or published
+
     async def reload(self, step: int) -> None:
         """Tell the server to sample from the weights of `step` (0: the initial model); no-op when it already does."""
         if self.loaded is None:
@@ -152,14 +192,28 @@ class PolicySync:
         if step == self.loaded:
             return
         path = weights_dir(self.output_dir, step) if step else Path(self.initial_model)
+        await self.finish_evaluation()
         started = time.monotonic()
         self._idle.clear()  # new rollouts wait: each must be tagged with the weights that really sample it
         try:
-            await self.backend.reload(self._http, self.base_url, path, step)
+            if step == self.staged:  # sent by the trainer over the collective (inference/collective.py)
+                server_s = await self._apply(step)
+            else:
+                server_s = await self.backend.reload(self._http, self.base_url, path, step)
         finally:
             self._idle.set()
-        log.info("inference server now on the weights of step %d (%.1f s)", step, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self._reload_s += elapsed if server_s is None else server_s
+        log.info("inference server now on the weights of step %d (%.1f s)", step, elapsed)
         self.loaded = step
+
+    async def _apply(self, step: int) -> float | None:
+        response = await self._http.post(f"{self.base_url}/weights/apply", json={"step": step})
+        if response.status_code >= 400:
+            raise WeightReloadError(f"{self.base_url}/weights/apply (step {step}) answered HTTP "
+                                    f"{response.status_code}: {response.text[:500]}")  # fmt: skip
+        seconds = response.json().get("reload_s")
+        return float(seconds) if isinstance(seconds, int | float) else None
 
     async def _server_step(self) -> int | None:
         """The published step the server holds, from GET /v1/weights (apprentice serve) when it can tell."""
@@ -176,4 +230,6 @@ class PolicySync:
         return 0 if int(held.get("step", 0)) == 0 else None  # None: unknown weights, reload whatever is asked
 
     async def aclose(self) -> None:
+        if self._evaluating is not None:
+            self._evaluating.cancel()
         await self._http.aclose()

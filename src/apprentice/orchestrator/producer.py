@@ -116,6 +116,8 @@ class StepRollouts:
     """Seconds the step waited for the trainer before it could open (backpressure)."""
     discarded: int = 0
     """Rollouts the policy rejected and re-ran (rl: stale)."""
+    sample_s: float = 0.0
+    """Seconds from the step opening to its last rollout done."""
 
 
 @dataclass
@@ -129,6 +131,7 @@ class _StepRun:
     account: StepAccount = field(default_factory=StepAccount)
     admitted: int = 0
     discarded: int = 0
+    done_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.slots)
@@ -176,7 +179,7 @@ class Producer:
                 del self._runs[step]
                 yield StepRollouts(
                     step, run.slots, [t for t in run.results if t is not None], run.account, run.opened_at,
-                    run.wait_trainer_s, run.discarded,
+                    run.wait_trainer_s, run.discarded, run.done_at - run.opened_at,
                 )  # fmt: skip
         finally:
             admission.cancel()
@@ -272,4 +275,5 @@ class Producer:
             self._slots.release()
         run.results[index] = trajectory
         run.pending -= 1
+        run.done_at = time.monotonic()
         self._notify()  # a step may be complete, or the usage it added may have reached the spend cap

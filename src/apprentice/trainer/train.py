@@ -22,6 +22,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from apprentice.config import Config, load_config
+from apprentice.config.rl import weight_broadcast
 from apprentice.errors import exit_on_user_error
 from apprentice.handoff import weights
 from apprentice.handoff.hfdir import export_final
@@ -36,6 +37,7 @@ from apprentice.handoff.rollouts import (
 )
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import ckpt
+from apprentice.trainer.broadcast import send_weights, weight_sender
 from apprentice.trainer.logprobs import LOSS_METHOD
 from apprentice.trainer.losses import LossFn, build_loss, finalize_metrics
 from apprentice.trainer.metrics import MetricsLogger
@@ -88,6 +90,9 @@ def main(cfg: Config) -> None:
             run_config=cfg.model_dump(mode="json"),
         )
 
+        collective = cfg.mode == "rl" and weight_broadcast(cfg) == "collective"
+        sender = weight_sender(cfg) if collective and world.is_main else None
+
         # The step loop.
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t_wait = time.perf_counter()
@@ -105,6 +110,14 @@ def main(cfg: Config) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t_start
+            phases = {"perf/train_s": elapsed}  # forward, backward and optimizer
+            if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
+                t_publish = time.perf_counter()
+                # collective: to the server's memory, and to disk only where a checkpoint follows (resume reads it)
+                sent = collective and send_weights(sender, model, step)
+                if not sent or step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
+                    weights.publish(model, tokenizer, output_dir, step, weights_keep)
+                phases["perf/publish_s"] = time.perf_counter() - t_publish
             logger.log(step, {
                 **result.metrics,
                 "lr": lr,
@@ -113,9 +126,8 @@ def main(cfg: Config) -> None:
                 "perf/padding_fraction": result.pad_tokens / max(1, result.tokens + result.pad_tokens),
                 "perf/step_s": elapsed,
                 "perf/wait_s": t_start - t_wait,
-            })
-            if cfg.mode == "rl":  # before the checkpoint: a resumed run always finds the weights of its checkpoint
-                weights.publish(model, tokenizer, output_dir, step, weights_keep)
+                **phases,
+            })  # before the checkpoint: a line of a step that is not checkpointed yet is redone on resume
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
                 ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:

@@ -1,0 +1,28 @@
+"""How `apprentice rl` shares this machine's cores between the inference server and the trainer ranks.
+
+On CPU both are torch processes running at the same time (the server samples step n+1 while the trainer takes
+step n); each left to torch's default takes every core, and two pools of busy threads on the same cores slow
+each other down far more than they gain. So unless told otherwise (`inference.threads`, `trainer.threads`, or
+OMP_NUM_THREADS in the environment) the launcher gives the server half of the cores it may use (rounded down,
+at least one) and splits the rest evenly between this node's trainer ranks (at least one each). On GPU machines
+the numbers only bound host-side work.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or taskset's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # platforms without sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def split_cores(cores: int, trainer_ranks: int, server: int | None = None, trainer: int | None = None) -> tuple[int, int]:
+    """(server threads, threads per trainer rank) for `cores` cores; explicit choices are kept as given."""
+    server_threads = server if server is not None else max(1, cores // 2)
+    left = max(1, cores - server_threads)
+    return server_threads, trainer if trainer is not None else max(1, left // max(1, trainer_ranks))

@@ -1,0 +1,50 @@
+"""How `apprentice rl` splits the cores between the inference server and the trainer (apprentice/cpu_budget.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apprentice.config import load_config
+from apprentice.cpu_budget import split_cores
+from apprentice.launcher_rl import thread_budget
+
+
+@pytest.mark.parametrize(
+    ("cores", "ranks", "expected"),
+    [(1, 1, (1, 1)), (2, 1, (1, 1)), (3, 1, (1, 2)), (16, 1, (8, 8)), (16, 2, (8, 4)), (4, 8, (2, 1))],
+)
+def test_the_server_gets_half_the_cores_and_the_trainer_ranks_share_the_rest(cores: int, ranks: int, expected: tuple[int, int]) -> None:
+    assert split_cores(cores, ranks) == expected
+
+
+def test_explicit_thread_counts_are_kept() -> None:
+    assert split_cores(16, 1, server=2) == (2, 14)
+    assert split_cores(16, 1, trainer=3) == (8, 3)
+    assert split_cores(2, 1, server=4, trainer=4) == (4, 4)  # oversubscribing is the user's call
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "rl.toml"
+    path.write_text(f"""
+output_dir = "{tmp_path / 'out'}"
+[model]
+name = "m"
+[[orchestrator.env]]
+id = "reverse-text"
+[inference]
+port = 8001
+{extra}
+""")
+    return path
+
+
+def test_the_launcher_budget_follows_the_config_and_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("apprentice.launcher_rl.usable_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert thread_budget(load_config([write_config(tmp_path)])) == (4, 4)
+    assert thread_budget(load_config([write_config(tmp_path, "threads = 2")])) == (2, 6)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice for the trainer stands
+    assert thread_budget(load_config([write_config(tmp_path)])) == (4, None)
+    assert thread_budget(load_config([write_config(tmp_path)], ["--trainer.threads", "5"])) == (4, 5)
