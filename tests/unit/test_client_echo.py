@@ -26,7 +26,7 @@ def test_prompt_logprobs_are_read_and_the_generated_token_dropped() -> None:
         (body([None, -0.5]), "2 echoed token logprobs for a prompt of 3 tokens"),
         (body([None, "x", -1.0]), "not a logprob"),
         (body([None, 0.5, -1.0]), "not a logprob"),
-        (body([None, float("nan"), -1.0]), "not a logprob"),
+        (body([None, float("nan"), -1.0]), "must be finite"),
     ],
 )
 def test_malformed_answers_are_refused(data: object, message: str) -> None:

@@ -36,6 +36,10 @@ Protocol = Literal["prompt_logprobs", "echo"]
 PROBE_TEXT = "Tokenizer probe: The quick brown fox, 1234567 + 89.5%; naïve café — 東京 🙂\n\tif (x) { return y; }"
 
 
+_UNSUPPORTED = ("malformed", "bad_request", "not_found")
+"""Probe failures that mean "this endpoint does not speak that protocol" (try the next one)."""
+
+
 @dataclass
 class TeacherProbe:
     same_tokenizer: bool
@@ -169,6 +173,9 @@ async def probe_teacher(
         except ClientError as e:
             if protocol == "prompt_logprobs" and prompt_logprobs.top_k and e.kind == "bad_request":
                 raise refused_top_k(prompt_logprobs, e) from None
+            if e.kind not in _UNSUPPORTED:  # the protocol is spoken but the teacher is broken or down: say so
+                raise ConfigError(f"{where(endpoint)} failed to score the startup probe with {protocol} "
+                                  f"({e.kind}): {e}") from None  # fmt: skip
             failures.append(f"{protocol}: {e}")
             continue
         if protocol == "prompt_logprobs" and prompt_logprobs.top_k:
