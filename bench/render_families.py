@@ -46,6 +46,7 @@ def main() -> None:
     # R1/QwQ templates always open it: render both ways.
     rows += [("qwq+thinking", "qwq", {"enable_thinking": True}), ("r1+thinking", "r1-distill-qwen", {"enable_thinking": True})]
     rows += [("qwen3-nothink", "qwen3", {"enable_thinking": False}), ("smollm3-nothink", "smollm3", {"enable_thinking": False})]
+    rows += [("gemma4+thinking", "gemma4", {"enable_thinking": True})]
     for name, fam, kwargs in rows:
         if only and fam not in only:
             continue

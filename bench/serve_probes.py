@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -105,6 +106,52 @@ async def probes(p: Probe, tokenizer: Any) -> None:
     await p.run("10 MB body", "413 before reading it", lambda c: big(c, 10))
     await p.run("7 MB body (under the 8 MiB cap), 2M-token prompt", "400 context_length_exceeded, quickly",
                 lambda c: big(c, 7))  # fmt: skip
+
+    async def trickle(c: httpx.AsyncClient) -> str:
+        """Headers announcing 2,000 bytes, then a byte every 50 ms; a normal request sent meanwhile (cut at 120 s)."""
+        host, port = p.base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2000\r\n\r\n{")  # fmt: skip
+        start = time.monotonic()
+
+        async def drip() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    writer.write(b" ")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+
+        dripping = asyncio.ensure_future(drip())
+        t0 = time.monotonic()
+        normal = await c.post(url, json=chat())
+        normal_s = time.monotonic() - t0
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=120)
+            first_line = head.splitlines()[0].decode()
+            answer = f"{first_line} after {time.monotonic() - start:.1f} s"
+        except (TimeoutError, asyncio.IncompleteReadError):
+            answer = "no answer after 120 s (still reading the body)"
+        dripping.cancel()
+        writer.close()
+        return f"trickler: {answer}; a normal request meanwhile: {status(normal)} in {normal_s:.2f} s"
+
+    await p.run("body trickled 1 byte / 50 ms", "408 at the body deadline; others served", trickle)
+
+    async def huge_n(c: httpx.AsyncClient) -> str:
+        start = time.monotonic()
+        culprit = asyncio.ensure_future(c.post(url, json=chat(n=64, max_tokens=2048), timeout=120))
+        await asyncio.sleep(0.5)
+        t0 = time.monotonic()
+        innocent = await c.post(url, json=chat(), timeout=180)
+        innocent_s = time.monotonic() - t0
+        try:
+            answer = status(await culprit)
+        except httpx.TimeoutException:
+            answer = "still generating at 120 s"
+        return f"n=64 x 2048: {answer} in {time.monotonic() - start:.2f} s; a request sent 0.5 s later: {status(innocent)} in {innocent_s:.2f} s"
+
+    await p.run("n = 64, max_tokens = 2048 (131,072 tokens)", "400 naming n x max_tokens; others served", huge_n)
 
     async def stops(c: httpx.AsyncClient) -> str:
         many = await c.post(url, json=chat(stop=[f"s{i}" for i in range(100_000)]))

@@ -19,6 +19,7 @@ from apprentice.clients.openai_client import OpenAIChatClient
 from apprentice.config import Config, ConfigError, EndpointConfig
 from apprentice.envs.base import Environment, Task
 from apprentice.envs.registry import load_environment
+from apprentice.envs.reward_check import RewardError, checked_reward
 from apprentice.errors import UsageError
 from apprentice.inference.launch import local_server
 
@@ -79,9 +80,9 @@ async def evaluate_endpoint(cfg: Config, endpoint: EndpointConfig, num_tasks: in
 async def _safe_rollout(env: Environment, task: Task, client: ChatClient, index: int) -> float | None:
     try:
         trajectory = await env.rollout(task, client, f"eval/{env.name}/{task.id}/{index}")
-    except ClientError:
+        return checked_reward(trajectory.get("reward", 0.0), f"the reward of environment {env.name!r}")
+    except (ClientError, RewardError):  # a failed request, a reward function that raised or returned NaN / a string
         return None  # counted as failed, scored 0
-    return float(trajectory.get("reward", 0.0))
 
 
 def evaluate(cfg: Config, model: str, num_tasks: int | None = None, server_args: list[str] | None = None) -> list[EnvResult]:

@@ -73,8 +73,9 @@ def trainer_command(cfg: Config, config_path: Path) -> list[str]:
         where = ["--standalone"]
     else:
         where = [f"--nnodes={t.num_nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}"]
+    # apprentice.torchrun is torchrun itself, ending with a failed rank's exit code instead of its own traceback.
     return [
-        sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={t.num_processes}",
+        sys.executable, "-m", "apprentice.torchrun", *where, f"--nproc-per-node={t.num_processes}",
         "-m", "apprentice", "train", str(config_path),
     ]  # fmt: skip
 

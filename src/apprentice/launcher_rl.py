@@ -8,8 +8,9 @@
 
 Rerunning the same command resumes: the trainer from its newest complete checkpoint (published weights newer
 than that checkpoint are deleted first: those steps are trained again, and the server must not sample from
-weights that are about to be replaced), the orchestrator after its newest complete batch, and the server
-from the newest remaining weights.
+weights that are about to be replaced; it republishes the checkpoint's own weights when they are missing or
+damaged), the orchestrator after its newest complete batch, and the server from the newest remaining weights
+that verify (damaged ones are named and set aside).
 """
 
 from __future__ import annotations

@@ -60,6 +60,9 @@ class TrajectoryStep(TypedDict):
     prompt: list[Message]
     completion: list[Message]
     tokens: NotRequired[StepTokens]
+    teacher_logprobs: NotRequired[list[dict[str, Any]]]
+    """Only with orchestrator.sampling.top_logprobs: the teacher's per-token logprobs of its turn, as
+    `ChatResponse.token_logprobs` ({"bytes", "logprob", "top": [[bytes, logprob], ...]} per generated token)."""
 
 
 class Trajectory(TypedDict):
@@ -102,3 +105,12 @@ def normalize_tool_call(call: Mapping[str, Any], fallback_id: str) -> ToolCall:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
     return {"id": str(call.get("id") or fallback_id), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def parsed_arguments(arguments: Any) -> dict[str, Any]:
+    """Tool-call arguments as vLLM hands them to a chat template: the JSON string parsed into an object; missing,
+    null or empty arguments are `{}`. Raises ValueError when they are not a JSON object (vLLM then renders `{}`)."""
+    parsed = json.loads(arguments) if isinstance(arguments, str) and arguments else arguments or {}
+    if not isinstance(parsed, dict):
+        raise ValueError(f"tool call arguments are not a JSON object: {arguments!r}")
+    return parsed

@@ -26,4 +26,4 @@ def score(text: str, task: Task) -> tuple[Any, dict[str, float]]:
 def make_env(kinds: list[str]) -> SingleTurnEnv:
     tasks = [Task(id=f"{kind}-{i}", prompt=[{"role": "user", "content": f"Say something about {i}."}], info={"kind": kind})
              for i, kind in enumerate(kinds)]  # fmt: skip
-    return SingleTurnEnv("hostile", tasks, [], score)
+    return SingleTurnEnv("hostile", tasks, tasks, score)  # the same tasks held out too (apprentice eval)

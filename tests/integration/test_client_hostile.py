@@ -14,7 +14,7 @@ import pytest
 from fault_teacher import Fault, FaultTeacher
 from test_client_faults import KEY_VAR, MESSAGES, SECRET, chat, chats, make_client
 
-from apprentice.clients import openai_client
+from apprentice.clients import session
 from apprentice.clients.base import ClientError, TeacherAuthError, Usage
 
 BROKEN_CALL = [
@@ -111,7 +111,7 @@ def test_retry_after_beyond_the_cap_gives_up_and_long_waits_are_logged(
     assert time.monotonic() - start < 2.0 and "864000 s" in str(error) and "max_retry_after_s" in str(error)
     assert len(teacher.chat_requests()) == 1 and client.metrics()["teacher/errors/rate_limit"] == 1
 
-    monkeypatch.setattr(openai_client, "_LONG_WAIT_S", 0.2)
+    monkeypatch.setattr(session, "_LONG_WAIT_S", 0.2)  # the retry policy lives in clients/session.py
     teacher.push(Fault.rate_limit(retry_after=0.3))
     with caplog.at_level(logging.WARNING, logger="apprentice.teacher"):
         assert chat(make_client(teacher)).message["content"] == "echo: hello world"

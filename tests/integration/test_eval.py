@@ -74,3 +74,14 @@ type = "sft"
 def test_eval_rejects_a_model_that_is_neither_url_nor_directory(student: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="neither an http"):
         evaluate(config(tmp_path, student), str(tmp_path / "missing"))
+
+
+def test_eval_counts_bad_rewards_as_failed_tasks(student: Path, tmp_path: Path) -> None:
+    """A reward function that raises, returns NaN or returns "0.5" fails that task (scored 0), not the evaluation."""
+    data = config(tmp_path, student).model_dump()
+    data["orchestrator"]["env"] = [{"id": "hostile_rewards:make_env", "args": {"kinds": ["raise", "nan", "str", "ok"]}}]
+    cfg = Config.model_validate(data)
+    with FaultTeacher(respond=lambda body: "aaaa") as teacher:
+        rows = evaluate(cfg, teacher.base_url)
+    assert [(r.env, r.tasks, r.failed) for r in rows] == [("hostile", 4, 3)]
+    assert rows[0].reward == pytest.approx(1.0 / 4)  # "aaaa" scores 1.0 on the one good task

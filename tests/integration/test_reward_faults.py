@@ -14,7 +14,10 @@ import math
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fault_teacher import serve_asgi
+from starlette.types import Receive, Scope, Send
 
 from apprentice.config import Config, load_config
 from apprentice.envs.reward_check import RewardError, checked_reward
@@ -33,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
         yield student, base_url
 
 
-def rl_config(tmp_path: Path, student: Path, base_url: str, kinds: list[str]) -> Config:
+def rl_config(tmp_path: Path, student: Path, base_url: str, kinds: list[str], extra: str = "") -> Config:
     path = tmp_path / "rl.toml"
     path.write_text(f"""
 output_dir = "{tmp_path / 'out'}"
@@ -55,7 +58,7 @@ args = {{ kinds = {json.dumps(kinds)} }}
 max_steps = 1
 [log]
 progress = false
-""")
+{extra}""")
     return load_config([path])
 
 
@@ -118,3 +121,35 @@ def test_checked_reward_accepts_real_numbers_only() -> None:
         with pytest.raises(RewardError) as err:
             checked_reward(value)
         assert err.value.kind == kind
+
+
+def test_a_scoring_teacher_that_fails_every_sample_is_named_with_counts(server: tuple[Path, str], tmp_path: Path) -> None:
+    """On-policy distillation whose teacher answers the startup probe, then HTTP 500 for good: the step stops with
+    the set-aside counts (distill/<kind>), the teacher's URL and its own error text, not "(set aside: {})"."""
+    student, base_url = server
+    real = build_app(student, dtype="float32", device="cpu", batch_window_s=0.0)
+    seen = {"completions": 0}
+    broken = FastAPI()
+
+    @broken.post("/v1/completions")
+    async def fail(request: Request) -> JSONResponse:
+        return JSONResponse({"error": {"message": "teacher GPU fell off the bus", "type": "server_error"}}, status_code=500)
+
+    async def teacher(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/completions":
+            seen["completions"] += 1
+            if seen["completions"] > 1:  # the startup tokenizer probe is answered by the real server
+                await broken(scope, receive, send)
+                return
+        await real(scope, receive, send)
+
+    with serve_asgi(teacher) as teacher_url:
+        extra = f'[orchestrator.teacher_model]\nbase_url = "{teacher_url}"\nmodel = "teacher"\nmax_retries = 0\n'
+        cfg = rl_config(tmp_path, student, base_url, ["ok", "ok"], extra)
+        with pytest.raises(NothingToTrainError) as err:
+            asyncio.run(orchestrate(cfg))
+    message = str(err.value)
+    assert message.startswith("step 1: none of the 4 rollouts could be trained on (set aside: distill/"), message
+    assert " 4)" in message and f"orchestrator.teacher_model ({teacher_url}, model 'teacher') failed" in message
+    assert "teacher GPU fell off the bus" in message and f"check the scoring teacher at {teacher_url}" in message
+    assert not step_dir(Path(cfg.output_dir), 1).exists()

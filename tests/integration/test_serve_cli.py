@@ -25,6 +25,9 @@ def test_missing_api_key_variable_exits_2_naming_it(tmp_path: Path, capsys: obje
 def test_non_positive_body_cap_exits_2(tmp_path: Path, capsys: object) -> None:
     assert main([str(tmp_path), "--max-body-mb", "0"]) == 2
     assert "--max-body-mb" in capsys.readouterr().err  # type: ignore[attr-defined]
+    assert main([str(tmp_path), "--body-timeout-s", "0"]) == 2
+    assert main([str(tmp_path), "--max-request-tokens", "0"]) == 2
+    assert "--max-request-tokens" in capsys.readouterr().err  # type: ignore[attr-defined]
 
 
 def test_serve_process_with_key_and_hidden_system_prompt(tmp_path: Path) -> None:
@@ -35,7 +38,7 @@ def test_serve_process_with_key_and_hidden_system_prompt(tmp_path: Path) -> None
     env = {**os.environ, "SERVE_KEY": "sk-cli", "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "apprentice.inference.server", str(model_dir), "--port", str(port),
             "--api-key-var", "SERVE_KEY", "--system-prompt-file", str(prompt_file), "--max-batch-size", "4",
-            "--max-body-mb", "0.01"]  # fmt: skip
+            "--max-body-mb", "0.01", "--max-request-tokens", "8", "--body-timeout-s", "30"]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -61,6 +64,8 @@ def test_serve_process_with_key_and_hidden_system_prompt(tmp_path: Path) -> None
         assert "HIDDEN INSTRUCTIONS" in prompt  # prepended by the server, never sent by the client
         big = {**body, "messages": [{"role": "user", "content": "x" * 20_000}]}  # over --max-body-mb 0.01
         assert httpx.post(f"{base}/v1/chat/completions", json=big, headers=headers, timeout=60).status_code == 413
+        many = httpx.post(f"{base}/v1/chat/completions", json={**body, "n": 3}, headers=headers, timeout=60)
+        assert many.status_code == 400 and "limit of 8 generated tokens" in many.json()["error"]["message"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

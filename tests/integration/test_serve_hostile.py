@@ -163,6 +163,76 @@ def test_oversized_bodies_get_413_before_being_read(server: tuple[str, Any]) -> 
     assert httpx.get(f"{url}/models", timeout=30).status_code == 200
 
 
+def test_a_body_trickled_byte_by_byte_gets_408_while_others_are_served(model_dir: Path) -> None:
+    """Slowloris on the body: headers announce 2,000 bytes, then one byte every 50 ms. The server answers 408 at
+    its body deadline and drops the connection; a normal client is answered meanwhile, /health stays quick."""
+    import socket
+    import threading
+
+    app = build_app(model_dir, served_name="tiny", batch_window_s=0.0, body_timeout_s=5.0)
+    with serve_asgi(app) as url:
+        port = int(url.removesuffix("/v1").rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2000\r\n\r\n{")  # fmt: skip
+        started = time.monotonic()
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.is_set():
+                try:
+                    sock.sendall(b" ")
+                except OSError:  # the server closed the connection
+                    return
+                time.sleep(0.05)
+
+        dripper = threading.Thread(target=trickle, daemon=True)
+        dripper.start()
+        try:
+            normal = httpx.post(f"{url}/chat/completions", json=chat(), timeout=60)  # served meanwhile
+            assert normal.status_code == 200 and time.monotonic() - started < 5.0, "not served during the trickle"
+            assert httpx.get(f"{url.removesuffix('/v1')}/health", timeout=5).status_code == 200
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            elapsed = time.monotonic() - started
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+            error = json.loads(body)["error"]
+            assert error["code"] == "request_timeout" and "--body-timeout-s" in error["message"]
+            assert 4.9 < elapsed < 20.0
+            sock.settimeout(10)
+            deadline = time.monotonic() + 10
+            while sock.recv(4096):  # the connection is closed, not kept reading the rest of the trickle
+                assert time.monotonic() < deadline, "connection still open"
+        finally:
+            stop.set()
+            sock.close()
+            dripper.join(timeout=5)
+        assert httpx.post(f"{url}/chat/completions", json=chat(), timeout=60).status_code == 200
+
+
+def test_a_huge_n_times_max_tokens_is_refused_and_others_are_served(model_dir: Path) -> None:
+    app = build_app(model_dir, served_name="tiny", max_batch_size=8, batch_window_s=0.2, max_request_tokens=64)
+
+    with serve_asgi(app) as url:
+        unset = {k: v for k, v in chat(n=2).items() if k != "max_tokens"}  # max_tokens defaults to the context left
+        responses = asyncio.run(post_all(url, [chat(), chat(n=8, max_tokens=16), chat(seed=2), unset]))
+        assert [r.status_code for r in responses] == [200, 400, 200, 400], [r.text for r in responses]
+        for r in (responses[1], responses[3]):
+            error = r.json()["error"]
+            assert error["param"] == "n" and error["code"] == "request_too_large"
+            assert "limit of 64 generated tokens per request" in error["message"]
+            assert "--max-request-tokens" in error["message"] and "lower n or max_tokens" in error["message"]
+        assert "n (8) x max_tokens (16) = 128" in responses[1].json()["error"]["message"]
+        assert "max_tokens (unset: the context left)" in responses[3].json()["error"]["message"]
+        assert httpx.post(f"{url}/chat/completions", json=chat(n=8, max_tokens=8), timeout=60).status_code == 200
+        assert app.state.engine.stats.get("inference/failed_requests", 0) == 0
+
+
 def test_long_prompts_are_refused_without_stalling_health(model_dir: Path) -> None:
     app = build_app(model_dir, served_name="tiny")  # the default body cap (8 MiB)
     huge = chat(messages=[{"role": "user", "content": "ab " * 2_000_000}])  # 6 MB of text, ~millions of tokens

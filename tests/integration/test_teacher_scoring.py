@@ -88,7 +88,7 @@ def test_prompt_logprobs_equal_a_direct_forward_pass(teacher: tuple[str, Any], r
     expected = direct_logprobs(model, ids)
     assert max(abs(a - b) for a, b in zip(scores.logprobs[1:], expected, strict=True)) < 1e-4  # type: ignore[operator]
 
-    per_token = asyncio.run(client(url).score_sample(ids, mask))
+    per_token = asyncio.run(client(url).score_sample(ids, mask)).logprobs
     assert [lp for lp, m in zip(per_token, mask, strict=True) if not m] == [0.0] * mask.count(False)
     trained = [i for i, m in enumerate(mask) if m]
     assert max(abs(per_token[i] - expected[i - 1]) for i in trained) < 1e-4
@@ -110,7 +110,7 @@ def test_hidden_prompt_is_scored_as_the_teacher_sees_the_conversation(model_dir:
     ids, mask = sample_ids(tokenizer, CONVERSATION, "dlrow olleh")
     teacher_view, _ = sample_ids(tokenizer, HIDDEN + CONVERSATION, "dlrow olleh")
     with serve_asgi(app) as url:
-        per_token = asyncio.run(client(url).score_sample(ids, mask))
+        per_token = asyncio.run(client(url).score_sample(ids, mask)).logprobs
     expected = direct_logprobs(model, teacher_view)
     offset = len(teacher_view) - len(ids)
     trained = [i for i, m in enumerate(mask) if m]
@@ -126,7 +126,7 @@ def test_retries_counted_and_a_resumed_run_pays_nothing(teacher: tuple[str, Any]
     samples = [sample_ids(tokenizer, [{"role": "user", "content": f"Reverse: {w}"}], w[::-1]) for w in ("abc", "hello", "fox")]
 
     async def score_all(c: TeacherScoringClient) -> list[list[float]]:
-        return list(await asyncio.gather(*(c.score_sample(ids, mask) for ids, mask in samples)))
+        return [r.logprobs for r in await asyncio.gather(*(c.score_sample(ids, mask) for ids, mask in samples))]
 
     app.state.failures["left"] = 2
     first = client(url, tmp_path / "teacher_cache")

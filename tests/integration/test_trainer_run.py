@@ -203,6 +203,23 @@ def test_two_ranks_match_one_rank(student: Path, tmp_path: Path) -> None:
     assert torch.equal(exported.get_output_embeddings().weight, exported.get_input_embeddings().weight)
 
 
+def test_a_user_error_on_two_nodes_ends_each_agent_with_its_line_and_code(tmp_path: Path) -> None:
+    """The launcher's multi-node command, twice on one machine (two "nodes" on loopback), with a student that does
+    not exist: every agent ends with the rank's one line and exit code 2, not torchrun's ChildFailedError
+    traceback and exit code 1."""
+    missing = tmp_path / "no-such-student"
+    cfg = make_config(missing, tmp_path / "nodes", num_nodes=2, num_processes=1, rdzv_endpoint=f"127.0.0.1:{free_port()}")
+    cfg_path = tmp_path / "nodes.toml"
+    cfg_path.write_text(dump_config(cfg))
+    agents = [run_cli(trainer_command(cfg, cfg_path)) for _ in range(2)]
+    logs = [agent.communicate(timeout=300)[0].decode() for agent in agents]
+    for agent, log in zip(agents, logs, strict=True):
+        assert agent.returncode == 2, log[-4000:]
+        assert "Traceback" not in log and "ChildFailedError" not in log and "Root Cause" not in log, log[-4000:]
+        errors = [line for line in log.splitlines() if "error:" in line]
+        assert len(errors) == 1 and "model.name" in errors[0] and str(missing) in errors[0], log[-4000:]
+
+
 def test_two_nodes_match_one_process(student: Path, tmp_path: Path) -> None:
     """Two torchrun agents of one process each (the launcher's multi-node command) form one 2-rank world."""
     one, nodes = tmp_path / "one", tmp_path / "nodes"

@@ -148,6 +148,10 @@ MISTRAL_ADDED = [
     "[/TOOL_RESULTS]",
 ]  # fmt: skip
 HARMONY_ADDED = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+GEMMA4_ADDED = [
+    "<bos>", "<eos>", "<pad>", "<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+    "<|tool>", "<tool|>", '<|"|>', "<|channel>", "<channel|>", "<|think|>", "<|image|>", "<|audio|>", "<|video|>",
+]  # fmt: skip
 
 
 @functools.cache
@@ -193,6 +197,7 @@ _FAMILY_BUILDERS: dict[str, Any] = {
     "gemma2": lambda: llama3_base("google-gemma-2-2b-it.jinja", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], eos_token="<eos>", bos_token="<bos>"),
     "phi3.5": lambda: _smollm2_with(["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], "microsoft-Phi-3.5-mini-instruct.jinja", eos_token="<|endoftext|>"),
     "gpt-oss": lambda: llama3_base("openai-gpt-oss-120b.jinja", HARMONY_ADDED, eos_token="<|return|>"),
+    "gemma4": lambda: llama3_base("google-gemma-4-31B-it.jinja", GEMMA4_ADDED, eos_token="<eos>", bos_token="<bos>"),
 }  # fmt: skip
 
 # The token each family's model emits to end a turn (from the model cards / generation configs), checked
@@ -201,6 +206,7 @@ FAMILY_EOT = {
     "qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "qwq": "<|im_end|>", "r1-distill-qwen": "<｜end▁of▁sentence｜>",
     "llama3.1": "<|eot_id|>", "llama3.2": "<|eot_id|>", "hermes3-llama3.1": "<|im_end|>", "smollm3": "<|im_end|>",
     "mistral-nemo": "</s>", "gemma2": "<end_of_turn>", "phi3.5": "<|end|>", "gpt-oss": None,  # <|return|> or <|call|>
+    "gemma4": None,  # <turn|> or <|tool_response>
 }  # fmt: skip
 
 # Which tokenizer each family uses here: "real" is the family's own; otherwise the closest real one available
@@ -219,6 +225,7 @@ FAMILIES = {
     "gemma2": "stand-in: Llama 3 BPE + Gemma turn tokens (Gemma's SentencePiece model is not available offline)",
     "phi3.5": "stand-in: SmolLM2's real tokenizer + Phi-3.5 special tokens",
     "gpt-oss": "stand-in: Llama 3 BPE + harmony special tokens (o200k is not available as tokenizer.json offline)",
+    "gemma4": "stand-in: Llama 3 BPE + Gemma 4 control tokens (Gemma's SentencePiece model is not available offline)",
 }
 
 

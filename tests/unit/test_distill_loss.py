@@ -155,7 +155,7 @@ def test_a_teacher_without_tail_keeps_every_divergence_finite() -> None:
         loss, _ = chunked_loss(hidden, weight, None, torch.zeros(4, dtype=torch.long), inputs,
                                build_loss(DistillLossConfig(divergence=divergence)), chunk=3)  # type: ignore[arg-type]
         grads = torch.autograd.grad(loss, [hidden, weight])
-        assert math.isfinite(float(loss)) and all(bool(torch.isfinite(x).all()) for x in grads), divergence
+        assert math.isfinite(float(loss.detach())) and all(bool(torch.isfinite(x).all()) for x in grads), divergence
 
 
 def test_distill_config_from_toml_and_overrides(tmp_path: Path) -> None:

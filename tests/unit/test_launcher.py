@@ -92,4 +92,4 @@ def test_one_node_ranks_are_started_by_the_launcher_and_several_nodes_by_torchru
     nodes = load_config([toml], ["--trainer.num_processes", "2", "--trainer.num_nodes", "2",
                                  "--trainer.rdzv_endpoint", "127.0.0.1:29500"])  # fmt: skip
     commands, envs = trainer_processes(nodes, toml)
-    assert list(commands) == ["trainer"] and "torch.distributed.run" in commands["trainer"] and envs == {}
+    assert list(commands) == ["trainer"] and "apprentice.torchrun" in commands["trainer"] and envs == {}

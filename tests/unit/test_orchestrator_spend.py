@@ -8,22 +8,23 @@ from typing import Any
 
 import pytest
 
-from apprentice.clients.base import ChatResponse
+from apprentice.clients.base import ChatResponse, ClientError, Usage
 from apprentice.config import EndpointConfig
 from apprentice.errors import ApprenticeError
 from apprentice.orchestrator.metered import MeteredClient, StepAccount, current_account
-from apprentice.orchestrator.spend import SpendCapReached, SpendLedger, Usage
+from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 
 
 def endpoint(**caps: Any) -> EndpointConfig:
     return EndpointConfig(base_url="http://127.0.0.1:1/v1", model="teacher", **caps)
 
 
-def test_usage_reads_reasoning_tokens_where_providers_put_them() -> None:
-    openai_style = {"prompt_tokens": 10, "completion_tokens": 50, "completion_tokens_details": {"reasoning_tokens": 30}}
-    assert Usage.from_openai(openai_style) == Usage(10, 50, 30)
-    assert Usage.from_openai({"prompt_tokens": 3, "completion_tokens": 4, "reasoning_tokens": 2}) == Usage(3, 4, 2)
-    assert Usage.from_openai({"prompt_tokens": None, "completion_tokens_details": None}) == Usage(0, 0, 0)
+def test_usage_reads_the_details_providers_send_and_adds_up() -> None:
+    openai_style = {"prompt_tokens": 10, "completion_tokens": 50, "completion_tokens_details": {"reasoning_tokens": 30},
+                    "prompt_tokens_details": {"cached_tokens": 4}}  # fmt: skip
+    assert Usage.from_json(openai_style) == Usage(10, 50, 30, 4)
+    assert Usage.from_json({"prompt_tokens": None, "completion_tokens_details": None}) == Usage(0, 0, 0)
+    assert Usage(1, 2, 1) + Usage(10, 20, 5, 3) == Usage(11, 22, 6, 3) and Usage(11, 22).total_tokens == 33
 
 
 def test_token_and_cost_caps(tmp_path: Path) -> None:
@@ -61,69 +62,46 @@ def test_the_ledger_survives_a_restart_and_a_raised_cap_reopens_it(tmp_path: Pat
         SpendLedger(path, endpoint())
 
 
-class CountingTeacher:
-    """The counters-only view of today's client: cumulative token counters, no per-response usage."""
-
-    def __init__(self) -> None:
-        self.counters: dict[str, float] = {}
+class Teacher:
+    """A client as the orchestrator sees it: each paid response carries its typed usage (prompt tokens = the
+    key's length, 1 completion token); keys starting with "cached" are cache hits, "empty" an answer set aside."""
 
     async def chat(self, messages: list[dict[str, Any]], *, tools: Any = None, key: str = "") -> ChatResponse:
         await asyncio.sleep(0.01 * len(key))  # answers finish out of order
-        if key.startswith("cached"):
-            return ChatResponse({"role": "assistant", "content": "x"}, "stop", cached=True)
-        self.counters["teacher/prompt_tokens"] = self.counters.get("teacher/prompt_tokens", 0.0) + len(key)
-        self.counters["teacher/completion_tokens"] = self.counters.get("teacher/completion_tokens", 0.0) + 1
-        return ChatResponse({"role": "assistant", "content": "x"}, "stop")
+        if key.startswith("cached"):  # what the answer once cost rides along; a cache hit is not paid again
+            return ChatResponse({"role": "assistant", "content": "x"}, "stop", cached=True, usage=Usage(99, 99))
+        if key.startswith("empty"):
+            raise ClientError("empty", "the answer was empty", Usage(len(key), 7, 7))
+        return ChatResponse({"role": "assistant", "content": "x"}, "stop", usage=Usage(len(key), 1))
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
-        out = dict(self.counters)
-        if reset:
-            self.counters.clear()
-        return out
+        return {}
 
     async def aclose(self) -> None:
         pass
 
 
 def test_concurrent_responses_are_charged_to_their_own_step_and_the_cap_refuses_new_requests(tmp_path: Path) -> None:
-    ledger = SpendLedger(tmp_path / "usage.json", endpoint(max_tokens_total=40))
-    client = MeteredClient(CountingTeacher(), ledger)
+    ledger = SpendLedger(tmp_path / "usage.json", endpoint(max_tokens_total=50))
+    client = MeteredClient(Teacher(), ledger)
     accounts = {name: StepAccount() for name in ("a", "b")}
 
     async def rollout(account: str, key: str) -> None:
         current_account.set(accounts[account])
-        await client.chat([], key=key)
+        try:
+            await client.chat([], key=key)
+        except ClientError:
+            pass
 
     async def drive() -> None:
         await asyncio.gather(rollout("a", "xxxxx"), rollout("b", "xx"), rollout("a", "x"), rollout("b", "cached-b"))
-        client.metrics(reset=True)  # the loop resets the client's counters every step; charging must not mind
-        await asyncio.gather(rollout("b", "x" * 12), rollout("a", "x" * 20))
-        with pytest.raises(SpendCapReached, match="max_tokens_total = 40"):
+        await asyncio.gather(rollout("b", "x" * 12), rollout("a", "x" * 20), rollout("b", "empty"))
+        with pytest.raises(SpendCapReached, match="max_tokens_total = 50"):
             await client.chat([], key="one more")
 
     asyncio.run(drive())
-    assert accounts["a"].usage == Usage(5 + 1 + 20, 3) and accounts["b"].usage == Usage(2 + 12, 2)
-    assert accounts["b"].cache_hits == 1 and accounts["b"].responses == 3
-    assert ledger.total.total_tokens == 26 + 3 + 14 + 2 >= 40
+    assert accounts["a"].usage == Usage(5 + 1 + 20, 3) and accounts["b"].usage == Usage(2 + 12 + 5, 2 + 7, 7)
+    assert accounts["b"].cache_hits == 1 and accounts["b"].responses == 3  # the set-aside answer is no response
+    assert ledger.total.total_tokens == 29 + 28 >= 50
+    assert accounts["b"].metrics()["teacher/usage/reasoning_tokens"] == 7.0
     assert client.meter.count == 0
-
-
-def test_a_response_that_carries_its_own_usage_is_charged_by_it(tmp_path: Path) -> None:
-    """Clients that attach the provider's `usage` to each response (reasoning tokens included) are read as is."""
-
-    class UsageTeacher(CountingTeacher):
-        async def chat(self, messages: list[dict[str, Any]], *, tools: Any = None, key: str = "") -> ChatResponse:
-            response = ChatResponse({"role": "assistant", "content": "x"}, "stop")
-            response.usage = {"prompt_tokens": 7, "completion_tokens": 9, "completion_tokens_details": {"reasoning_tokens": 5}}  # type: ignore[attr-defined]
-            return response
-
-    ledger = SpendLedger(tmp_path / "usage.json", endpoint())
-    account = StepAccount()
-
-    async def drive() -> None:
-        current_account.set(account)
-        await MeteredClient(UsageTeacher(), ledger).chat([], key="k")
-
-    asyncio.run(drive())
-    assert account.usage == ledger.total == Usage(7, 9, 5)
-    assert account.metrics()["teacher/usage/reasoning_tokens"] == 5.0

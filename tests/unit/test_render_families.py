@@ -37,6 +37,8 @@ EXPECTED: dict[str, tuple[int, set[str]]] = {
     "phi3.5": (2, {"template_dropped"}),  # tool calls are not rendered
     "smollm3": (2, {"template_dropped"}),  # tool calls are not rendered
     "gpt-oss": (6, {"template_dropped"}),  # only the first of parallel calls is rendered
+    # Thinking off: the generation prompt closes an empty thought channel, so kept reasoning has nowhere to go.
+    "gemma4": (5, {"template_dropped"}),
 }
 
 
@@ -105,6 +107,12 @@ def test_reasoning_templates_open_think_blocks() -> None:
     qwen3 = family("qwen3")
     (sample,) = render_trajectory(as_trajectory(conversation), qwen3)
     assert masked_texts(qwen3, sample)[0].startswith("<think>\nI should use the calculator")
+
+
+def test_gemma4_thinking_on() -> None:
+    # The model opens its own thought channel; the template renders kept reasoning on tool-call turns only, so
+    # the final answer's reasoning of reasoning_tool_round is not rendered (template_dropped).
+    assert render_all("gemma4", enable_thinking=True) == (6, {"template_dropped"})
 
 
 def test_qwen3_cut_off_and_injected_turns() -> None:

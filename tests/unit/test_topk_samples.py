@@ -16,6 +16,7 @@ from apprentice.handoff.rollouts import (
     encode_samples,
     rank_file,
     read_step_batch,
+    step_batch_has_topk,
     write_step_batch,
 )
 from apprentice.trainer.packing import collate, pack_samples, placeholder_batch
@@ -164,3 +165,11 @@ def test_packing_without_targets_carries_none() -> None:
     rows = pack_samples(mixed_batch(), 16)
     assert sum(mb.num_tokens for mb in rows) == sum(len(s) for s in mixed_batch())
     assert all(mb.teacher_topk_ids is None or mb.teacher_topk_ids.shape[1] == mb.num_tokens for mb in rows)
+
+
+def test_step_batch_has_topk_looks_at_every_rank(tmp_path: Path) -> None:
+    plain = [TrainingSample([1, 2, 3], [False, True, True], [0.0] * 3)]
+    write_step_batch(tmp_path, 1, [plain, plain])
+    write_step_batch(tmp_path, 2, [plain, [topk_sample(6, 2, seed=4)]])  # only rank 1 got samples with targets
+    assert not step_batch_has_topk(tmp_path, 1)
+    assert step_batch_has_topk(tmp_path, 2)

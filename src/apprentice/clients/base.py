@@ -45,6 +45,17 @@ class Usage:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "reasoning_tokens": self.reasoning_tokens, "cached_prompt_tokens": self.cached_prompt_tokens}  # fmt: skip
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(self.as_dict().values(), other.as_dict().values(), strict=True)))
+
+    @property
+    def total_tokens(self) -> int:
+        """What a token cap counts: prompt plus completion tokens (reasoning is inside completion)."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/{name}": float(value) for name, value in self.as_dict().items()}
+
 
 def _count(value: Any) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
@@ -65,6 +76,10 @@ class ChatResponse:
     """Token client only: the generated token ids."""
     completion_logprobs: list[float] | None = None
     """Token client only: logprob of each generated token under the sampling policy."""
+    token_logprobs: list[dict[str, Any]] | None = None
+    """Only when `sampling.top_logprobs` asked: per generated token `{"bytes": [int], "logprob": float,
+    "top": [[bytes, logprob], ...]}` (the token's UTF-8 bytes, its logprob, and the teacher's top alternatives,
+    most likely first), every logprob checked (clients/logprobs.py); None when not asked or not returned."""
     cached: bool = False
     """True when served from the teacher response cache instead of a request."""
     usage: Usage | None = None

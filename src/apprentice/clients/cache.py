@@ -17,6 +17,7 @@ shape checked is the one the teacher client stores:
 
     {"message": {"role": ..., "content": str | None, ...}, "finish_reason": str,
      "prompt_ids": [int] | None, "completion_ids": [int] | None, "completion_logprobs": [float] | None,
+     "token_logprobs": [{"bytes": [int], "logprob": float, "top": [[bytes, logprob], ...]}] | None (optional),
      "usage": {"prompt_tokens": int, ...} | None}
 
 or, for an answer that was paid for but set aside (empty, oversized, invalid text), only the verdict:
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice import fsio
+from apprentice.clients.logprobs import token_logprobs_problem
 
 log = logging.getLogger("apprentice.teacher_cache")
 
@@ -130,6 +132,9 @@ def response_problem(response: Any) -> str | None:
         value = response.get(name)
         if value is not None and not _is_list_of(value, kinds):
             return f"has a {name} that is not a list of numbers"
+    problem = token_logprobs_problem(response.get("token_logprobs"))
+    if problem is not None:
+        return problem
     ids, lps = response.get("completion_ids"), response.get("completion_logprobs")
     if ids is not None and lps is not None and len(ids) != len(lps):
         return f"has {len(ids)} completion ids but {len(lps)} logprobs"

@@ -21,7 +21,11 @@ Policy (one place, counted in `metrics()`):
 Request bodies hold only fields a hosted OpenAI-compatible API accepts (model, messages, tools, the sampling
 fields that are set, the token-limit field named by `sampling.max_tokens_field`, stop, seed), the optional
 `prompt_cache_key` / `user` tags, plus `sampling.extra_body`; `logprobs` and `return_token_ids` are added only
-with `use_token_client` (apprentice serve and vLLM understand them; hosted APIs reject the latter).
+with `use_token_client` (apprentice serve and vLLM understand them; hosted APIs reject the latter), and
+`logprobs` + `top_logprobs` only when `sampling.top_logprobs` asks for the teacher's top-k (off-policy soft
+targets: every OpenAI-compatible chat API defines both; the answer's per-token logprobs, checked as
+clients/logprobs.py says, are on `ChatResponse.token_logprobs`). The HTTP, limits and retry machinery is
+`EndpointSession` (clients/session.py), shared with the scoring client.
 
 Usage: every paid request's `Usage` is on its `ChatResponse.usage` (or `ClientError.usage` when set aside),
 summed in the `teacher/prompt_tokens`, `teacher/completion_tokens`, `teacher/reasoning_tokens` and
@@ -32,34 +36,27 @@ orchestrator charges usage per step from these as `teacher/usage/*`: orchestrato
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import os
-import random
-import re
-import time
 import zlib
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from apprentice.clients.base import ChatResponse, ClientError, TeacherAuthError, Usage
 from apprentice.clients.cache import ResponseCache
-from apprentice.clients.http import BodyTooLarge, RawResponse, post
+from apprentice.clients.http import RawResponse
+from apprentice.clients.logprobs import BadLogprob
 from apprentice.clients.parse import (
     TokenFieldsMissing,
     Unusable,
     check_size,
     check_text,
-    decode_body,
     is_empty,
     parse_completion,
 )
-from apprentice.clients.ratelimit import RateLimiter, backoff_delay, parse_retry_after
+from apprentice.clients.session import EndpointSession
+from apprentice.clients.session import Retryable as _Retryable
+from apprentice.clients.session import SetAside as _SetAside
 from apprentice.clients.wire import prompt_cache_key, wire_message
 from apprentice.config import EndpointConfig, SamplingConfig
 
@@ -67,36 +64,14 @@ __all__ = ["OpenAIChatClient", "TokenFieldsMissing", "parse_completion", "wire_m
 
 log = logging.getLogger("apprentice.teacher")
 
-# HTTP status -> ClientError kind for failures that are not retried (401/403 stop the run instead).
-_STATUS_KINDS = {400: "bad_request", 404: "not_found", 413: "bad_request", 422: "bad_request"}
-# A 5xx whose message says the request itself is unparseable is deterministic: the same bytes fail again.
-_UNPARSEABLE_REQUEST = re.compile(r"(?i)failed to parse|could not parse|cannot parse|invalid json|parse error")
 # Request fields that tag a request for the provider; they are not part of what is asked, so not of the cache key.
 _TAG_FIELDS = ("prompt_cache_key", "user")
-# Waiting this long before a retry is logged: a silent multi-minute pause looks like a hang.
-_LONG_WAIT_S = 5.0
 _BASE_RESPONSE_BYTES = 4 * 1024 * 1024
 _RESPONSE_BYTES_PER_TOKEN = 1024
+_TOP_LOGPROB_BYTES = 160
+"""Per generated token and top_logprobs entry: `{"token": ..., "logprob": ..., "bytes": [...]}` in JSON."""
 
 UsageListener = Callable[[str, Usage], None]
-
-
-class _Retryable(Exception):
-    """An attempt that failed in a way worth retrying."""
-
-    def __init__(self, kind: str, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.retry_after_s = retry_after_s
-
-
-class _SetAside(Exception):
-    """The teacher answered (and was paid) but the answer is unusable: not retried, cached, raised as ClientError."""
-
-    def __init__(self, kind: str, message: str, usage: Usage) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.usage = usage
 
 
 class OpenAIChatClient:
@@ -122,26 +97,27 @@ class OpenAIChatClient:
         self.endpoint = endpoint
         self.sampling = sampling
         self.use_token_client = use_token_client
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
         self.on_usage = on_usage
-        self.max_response_bytes = endpoint.max_response_bytes or (
-            _BASE_RESPONSE_BYTES + _RESPONSE_BYTES_PER_TOKEN * sampling.max_tokens
-        )
-        self._url = f"{endpoint.base_url}/chat/completions"
-        self._rng = random.Random(jitter_seed)
-        self._semaphore = asyncio.Semaphore(max_concurrency)
-        self._limiter = RateLimiter(endpoint.max_requests_per_s)
+        per_token = _RESPONSE_BYTES_PER_TOKEN + _TOP_LOGPROB_BYTES * (sampling.top_logprobs + 1) * (sampling.top_logprobs > 0)
+        max_response_bytes = endpoint.max_response_bytes or (_BASE_RESPONSE_BYTES + per_token * sampling.max_tokens)
+        # The HTTP/retry/limit machinery, shared with the scoring client (clients/session.py); counters live there.
+        self._session = EndpointSession(
+            endpoint, f"{endpoint.base_url}/chat/completions", max_concurrency=max_concurrency,
+            max_response_bytes=max_response_bytes, backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
+            jitter_seed=jitter_seed,
+        )  # fmt: skip
         self._cache = ResponseCache(cache_dir) if cache_dir is not None else None
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(endpoint.timeout_s),
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
-            headers={"User-Agent": "apprentice", **endpoint.headers},
-            follow_redirects=False,
-        )
-        self._counters: dict[str, float] = defaultdict(float)
-        self._latencies_s: list[float] = []
+        self._counters = self._session.counters
         self._warned_server = False
+
+    @property
+    def max_response_bytes(self) -> int:
+        """Largest answer read (endpoint.max_response_bytes, or 4 MiB plus a per-token allowance)."""
+        return self._session.max_response_bytes
+
+    @max_response_bytes.setter
+    def max_response_bytes(self, value: int) -> None:
+        self._session.max_response_bytes = value
 
     # ---- public API ----
 
@@ -171,6 +147,8 @@ class OpenAIChatClient:
         body.update(s.extra_body)
         if self.use_token_client:
             body.update(logprobs=True, return_token_ids=True)
+        elif s.top_logprobs:  # off-policy soft targets; never sent unless asked (a strict API may reject them)
+            body.update(logprobs=True, top_logprobs=s.top_logprobs)
         if self.endpoint.prompt_cache_key:
             body["prompt_cache_key"] = prompt_cache_key(messages)
         if self.endpoint.user is not None:
@@ -213,16 +191,13 @@ class OpenAIChatClient:
         for name in ("teacher/requests", "teacher/retries", "teacher/cache_hits", "teacher/truncated", "teacher/empty",
                      "teacher/prompt_tokens", "teacher/completion_tokens", "teacher/reasoning_tokens"):  # fmt: skip
             out.setdefault(name, 0.0)
-        if self._latencies_s:
-            out["teacher/latency_s"] = sum(self._latencies_s) / len(self._latencies_s)
-            out["teacher/latency_s_max"] = max(self._latencies_s)
+        out.update(self._session.latency_metrics())
         if reset:
-            self._counters.clear()
-            self._latencies_s.clear()
+            self._session.reset()
         return out
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._session.aclose()
 
     # ---- internals ----
 
@@ -252,112 +227,25 @@ class OpenAIChatClient:
             prompt_ids=stored.get("prompt_ids"),
             completion_ids=stored.get("completion_ids"),
             completion_logprobs=stored.get("completion_logprobs"),
+            token_logprobs=stored.get("token_logprobs"),
             cached=True,
             usage=usage,
         )
 
-    def _api_key(self) -> str | None:
-        var = self.endpoint.api_key_var
-        if var is None:
-            return None  # no key configured: send no Authorization header at all
-        key = os.environ.get(var)
-        if not key:
-            raise TeacherAuthError(
-                f"the API key of {self.endpoint.base_url} is read from the environment variable {var!r} "
-                f"(orchestrator.rollout_model.api_key_var), which is not set: export {var}=... and rerun"
-            )
-        return key
-
     async def _request_with_retries(self, body: dict[str, Any]) -> ChatResponse:
-        api_key = self._api_key()
-        headers = {"Content-Type": "application/json"}
-        if api_key is not None:
-            headers["Authorization"] = f"Bearer {api_key}"
-        try:
-            payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ClientError("invalid_text", "the conversation holds a lone surrogate (not text): it cannot be sent") from None
-        max_retries = self.endpoint.max_retries
-        for attempt in range(max_retries + 1):
-            try:
-                async with self._semaphore:
-                    await self._limiter.acquire()
-                    return await self._attempt(body, payload, headers, api_key)
-            except _Retryable as failure:
-                if attempt == max_retries:
-                    raise ClientError(
-                        failure.kind, f"{failure} (gave up after {max_retries + 1} attempts to {self.endpoint.base_url})"
-                    ) from None
-                delay = self._retry_delay(attempt, failure)
-                self._counters["teacher/retries"] += 1
-                self._counters[f"teacher/retries/{failure.kind}"] += 1
-                self._counters["teacher/retry_wait_s"] += delay
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        def read(raw: RawResponse, data: Any) -> ChatResponse:
+            self._check_server(raw, data, body)
+            return self._parse(data)
 
-    def _retry_delay(self, attempt: int, failure: _Retryable) -> float:
-        delay = backoff_delay(attempt, base_s=self.backoff_base_s, max_s=self.backoff_max_s, rng=self._rng)
-        if failure.retry_after_s is not None:
-            cap = self.endpoint.max_retry_after_s
-            if failure.retry_after_s > cap:
-                raise ClientError(
-                    failure.kind,
-                    f"{self.endpoint.base_url} asked to wait {failure.retry_after_s:.0f} s before retrying ({failure}; "
-                    f"Retry-After), more than orchestrator.rollout_model.max_retry_after_s = {cap:g}: gave this request "
-                    "up. Raise max_retry_after_s to wait that long, or lower max_requests_per_s / max_concurrency",
-                )
-            delay = max(delay, failure.retry_after_s)
-        if delay >= _LONG_WAIT_S:
-            log.warning("teacher %s: %s; waiting %.0f s before retry %d of %d",
-                        self.endpoint.base_url, failure, delay, attempt + 1, self.endpoint.max_retries)  # fmt: skip
-        return delay
-
-    async def _attempt(self, body: dict[str, Any], payload: bytes, headers: dict[str, str], api_key: str | None) -> ChatResponse:
-        self._counters["teacher/requests"] += 1
-        start = time.monotonic()
-        timeout_s = self.endpoint.timeout_s
-        try:
-            raw = await post(self._http, self._url, payload, headers, deadline_s=timeout_s, max_bytes=self.max_response_bytes)
-        except BodyTooLarge as e:
-            raise _SetAside("oversized", f"{e} (endpoint.max_response_bytes): set aside, never rendered", Usage()) from None
-        except (TimeoutError, httpx.TimeoutException):
-            raise _Retryable("timeout", f"no complete answer within timeout_s={timeout_s:g} (a total deadline per request)") from None
-        except httpx.TransportError as e:
-            raise _Retryable("connection", f"connection failed: {type(e).__name__}: {e}") from None
-        if not 200 <= raw.status < 300:
-            self._raise_for_status(raw, api_key)
-        try:
-            data = decode_body(raw.body)
-        except Unusable as e:
-            raise _SetAside(e.kind, str(e), Usage()) from None
-        except ValueError:
-            self._counters["teacher/malformed"] += 1
-            raise _Retryable("malformed", f"response body is not JSON: {raw.body[:200]!r}") from None
-        self._latencies_s.append(time.monotonic() - start)
-        self._check_server(raw, data, body)
-        return self._parse(data)
-
-    def _raise_for_status(self, raw: RawResponse, api_key: str | None) -> None:
-        status = raw.status
-        message = _server_message(raw.body, api_key)
-        if status in (401, 403):
-            var = self.endpoint.api_key_var
-            fix = (f"check the key in the environment variable {var!r} (orchestrator.rollout_model.api_key_var)"
-                   if var else "set orchestrator.rollout_model.api_key_var to the name of the variable holding the key")  # fmt: skip
-            raise TeacherAuthError(f"{self.endpoint.base_url} refused the credentials (HTTP {status}: {message}): {fix}")
-        if status == 429:
-            raise _Retryable("rate_limit", f"HTTP 429: {message}", parse_retry_after(raw.headers.get("retry-after")))
-        if status >= 500 and _UNPARSEABLE_REQUEST.search(message):
-            raise ClientError("unparseable_request", f"{self.endpoint.base_url} cannot parse the request (HTTP {status}: "
-                                                     f"{message}); not retried, the same request would fail again")  # fmt: skip
-        if status >= 500:
-            raise _Retryable("server", f"HTTP {status}: {message}")
-        raise ClientError(_STATUS_KINDS.get(status, "client_error"), f"{self.endpoint.base_url} answered HTTP {status}: {message}")
+        return await self._session.request(body, read)
 
     def _parse(self, data: dict[str, Any]) -> ChatResponse:
         usage = Usage.from_json(data.get("usage"))
         try:
-            response = parse_completion(data, use_token_client=self.use_token_client)
+            response = parse_completion(data, use_token_client=self.use_token_client,
+                                        top_logprobs=0 if self.use_token_client else self.sampling.top_logprobs)  # fmt: skip
+        except BadLogprob as e:  # not retried (the same teacher answers the same way), never cached
+            raise ClientError(e.kind, f"{self.endpoint.base_url}: {e}") from None
         except TokenFieldsMissing as e:
             self._counters["teacher/malformed"] += 1
             raise ClientError("malformed", str(e)) from None
@@ -401,27 +289,8 @@ class OpenAIChatClient:
                         self.endpoint.base_url)  # fmt: skip
 
 
-def _server_message(body: bytes, api_key: str | None) -> str:
-    """The error message of an OpenAI-style error body (or the body's text), never echoing our API key."""
-    text = body.decode("utf-8", errors="replace")
-    message = text
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error", parsed)
-        if isinstance(error, dict) and error.get("message"):
-            message = str(error["message"])
-        elif isinstance(error, str):
-            message = error
-    if api_key:
-        message = message.replace(api_key, "[API key]")
-    message = message.strip()
-    return message[:500] + ("..." if len(message) > 500 else "")
-
-
 def _response_to_dict(r: ChatResponse) -> dict[str, Any]:
     return {"message": r.message, "finish_reason": r.finish_reason, "prompt_ids": r.prompt_ids,
             "completion_ids": r.completion_ids, "completion_logprobs": r.completion_logprobs,
+            "token_logprobs": r.token_logprobs,
             "usage": r.usage.as_dict() if r.usage is not None else None}  # fmt: skip

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from apprentice.clients.base import ChatResponse
+from apprentice.clients.logprobs import parse_token_logprobs
 from apprentice.render.reasoning import split_think
 from apprentice.trajectory import normalize_tool_call
 
@@ -89,8 +90,10 @@ def _text(content: Any) -> str | None:
     raise ValueError(f"message.content has unexpected type {type(content).__name__}")
 
 
-def parse_completion(data: Any, *, use_token_client: bool) -> ChatResponse:
-    """First choice of a chat-completions JSON body as a normalised `ChatResponse`; ValueError if malformed."""
+def parse_completion(data: Any, *, use_token_client: bool, top_logprobs: int = 0) -> ChatResponse:
+    """First choice of a chat-completions JSON body as a normalised `ChatResponse`; ValueError if malformed
+    (`BadLogprob`, a ValueError, for a logprob that must not be trained on). With `top_logprobs`, the choice's
+    `logprobs.content` becomes `token_logprobs` (None when the server sent none)."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
         raise ValueError("no 'choices' array")
     choice = data["choices"][0]
@@ -117,6 +120,8 @@ def parse_completion(data: Any, *, use_token_client: bool) -> ChatResponse:
             if inline.strip():
                 message["reasoning_content"] = inline.strip()
     response = ChatResponse(message=message, finish_reason=str(choice.get("finish_reason") or "unknown"))
+    if top_logprobs:
+        response.token_logprobs = parse_token_logprobs(choice.get("logprobs"))
     if use_token_client:
         prompt_ids = data.get("prompt_token_ids", choice.get("prompt_token_ids"))
         completion_ids = choice.get("token_ids")

@@ -137,6 +137,10 @@ class SamplingConfig(Section):
     """Stop strings."""
     seed: int | None = None
     """Per-request sampling seed, for endpoints that support it."""
+    top_logprobs: int = Field(default=0, ge=0, le=20)
+    """Distill mode: ask the teacher's chat endpoint for `logprobs: true, top_logprobs: k` (OpenAI's maximum is 20)
+    and train on its top-k distribution at every position where the teacher's tokens map one to one onto the
+    student's (soft targets, trainer.loss.type = "distill"; elsewhere the plain NLL). 0: neither field is sent."""
     extra_body: dict[str, Any] = Field(default_factory=dict)
     """Extra request fields sent as-is (only for servers that accept them; hosted APIs may reject unknown fields).
     No credentials: it is written to OUTPUT/config.toml and into every teacher cache entry."""
@@ -188,6 +192,11 @@ class OnPolicyDistillConfig(Section):
     """Weight of the teacher term (teacher logprob minus student logprob) in every token's advantage."""
     reward_coef: float = Field(default=0.0, ge=0.0, le=1e3)
     """Weight of the environment reward's group advantage in every token's advantage (0: reward only logged)."""
+    top_k: int = Field(default=0, ge=0, le=20)
+    """0: the teacher scores the sampled token only (the one-sample reverse-KL estimate above, rl loss). k > 0: the
+    scoring request asks for `prompt_logprobs = k` and the run trains with trainer.loss.type = "distill" on the
+    teacher's top-k distribution at every completion position (kl_coef and reward_coef then do not apply). vLLM
+    returns at most its --max-logprobs (20 by default) and `apprentice serve` 20: checked once at startup."""
 
     @model_validator(mode="after")
     def _some_signal(self) -> OnPolicyDistillConfig:
@@ -236,6 +245,12 @@ class OrchestratorConfig(Section):
     """Keep rollouts whose teacher text contains special tokens of the student's tokenizer (e.g. `<|im_end|>`,
     `<|im_start|>system`). Off by default: training on them teaches the student to emit control tokens (prompt
     injection into the training data); such rollouts are set aside as render/set_aside/control_token."""
+    tool_call_arguments: Literal["dict", "string"] = "dict"
+    """How the student's serving engine hands tool-call `arguments` to its chat template, so that training renders
+    what inference renders: "dict" (vLLM, SGLang) parses the JSON string into an object first, and the template
+    prints it its own way (`{"condition": true}`); "string" (llama.cpp) passes the string as the teacher wrote it
+    (`{"condition":true}`) where the template prints strings as it prints the object (or takes strings only), and
+    the object elsewhere."""
     rollout_model: EndpointConfig | None = None
     """The teacher endpoint. Setting it selects distill mode (external rollouts, SFT loss)."""
     truncated: Literal["drop", "keep"] = "keep"

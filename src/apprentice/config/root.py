@@ -78,19 +78,35 @@ class Config(Section):
                     "to it. Set `use_token_client = false` under [orchestrator] "
                     "(or pass --orchestrator.use_token_client false)."
                 )
-            if self.trainer.loss.type != "sft":
+            loss: str = self.trainer.loss.type
+            wanted = "distill" if orch.sampling.top_logprobs else "sft"
+            if loss != wanted and orch.sampling.top_logprobs:
+                raise ValueError(
+                    f"orchestrator.sampling.top_logprobs = {orch.sampling.top_logprobs} asks the teacher for its top-k "
+                    f'distribution (soft targets), which only trainer.loss.type = "distill" trains on, got "{loss}". '
+                    f'Set [trainer.loss] type = "distill", or top_logprobs = 0 for plain SFT on the teacher\'s text.'
+                )
+            if loss != wanted:
                 raise ValueError(
                     f'orchestrator.rollout_model is set (distill mode), so trainer.loss.type must be "sft", '
-                    f'got "{self.trainer.loss.type}": teacher rollouts carry no logprobs of the student, so the '
-                    f"rl loss's importance ratios exp(trainer_lp - inference_lp) would be meaningless. "
-                    f'Add [trainer.loss] type = "sft" (or pass --trainer.loss.type sft).'
+                    f'got "{loss}": teacher rollouts carry no logprobs of the student, so the rl loss\'s importance '
+                    f"ratios exp(trainer_lp - inference_lp) would be meaningless"
+                    + (" and the distill loss has no soft targets to learn from. Set orchestrator.sampling."
+                       "top_logprobs = k (1..20) for the teacher's top-k, or" if loss == "distill" else ".")
+                    + ' add [trainer.loss] type = "sft" (or pass --trainer.loss.type sft).'
                 )
             if orch.student_endpoint is not None:
                 raise ValueError(
                     "orchestrator.rollout_model and orchestrator.student_endpoint are both set: distill mode "
                     "samples from the teacher only. Remove [orchestrator.student_endpoint]."
                 )
-        elif self.inference is None and orch.student_endpoint is None:
+        elif orch.sampling.top_logprobs:
+            raise ValueError(
+                f"orchestrator.sampling.top_logprobs = {orch.sampling.top_logprobs} applies to distill mode (a teacher "
+                "at [orchestrator.rollout_model] writes the rollouts); in rl mode the teacher's top-k comes from "
+                "[orchestrator.teacher_model] with [orchestrator.on_policy_distill] top_k = k. Remove top_logprobs."
+            )
+        if orch.rollout_model is None and self.inference is None and orch.student_endpoint is None:
             raise ValueError(
                 "rl mode (orchestrator.rollout_model is not set) needs somewhere to sample the student: add an "
                 "[inference] section (a local server apprentice starts) or [orchestrator.student_endpoint] "
@@ -102,6 +118,14 @@ class Config(Section):
     @model_validator(mode="after")
     def _on_policy_distill_rules(self) -> Config:
         orch = self.orchestrator
+        loss: str = self.trainer.loss.type
+        if loss == "distill" and orch.teacher_model is None and orch.rollout_model is None:
+            raise ValueError(
+                'trainer.loss.type = "distill" has no source of teacher distributions: set [orchestrator.rollout_model] '
+                "with [orchestrator.sampling] top_logprobs = k (off-policy: the teacher writes, its top-k are the "
+                "targets), or [orchestrator.teacher_model] with [orchestrator.on_policy_distill] top_k = k (on-policy: "
+                'the student writes, the teacher scores its top-k); or use type = "sft" / "rl".'
+            )
         if orch.teacher_model is None:
             if orch.on_policy_distill is not None:
                 raise ValueError(
@@ -110,11 +134,26 @@ class Config(Section):
                     "(the endpoint that scores the student's tokens) or remove [orchestrator.on_policy_distill]."
                 )
             return self
-        if self.trainer.loss.type != "rl":
+        top_k = orch.on_policy_distill.top_k if orch.on_policy_distill is not None else 0
+        if top_k and loss != "distill":
+            raise ValueError(
+                f"orchestrator.on_policy_distill.top_k = {top_k} trains on the teacher's top-k distribution at every "
+                f'position of the student\'s samples, which trainer.loss.type = "distill" does, got "{loss}". Set '
+                f'[trainer.loss] type = "distill", or top_k = 0 for the sampled-token estimator and the rl loss.'
+            )
+        if not top_k and loss != "rl":
             raise ValueError(
                 f'orchestrator.teacher_model is set (on-policy distillation), so trainer.loss.type must be "rl", '
-                f'got "{self.trainer.loss.type}": the teacher\'s per-token scores become advantages of the rl loss. '
-                f'Set [trainer.loss] type = "rl" (or pass --trainer.loss.type rl).'
+                f'got "{loss}": the teacher\'s per-token scores become advantages of the rl loss'
+                + (". For the distill loss, ask for the teacher's top-k: [orchestrator.on_policy_distill] top_k = k "
+                   "(1..20)" if loss == "distill" else "")
+                + '. Set [trainer.loss] type = "rl" (or pass --trainer.loss.type rl).'
+            )
+        if top_k and orch.on_policy_distill is not None and orch.on_policy_distill.reward_coef:
+            raise ValueError(
+                f"orchestrator.on_policy_distill.reward_coef = {orch.on_policy_distill.reward_coef} with top_k = "
+                f"{top_k}: the distill loss learns the teacher's distribution and has no reward term, so the reward "
+                f"would be silently ignored. Set reward_coef = 0, or top_k = 0 (the rl loss mixes both)."
             )
         if orch.skip_zero_advantage:
             raise ValueError(

@@ -61,6 +61,8 @@ def make_step(prompt: Sequence[Mapping[str, Any]], completion: Sequence[Mapping[
             "completion_logprobs": list(response.completion_logprobs),
         }
         step["tokens"] = tokens
+    if response.token_logprobs is not None:  # off-policy soft targets (sampling.top_logprobs)
+        step["teacher_logprobs"] = response.token_logprobs
     return step
 
 

@@ -1,7 +1,7 @@
-"""What keeps one hostile or careless client from hurting the others: the API key, a cap on request bodies, and
-cancelling generation when the client goes away.
+"""What keeps one hostile or careless client from hurting the others: the API key, a cap on request bodies and
+on the time taken to send one, and cancelling generation when the client goes away.
 
-The key check and the body cap are plain ASGI middlewares (not Starlette's BaseHTTPMiddleware, which runs the
+The key check and the body limits are plain ASGI middlewares (not Starlette's BaseHTTPMiddleware, which runs the
 endpoint in another task and gets in the way of seeing a client disconnect), so they cover every endpoint.
 """
 
@@ -49,11 +49,16 @@ class RequireKey:
 
 class LimitBody:
     """Refuse request bodies over `max_bytes` with 413, before reading them when Content-Length says so, else
-    as soon as the running total passes the cap (chunked bodies), so a huge body is never held in memory."""
+    as soon as the running total passes the cap (chunked bodies), so a huge body is never held in memory.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    And bodies not received in full within `timeout_s` of the request's headers with 408 (a client trickling
+    its body byte by byte would otherwise hold its connection and handler forever: uvicorn has no body
+    timeout). The deadline covers the body only: the wait for a disconnect during generation is not bounded."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,17 +70,32 @@ class LimitBody:
             await JSONResponse(error_body(str(error), code=error.code), status_code=413)(scope, receive, send)
             return
         received = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        body_done = False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:  # raised inside the endpoint's body read: its handler answers 408
+                raise _too_slow(received, self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:  # raised inside the endpoint's body read: its handler answers 413
                     raise _too_large(received, self.max_bytes)
+            else:
+                body_done = True
             return message
 
         await self.app(scope, counted, send)
+
+
+def _too_slow(received: int, timeout_s: float) -> RequestError:
+    return RequestError(408, f"request body not received in time: {received} bytes in {timeout_s:g} s, the server's "
+                             f"limit for a whole body (apprentice serve --body-timeout-s)", code="request_timeout")  # fmt: skip
 
 
 def _too_large(size: int, max_bytes: int) -> RequestError:

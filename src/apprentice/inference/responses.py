@@ -22,10 +22,15 @@ def message_of(c: Completion, tools: bool) -> tuple[dict[str, Any], str]:
     return message, c.finish_reason
 
 
-def _logprobs(c: Completion, tokenizer: Any) -> dict[str, Any]:
+def _logprobs(c: Completion, tokenizer: Any, token_bytes: list[bytes | None]) -> dict[str, Any]:
+    """OpenAI's `logprobs` of one choice: per generated token its text, logprob, exact `bytes` (from the vocabulary
+    entry, apprentice/tokenbytes.py: a token holding part of a character has bytes that are no text alone) and
+    its `top_logprobs` alternatives, most likely first."""
+
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes[token_id] if token_id < len(token_bytes) else None
         token = tokenizer.decode([token_id])
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+        return {"token": token, "logprob": logprob, "bytes": list(raw if raw is not None else token.encode("utf-8"))}
 
     content = [
         {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in top]}
@@ -41,12 +46,12 @@ def _usage(prompt_ids: list[int], choices: list[Completion]) -> dict[str, int]:
 
 
 def completion_body(req: ChatCompletionRequest, name: str, prompt_ids: list[int], choices: list[Completion],
-                     tools: bool, tokenizer: Any) -> dict[str, Any]:  # fmt: skip
+                     tools: bool, tokenizer: Any, token_bytes: list[bytes | None]) -> dict[str, Any]:  # fmt: skip
     out_choices = []
     for i, c in enumerate(choices):
         message, finish = message_of(c, tools)
         choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": finish,
-                                  "logprobs": _logprobs(c, tokenizer) if req.logprobs else None}  # fmt: skip
+                                  "logprobs": _logprobs(c, tokenizer, token_bytes) if req.logprobs else None}  # fmt: skip
         if req.return_token_ids:
             choice["token_ids"] = c.token_ids
         out_choices.append(choice)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from apprentice.trajectory import parsed_arguments
+
 MAX_STOP_STRINGS = 16
 """Stop strings per request (OpenAI allows 4): each is searched for after every token."""
 MAX_STOP_CHARS = 256
@@ -91,14 +93,30 @@ class ChatCompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
 
     def conversation(self) -> list[dict[str, Any]]:
-        """Messages as plain dicts for the chat template (text parts joined, unset fields left out)."""
+        """Messages as plain dicts for the chat template (text parts joined, unset fields left out), tool-call
+        arguments parsed into objects as vLLM hands them over (so a template prints them its own way)."""
         out = []
         for m in self.messages:
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 d["content"] = "".join(p.text for p in m.content)
+            if d.get("tool_calls"):
+                d["tool_calls"] = [_with_parsed_arguments(c) for c in d["tool_calls"]]
             out.append(d)
         return out
+
+
+def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call whose `function.arguments` is the parsed object; `{}` where they are not a JSON object (vLLM
+    does the same: the template must still render the turn)."""
+    fn = call.get("function")
+    if not isinstance(fn, dict):
+        return call
+    try:
+        arguments = parsed_arguments(fn.get("arguments"))
+    except ValueError:
+        arguments = {}
+    return {**call, "function": {**fn, "arguments": arguments}}
 
 
 class LoadWeightsRequest(BaseModel):

@@ -50,9 +50,15 @@ from apprentice.inference.responses import completion_body, stream_chunks
 from apprentice.inference.schema import ChatCompletionRequest, LoadWeightsRequest, error_body, validation_error_body
 from apprentice.inference.scoring import register_completions
 from apprentice.loader import DTYPES, load_causal_lm, resolve_dtype
+from apprentice.tokenbytes import vocab_bytes
 
 DEFAULT_MAX_BODY_MB = 8.0
 """Request bodies above this are refused (413) before they are read: a 128k-token prompt is well under 1 MB."""
+DEFAULT_BODY_TIMEOUT_S = 60.0
+"""A request body must arrive in full within this many seconds of its headers (408 otherwise): 8 MB at 1 Mbit/s."""
+DEFAULT_MAX_REQUEST_TOKENS = 65536
+"""Largest n x max_tokens of one chat request (400 otherwise): one request may not hold a batch for a whole context
+per choice. 16 choices of 4096 tokens, or 64 of 1024."""
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +115,8 @@ def build_app(
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
 ) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread. `app.state.engine` exposes the counters."""
     model, tokenizer = load_model(model_path, dtype, device, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
@@ -120,6 +128,7 @@ def build_app(
     max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
     prompts = PromptBuilder(tokenizer, max_context)
     parses_tools = "<tool_call>" in str(tokenizer.chat_template)
+    token_bytes = vocab_bytes(tokenizer)  # the `bytes` of logprobs entries, read once
     load_lock = asyncio.Lock()
 
     @asynccontextmanager
@@ -130,13 +139,15 @@ def build_app(
 
     app = FastAPI(title="apprentice serve", lifespan=lifespan)
     app.state.engine = engine
-    app.add_middleware(LimitBody, max_bytes=max_body_bytes)
+    app.add_middleware(LimitBody, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     if api_key is not None:  # added last: runs first, so an unauthenticated client cannot even send a body
         app.add_middleware(RequireKey, api_key=api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
-        return JSONResponse(error_body(str(e), param=e.param, code=e.code), status_code=e.status)
+        # 408: the rest of a trickled body is not waited for; closing the connection frees it (uvicorn would read on).
+        headers = {"connection": "close"} if e.status == 408 else None
+        return JSONResponse(error_body(str(e), param=e.param, code=e.code), status_code=e.status, headers=headers)
 
     @app.exception_handler(PromptError)
     async def prompt_error(request: Request, e: PromptError) -> JSONResponse:
@@ -161,7 +172,7 @@ def build_app(
             raise RequestError(400, "logprobs and return_token_ids are only supported with stream=false", "stream")
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         prompt_ids = prompts.render(req.conversation(), tools, hidden)
-        return req, prompt_ids, _sampling_params(req, len(prompt_ids), max_context)
+        return req, prompt_ids, _sampling_params(req, len(prompt_ids), max_context, max_request_tokens)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -191,7 +202,7 @@ def build_app(
                                 status_code=500)  # fmt: skip
         if choices is None:
             return disconnect_response()
-        return JSONResponse(completion_body(req, name, prompt_ids, choices, tools, tokenizer))
+        return JSONResponse(completion_body(req, name, prompt_ids, choices, tools, tokenizer, token_bytes))
 
     @app.post("/v1/load_weights")
     async def reload(request: Request) -> JSONResponse:
@@ -224,13 +235,19 @@ def _parse_json(raw: bytes) -> Any:
         raise RequestError(400, f"request body is not valid JSON: {e}") from e
 
 
-def _sampling_params(req: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:
+def _sampling_params(req: ChatCompletionRequest, prompt_len: int, max_context: int, max_request_tokens: int) -> SamplingParams:
     room = max_context - prompt_len
     max_tokens = req.max_completion_tokens or req.max_tokens or room
     if room <= 0 or max_tokens > room:
         raise RequestError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                 f"context of {max_context} tokens", param="max_tokens",
                            code="context_length_exceeded")  # fmt: skip
+    if req.n * max_tokens > max_request_tokens:  # checked before the engine sees it: it would hold a whole batch
+        given = "max_tokens" if req.max_tokens or req.max_completion_tokens else "max_tokens (unset: the context left)"
+        raise RequestError(400, f"n ({req.n}) x {given} ({max_tokens}) = {req.n * max_tokens} tokens exceeds this "
+                                f"server's limit of {max_request_tokens} generated tokens per request (apprentice serve "
+                                f"--max-request-tokens); lower n or max_tokens", param="n",
+                           code="request_too_large")  # fmt: skip
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -279,6 +296,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default: MODEL)")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
                    help="largest request body accepted, in MiB (larger ones get 413 before they are read)")
+    p.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="seconds a client has to send a whole request body after its headers (408 after that)")
+    p.add_argument("--max-request-tokens", type=int, default=DEFAULT_MAX_REQUEST_TOKENS,
+                   help="largest n x max_tokens of one chat request (400 above it)")
     return p.parse_args(argv)
 
 
@@ -288,6 +309,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.max_body_mb > 0:
         print(f"error: --max-body-mb {args.max_body_mb}: must be a positive number of MiB", file=sys.stderr)
+        return 2
+    if not args.body_timeout_s > 0 or args.max_request_tokens < 1:
+        print(f"error: --body-timeout-s ({args.body_timeout_s}) and --max-request-tokens ({args.max_request_tokens}) "
+              f"must be positive", file=sys.stderr)  # fmt: skip
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -318,7 +343,8 @@ def main(argv: list[str]) -> int:
         app = build_app(args.model, served_name=args.served_model_name, api_key=api_key, system_prompt=system_prompt, prompt_prefix=prompt_prefix,
                         max_batch_size=args.max_batch_size, dtype=args.dtype, device=args.device,
                         max_body_bytes=int(args.max_body_mb * 2**20), trust_remote_code=args.trust_remote_code,
-                        gguf_file=args.gguf_file)  # fmt: skip
+                        gguf_file=args.gguf_file, body_timeout_s=args.body_timeout_s,
+                        max_request_tokens=args.max_request_tokens)  # fmt: skip
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

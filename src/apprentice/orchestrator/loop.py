@@ -20,7 +20,7 @@ Metrics per step, beyond rollout/*, render/* and the client's teacher/* counters
 previous step was written):
     teacher/inflight_mean   time-averaged requests in flight since the previous step was written
     teacher/inflight_busy   the same divided by max_concurrency
-    teacher/responses, teacher/cache_hits, teacher/usage/{prompt,completion,reasoning}_tokens   of this step's
+    teacher/responses, teacher/cache_hits, teacher/usage/{prompt,completion,reasoning,cached_prompt}_tokens  of this step's
                             own rollouts; teacher/usage_total/* for the whole run (and .../cost with a price table)
     perf/wait_trainer_s     seconds step n waited for the trainer before it could open (backpressure)
     perf/wait_rollouts_s    seconds the writer waited for step n's last rollout
@@ -66,6 +66,7 @@ from apprentice.orchestrator.on_policy import OnPolicyDistiller
 from apprentice.orchestrator.policy import PolicySync, prepare_batch
 from apprentice.orchestrator.producer import Backpressure, Producer, RolloutPolicy, StepRollouts, TrainerBackpressure
 from apprentice.orchestrator.scheduler import TaskScheduler
+from apprentice.orchestrator.soft_targets import StudentVocab, probe_top_logprobs, render_with_soft_targets
 from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 from apprentice.render import render_many
 from apprentice.tokenizer import load_tokenizer
@@ -97,7 +98,8 @@ ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str,
 the scoring teacher's first error message per kind of this step)."""
 
 
-def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None) -> dict[str, float]:
+def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None,
+               vocab: StudentVocab | None = None) -> dict[str, float]:  # fmt: skip
     """Set aside, render, (score with the teacher,) write one step's batch (runs on the worker thread); its
     rollout/render/distill metrics."""
     rl_metrics = prepare_batch(done.trajectories, done.step, cfg) if cfg.mode == "rl" else {}
@@ -110,15 +112,20 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
         else:
             dropped[reason] += 1
     # A Trajectory is a dict; render_many is annotated with the plain dict type it has always accepted.
-    samples, render_stats = render_many(
-        cast(list[dict[str, Any]], kept),
-        tokenizer,
-        reasoning=cfg.orchestrator.reasoning,
-        allow_control_tokens=cfg.orchestrator.allow_control_tokens,
-    )
+    render_kwargs: dict[str, Any] = {"reasoning": cfg.orchestrator.reasoning,
+                                     "allow_control_tokens": cfg.orchestrator.allow_control_tokens,
+                                     "tool_call_arguments": cfg.orchestrator.tool_call_arguments}  # fmt: skip
+    topk_metrics: dict[str, float] = {}
+    if vocab is not None:  # off-policy soft targets from the teacher's top_logprobs (orchestrator/soft_targets.py)
+        samples, render_stats, coverage = render_with_soft_targets(
+            cast(list[dict[str, Any]], kept), tokenizer, vocab, cfg.orchestrator.sampling.top_logprobs, **render_kwargs
+        )
+        topk_metrics = coverage.metrics()
+    else:
+        samples, render_stats = render_many(cast(list[dict[str, Any]], kept), tokenizer, **render_kwargs)
     # A sample the trainer cannot pack is never written: a stored batch must not stop every rerun.
     samples, too_long = drop_unpackable(samples, cfg.trainer.micro_batch_tokens)
-    render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)}
+    render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)} | topk_metrics
     scoring_errors: dict[str, str] = {}
     if score is not None:
         samples, distill_metrics, scoring_errors = score(samples)
@@ -155,6 +162,10 @@ async def run(cfg: Config) -> None:
     if first <= last and (reason := ledger.exhausted()) is not None:
         raise SpendCapReached(f"{reason}; nothing was sent. {_resume_hint(first)}")
     client = MeteredClient(build_client(cfg), ledger)
+    vocab = None  # off-policy soft targets: the teacher's tokens must map onto the student's (probed once)
+    if orch.rollout_model is not None and orch.sampling.top_logprobs:
+        vocab = StudentVocab(tokenizer)
+        await probe_top_logprobs(client, vocab, orch.sampling.top_logprobs, orch.rollout_model.base_url)
     policy, eval_log = None, None
     if cfg.mode == "rl":
         if orch.eval_interval:
@@ -189,7 +200,7 @@ async def run(cfg: Config) -> None:
             async for done in steps:
                 ready_at = time.monotonic()
                 metrics: dict[str, float] = {"step": done.step}
-                metrics.update(await loop.run_in_executor(worker, write_step, cfg, tokenizer, done, score))
+                metrics.update(await loop.run_in_executor(worker, write_step, cfg, tokenizer, done, score, vocab))
                 now_area, now = client.meter.area()
                 interval = max(now - written_at, 1e-9)
                 metrics.update(client.metrics(reset=True))

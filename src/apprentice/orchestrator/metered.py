@@ -8,10 +8,8 @@
     producer per rollout task), and to the run's `SpendLedger`; cache hits are free;
   - refuses new requests once the ledger reports a cap reached (`SpendCapReached`).
 
-Usage per response: `response.usage` (an OpenAI `usage` dict) when the client exposes it; otherwise the
-increase of the client's cumulative `teacher/prompt_tokens` / `teacher/completion_tokens` counters across the
-call. That increase is exact: the client adds a response's tokens after its last await and returns without
-yielding to the event loop, so no other call's tokens can land between the addition and this wrapper's read.
+Usage per response: the typed `ChatResponse.usage` the client attaches to every paid response (and to the
+`ClientError` of an answer it set aside); a cache hit costs nothing.
 """
 
 from __future__ import annotations
@@ -22,8 +20,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from apprentice.clients.base import ChatResponse, ClientError
-from apprentice.orchestrator.spend import SpendCapReached, SpendLedger, Usage
+from apprentice.clients.base import ChatResponse, ClientError, Usage
+from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
 
 
 class CountingClient(Protocol):
@@ -77,10 +75,6 @@ class InflightMeter:
         return self._area + self.count * (now - self._since), now
 
 
-_TOKEN_COUNTERS = {"prompt_tokens": "teacher/prompt_tokens", "completion_tokens": "teacher/completion_tokens",
-                   "reasoning_tokens": "teacher/reasoning_tokens"}  # fmt: skip
-
-
 class MeteredClient:
     """A `ChatClient` that meters requests in flight, charges usage per step and enforces the spend cap."""
 
@@ -88,7 +82,6 @@ class MeteredClient:
         self.inner = inner
         self.ledger = ledger
         self.meter = InflightMeter()
-        self._seen = self._token_counters()
 
     async def chat(
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, key: str = ""
@@ -101,13 +94,12 @@ class MeteredClient:
         except ClientError as e:
             # An answer set aside by the client (empty, oversized, invalid text) was still paid for: charge it.
             if e.usage is not None:
-                self._charge(Usage(e.usage.prompt_tokens, e.usage.completion_tokens, e.usage.reasoning_tokens))
+                self._charge(e.usage)
             raise
         finally:
             self.meter.change(-1)
-            paid = self._counter_increase()  # read before anything can yield (see the module docstring)
-        usage = self._usage(response, paid)
-        self._charge(usage)
+        if not response.cached and response.usage is not None:
+            self._charge(response.usage)
         account = current_account.get()
         if account is not None:
             account.responses += 1
@@ -119,35 +111,11 @@ class MeteredClient:
             self.ledger.add(usage)
         account = current_account.get()
         if account is not None:
-            account.usage.add(usage)
+            account.usage = account.usage + usage
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """The wrapped client's counters (since the previous reset: interval semantics)."""
-        out = self.inner.metrics(reset=reset)
-        if reset:
-            self._seen = self._token_counters()
-        return out
+        return self.inner.metrics(reset=reset)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
-
-    def _token_counters(self) -> Usage:
-        counters = self.inner.metrics(reset=False)
-        return Usage(*(int(counters.get(name, 0.0)) for name in _TOKEN_COUNTERS.values()))
-
-    def _counter_increase(self) -> Usage:
-        now = self._token_counters()
-        seen, self._seen = self._seen, now
-        return Usage(now.prompt_tokens - seen.prompt_tokens, now.completion_tokens - seen.completion_tokens,
-                     now.reasoning_tokens - seen.reasoning_tokens)  # fmt: skip
-
-    @staticmethod
-    def _usage(response: ChatResponse, counted: Usage) -> Usage:
-        if response.cached:
-            return Usage()
-        raw = getattr(response, "usage", None)
-        if isinstance(raw, dict):
-            return Usage.from_openai(raw)
-        if raw is not None:  # the teacher client's typed usage (apprentice.clients.base.Usage)
-            return Usage(raw.prompt_tokens, raw.completion_tokens, raw.reasoning_tokens)
-        return counted

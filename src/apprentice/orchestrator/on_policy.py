@@ -9,18 +9,26 @@ where A is the sample's group-relative reward advantage. s_t - q_t is a one-samp
 KL(student || teacher) at that position, so the first term rewards exactly the tokens the teacher likes more
 than the student does, and the rl loss (importance ratio times advantage) turns that into a policy gradient on
 the reverse KL. The orchestrator logs `distill/reverse_kl`, the mean of s_t - q_t over completion tokens.
+
+With `on_policy_distill.top_k = k > 0` the scoring request asks for the teacher's top-k at every position, and
+the sample carries them as soft targets (`teacher_topk_ids` / `teacher_topk_logprobs`) for the `distill` loss,
+which learns the teacher's distribution rather than a one-sample estimate; no advantages are set. Logged too:
+`distill/topk_mass`, the teacher probability its top-k covers (mean over completion tokens; 1 - it is the tail
+the loss lumps into one bucket). `distill/forward_kl` needs the student's probabilities of the teacher's top-k
+ids, which only the trainer computes: it is the trainer's metric (the distill loss's), not the orchestrator's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from apprentice.clients.base import ClientError
-from apprentice.clients.scoring import TeacherScoringClient
+from apprentice.clients.scoring import PromptScores, SampleScores, TeacherScoringClient
 from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig
 from apprentice.types import TrainingSample
 
@@ -78,6 +86,34 @@ def apply_teacher_scores(
     return sample
 
 
+@dataclass
+class TopkMass:
+    """Running mean over loss tokens of the teacher probability its top-k covers: `distill/topk_mass`."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    def add(self, topk_logprobs: list[list[float]], topk_ids: list[list[int]], loss_mask: list[bool]) -> None:
+        for row_lps, row_ids, m in zip(topk_logprobs, topk_ids, loss_mask, strict=True):
+            if m:
+                self.total += sum(math.exp(lp) for lp, t in zip(row_lps, row_ids, strict=True) if t >= 0)
+                self.tokens += 1
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.tokens if self.tokens else 0.0
+
+
+def apply_topk_targets(sample: TrainingSample, scores: SampleScores, reverse_kl: ReverseKL, mass: TopkMass) -> TrainingSample:
+    """Set the sample's soft targets (top_k > 0): the teacher's top-k rows, -1 off the loss mask."""
+    assert scores.topk_ids is not None and scores.topk_logprobs is not None
+    sample.teacher_topk_ids = scores.topk_ids
+    sample.teacher_topk_logprobs = scores.topk_logprobs
+    reverse_kl.add(sample, scores.logprobs)
+    mass.add(scores.topk_logprobs, scores.topk_ids, sample.loss_mask)
+    return sample
+
+
 # Plain text with spaces, digits, punctuation, accents, CJK and an emoji: tokenizers that differ anywhere in
 # pre-tokenization, merges or byte fallback give different ids for it.
 PROBE_TEXT = "Tokenizer probe: The quick brown fox, 1234567 + 89.5%; naïve café — 東京 🙂\n\tif (x) { return y; }"
@@ -128,11 +164,19 @@ async def check_teacher_tokenizer(client: TeacherScoringClient, student_tokenize
     try:
         scores = await client.score(PROBE_TEXT, return_token_ids=True)
     except ClientError as e:
+        if client.top_k and e.kind == "bad_request":
+            raise ConfigError(
+                f"orchestrator.on_policy_distill.top_k = {client.top_k}: the teacher ({endpoint.base_url}, model "
+                f"{endpoint.model!r}) refused prompt_logprobs = {client.top_k} at startup ({e}). vLLM returns at most "
+                f"its --max-logprobs (20 by default), `apprentice serve` 20: lower top_k, or raise the server's limit."
+            ) from None
         raise ConfigError(
             f"orchestrator.teacher_model ({endpoint.base_url}, model {endpoint.model!r}) could not score a probe "
             f"text at startup: {e}. On-policy distillation needs a teacher that returns prompt logprobs on its "
             f"completions API (vLLM, `apprentice serve`)."
         ) from None
+    if client.top_k:
+        check_topk_width(scores, client)
     t_ids = scores.token_ids or []
     # Without prompt_token_ids the first id is unknown (entry 0 has no logprob): compare from position 1.
     if t_ids and t_ids[0] == -1:
@@ -140,6 +184,21 @@ async def check_teacher_tokenizer(client: TeacherScoringClient, student_tokenize
     if t_ids != s_ids:
         where = f"{endpoint.base_url}, model {endpoint.model!r}"
         raise ConfigError(_mismatch_message(where, student_name, _first_difference(t_ids, s_ids)))
+
+
+def check_topk_width(scores: PromptScores, client: TeacherScoringClient) -> None:
+    """The probe's answer must hold top_k entries per position: a server that silently returns fewer would
+    train on truncated distributions (a bigger tail than the user asked for)."""
+    from apprentice.config import ConfigError
+
+    widths = [len(row) for row in scores.topk_ids or [] if row]
+    if not widths or min(widths) < client.top_k:
+        endpoint = client.endpoint
+        raise ConfigError(
+            f"orchestrator.on_policy_distill.top_k = {client.top_k}, but the teacher ({endpoint.base_url}, model "
+            f"{endpoint.model!r}) returned at most {max(widths, default=0)} candidates per position when probed at "
+            f"startup: lower top_k to {min(widths, default=0)} or serve the teacher with a higher logprobs limit."
+        )
 
 
 class OnPolicyDistiller:
@@ -154,7 +213,8 @@ class OnPolicyDistiller:
     def __init__(self, endpoint: EndpointConfig, cfg: OnPolicyDistillConfig | None, *, max_concurrency: int,
                  cache_dir: Path | None) -> None:  # fmt: skip
         self.cfg = cfg or OnPolicyDistillConfig()
-        self.client = TeacherScoringClient(endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
+        self.client = TeacherScoringClient(endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir,
+                                           top_k=self.cfg.top_k)  # fmt: skip
         self.first_errors: dict[str, str] = {}
         """The last `apply`'s first error message per kind of set-aside sample (for the empty-step message)."""
 
@@ -166,7 +226,7 @@ class OnPolicyDistiller:
         results = await asyncio.gather(
             *(self.client.score_sample(s.token_ids, s.loss_mask) for s in samples), return_exceptions=True
         )
-        reverse_kl = ReverseKL()
+        reverse_kl, mass = ReverseKL(), TopkMass()
         kept: list[TrainingSample] = []
         set_aside: Counter[str] = Counter()
         self.first_errors = {}
@@ -177,9 +237,14 @@ class OnPolicyDistiller:
                 continue
             if isinstance(result, BaseException):
                 raise result
-            kept.append(apply_teacher_scores(sample, result, self.cfg, reverse_kl))
+            if self.cfg.top_k:
+                kept.append(apply_topk_targets(sample, result, reverse_kl, mass))
+            else:
+                kept.append(apply_teacher_scores(sample, result.logprobs, self.cfg, reverse_kl))
         metrics = {"distill/reverse_kl": reverse_kl.mean, "distill/scored_tokens": float(reverse_kl.tokens),
                    "distill/scored_samples": float(len(kept))}  # fmt: skip
+        if self.cfg.top_k:
+            metrics["distill/topk_mass"] = mass.mean
         metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
         metrics.update(self.client.metrics(reset=True))
         return kept, metrics

@@ -13,11 +13,10 @@ by that much; those answers are cached and not paid again).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from apprentice import fsio
+from apprentice.clients.base import Usage
 from apprentice.config import EndpointConfig
 from apprentice.errors import ApprenticeError
 
@@ -31,38 +30,6 @@ class SpendCapReached(ApprenticeError):
     exit_code = EXIT_SPEND_CAP
 
 
-@dataclass
-class Usage:
-    """Tokens a teacher charged for (OpenAI `usage` semantics: reasoning tokens are part of completion tokens)."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    @classmethod
-    def from_openai(cls, usage: dict[str, Any]) -> Usage:
-        """A response's `usage` object; reasoning tokens from `completion_tokens_details` (OpenAI) or top level."""
-        details = usage.get("completion_tokens_details") or {}
-        reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
-        return cls(
-            int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or 0),
-            int(reasoning or usage.get("reasoning_tokens") or 0),
-        )
-
-    def add(self, other: Usage) -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.reasoning_tokens += other.reasoning_tokens
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/{name}": float(value) for name, value in asdict(self).items()}
-
-
 class SpendLedger:
     """The run's cumulative teacher usage against the endpoint's caps."""
 
@@ -72,7 +39,8 @@ class SpendLedger:
         self.total = Usage()
         if path.is_file():
             try:
-                self.total = Usage(**{k: int(v) for k, v in json.loads(path.read_text()).items() if k in asdict(Usage())})
+                stored = json.loads(path.read_text()).items()
+                self.total = Usage(**{k: int(v) for k, v in stored if k in Usage.__dataclass_fields__})
             except (ValueError, TypeError) as e:
                 raise ApprenticeError(
                     f"{path}: corrupt usage ledger ({e}); fix or delete it (the run's spend so far is then counted "
@@ -88,7 +56,7 @@ class SpendLedger:
         return (usage.prompt_tokens * price.prompt_per_mtok + usage.completion_tokens * price.completion_per_mtok) / 1e6
 
     def add(self, usage: Usage) -> None:
-        self.total.add(usage)
+        self.total = self.total + usage
 
     def exhausted(self) -> str | None:
         """Which cap is reached, as a message for the user, or None while there is budget left."""
@@ -106,7 +74,7 @@ class SpendLedger:
         return None
 
     def save(self) -> None:
-        fsio.write_text(self.path, json.dumps(asdict(self.total) | {"cost": self.cost()}))
+        fsio.write_text(self.path, json.dumps(self.total.as_dict() | {"cost": self.cost()}))
 
     def metrics(self) -> dict[str, float]:
         """Run totals: `teacher/usage_total/*` (and the cost so far when there is a price table)."""

@@ -10,13 +10,20 @@ from typing import Any
 
 from apprentice.render.errors import RenderError
 from apprentice.render.messages import render_messages
-from apprentice.render.normalize import tool_call_for_template
+from apprentice.render.normalize import ToolCallArguments, tool_call_for_template
 from apprentice.render.reasoning import Reasoning
 from apprentice.render.stats import RenderStats
 from apprentice.render.tokens import render_tokens
 from apprentice.types import TrainingSample
 
-__all__ = ["RenderError", "RenderStats", "tool_call_for_template", "render_many", "render_trajectory"]
+__all__ = [
+    "RenderError",
+    "RenderStats",
+    "ToolCallArguments",
+    "tool_call_for_template",
+    "render_many",
+    "render_trajectory",
+]
 
 
 def render_trajectory(
@@ -27,6 +34,7 @@ def render_trajectory(
     reasoning: Reasoning = "keep",
     template_kwargs: dict[str, Any] | None = None,
     allow_control_tokens: bool = False,
+    tool_call_arguments: ToolCallArguments = "dict",
 ) -> list[TrainingSample]:
     """Samples for one trajectory; raises RenderError (with `.kind`) if it cannot be rendered faithfully.
 
@@ -35,7 +43,9 @@ def render_trajectory(
     (logprobs 0.0, advantage 1.0). `tools` defaults to `trajectory["tools"]`; `reasoning` ("keep" | "drop",
     message path only) is the teacher-reasoning policy; `template_kwargs` go to the chat template (e.g.
     `{"enable_thinking": True}`); `allow_control_tokens` keeps teacher text that holds special tokens of the
-    student's tokenizer (set aside as `control_token` by default). The last turn of a trajectory with
+    student's tokenizer (set aside as `control_token` by default). `tool_call_arguments` says how the student's
+    serving engine hands tool-call arguments to its template: "dict" (vLLM, SGLang: the parsed JSON object) or
+    "string" (llama.cpp: the JSON string where the template renders it as the object). The last turn of a trajectory with
     `truncated` set (or a step with `finish_reason: "length"`) was cut off by max_tokens: it is trained without
     an end-of-turn token. messages.py documents the algorithm.
     """
@@ -51,6 +61,7 @@ def render_trajectory(
         template_kwargs,
         truncated=bool(trajectory.get("truncated")),
         allow_control_tokens=allow_control_tokens,
+        tool_call_arguments=tool_call_arguments,
     )
 
 
@@ -62,6 +73,7 @@ def render_many(
     reasoning: Reasoning = "keep",
     template_kwargs: dict[str, Any] | None = None,
     allow_control_tokens: bool = False,
+    tool_call_arguments: ToolCallArguments = "dict",
 ) -> tuple[list[TrainingSample], RenderStats]:
     """Render a batch; a RenderError sets that trajectory aside and is counted in the stats, never raised."""
     stats = RenderStats()
@@ -75,6 +87,7 @@ def render_many(
                 reasoning=reasoning,
                 template_kwargs=template_kwargs,
                 allow_control_tokens=allow_control_tokens,
+                tool_call_arguments=tool_call_arguments,
             )
         except RenderError as err:
             stats.add_error(err)

@@ -10,6 +10,7 @@ KINDS = (
     "prefix_mismatch",  # the turn's rendering cannot be lined up with its own generation prompt
     "no_end_of_turn",  # the rendered turn has no end-of-turn token to learn to stop on
     "control_token",  # teacher text holds a special token of the student's tokenizer (allow_control_tokens=false)
+    "invalid_arguments",  # a trained tool call's arguments are not a JSON object (vLLM would render `{}` instead)
     "template_dropped",  # the template did not render the turn's content, tool calls or (kept) reasoning
     "empty_turn",  # the trained text would be empty (no answer, no call, no kept reasoning): never a bare end token
     "boundary",  # the prompt's ids rebuilt from their parts differ from the prompt's own tokenization

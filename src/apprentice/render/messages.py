@@ -7,6 +7,9 @@ Consecutive turns share a sample only where the next prompt's tokens extend it. 
 conversation at once is not the reference: where it differs (a token straddling the header and a reply that
 starts with whitespace), inference never saw that token.
 
+Messages reach the template as the student's serving engine hands them over (normalize.py): by default as vLLM
+does, tool-call arguments parsed into objects and a missing content as "".
+
 Algorithm, per assistant turn (messages normalised once: normalize.py; reasoning policy: reasoning.py):
 
 1. P = template(prompt, add_generation_prompt=True); F = template(prompt + [turn]). One render each.
@@ -24,8 +27,9 @@ Algorithm, per assistant turn (messages normalised once: normalize.py; reasoning
       - X is an empty thought block: body = body_raw when the turn has no kept reasoning; with reasoning the
         template cannot hold it where the student would generate it: set aside (template_dropped).
       - anything else: prefix_mismatch.
-3. End of turn: the first stop marker in body (template.stop_markers: eos, generation_config eos, and the token
-   the template writes after an answer / a tool call), skipping markers the teacher wrote when the user allows
+3. End of turn: the first stop marker in body (template.stop_markers: eos, generation_config eos, the token the
+   template writes after an answer, and the one that closes a conversation ending in a tool call: gpt-oss's
+   `<|call|>`, Gemma 4's `<|tool_response>`), skipping markers the teacher wrote when the user allows
    control tokens. Everything after it (Phi's "\\n<|endoftext|>", ChatML's "\\n") is template text the model
    never generates. completion C = body through that marker.
 4. Cut-off turns (the trajectory's last turn when `truncated`, or a step with finish_reason "length") are trained
@@ -51,7 +55,7 @@ from typing import Any
 from apprentice.render.align import Tokens
 from apprentice.render.control import check_control_tokens
 from apprentice.render.errors import RenderError
-from apprentice.render.normalize import normalize_message
+from apprentice.render.normalize import ToolCallArguments, normalize_message
 from apprentice.render.reasoning import (
     CLOSE,
     OPEN,
@@ -105,7 +109,7 @@ class TurnRenderer:
         """(normalised message, prepared for the template); the reasoning policy applies to trained turns only:
         history is rendered as the prompt messages say, which is what the student's server renders."""
         msg = apply_reasoning(raw, self.reasoning, self.reads) if trained else raw
-        msg = normalize_message(msg, self.traits, where)
+        msg = normalize_message(msg, self.traits, where, trained=trained)
         return msg, self.r.prepare(msg)
 
     def body(self, prepared: list[Any], msg: Message, where: str) -> tuple[str, str]:
@@ -296,9 +300,10 @@ def render_messages(
     *,
     truncated: bool = False,
     allow_control_tokens: bool = False,
+    tool_call_arguments: ToolCallArguments = "dict",
 ) -> list[TrainingSample]:
     for _ in range(2):  # a second pass only if the fast path broke (it is then off for good)
-        renderer = ChatRenderer(tokenizer, tools, template_kwargs)
+        renderer = ChatRenderer(tokenizer, tools, template_kwargs, tool_call_arguments)
         try:
             turns = conversation_turns(steps, TurnRenderer(renderer, reasoning, allow_control_tokens), truncated)
             return build_samples(turns, Tokens(tokenizer), renderer)

@@ -14,6 +14,7 @@ from typing import Any
 from apprentice.render.align import Tokens
 from apprentice.render.errors import RenderError
 from apprentice.render.messages import TurnRenderer, conversation_turns
+from apprentice.render.normalize import ToolCallArguments
 from apprentice.render.reasoning import Reasoning
 from apprentice.render.template import ChatRenderer
 from apprentice.types import TrainingSample
@@ -27,10 +28,11 @@ def render_reference(
     reasoning: Reasoning = "keep",
     template_kwargs: dict[str, Any] | None = None,
     allow_control_tokens: bool = False,
+    tool_call_arguments: ToolCallArguments = "dict",
 ) -> list[TrainingSample]:
     """Same contract and errors as the message path of `render_trajectory`, at O(turns) full tokenizations."""
     tools = tools if tools is not None else trajectory.get("tools")
-    renderer = ChatRenderer(tokenizer, tools, template_kwargs)
+    renderer = ChatRenderer(tokenizer, tools, template_kwargs, tool_call_arguments)
     turns = conversation_turns(
         list(trajectory.get("steps") or []),
         TurnRenderer(renderer, reasoning, allow_control_tokens),

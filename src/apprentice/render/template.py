@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 
 from apprentice.render.errors import RenderError
-from apprentice.render.normalize import TemplateTraits, template_traits
+from apprentice.render.normalize import TemplateTraits, ToolCallArguments, normalize_message, template_traits
 
 log = logging.getLogger("apprentice.render")
 Message = dict[str, Any]
@@ -61,8 +61,15 @@ class FastPathBroken(Exception):
 class ChatRenderer:
     """Renders `messages[:n]` of one conversation (with fixed tools and template kwargs) to text."""
 
-    def __init__(self, tokenizer: Any, tools: list[dict] | None, template_kwargs: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        tools: list[dict] | None,
+        template_kwargs: dict[str, Any] | None = None,
+        tool_call_arguments: ToolCallArguments = "dict",
+    ):
         self.tokenizer = tokenizer
+        self.tool_call_arguments: ToolCallArguments = tool_call_arguments
         self.tools = tools
         self.template_kwargs = dict(template_kwargs or {})
         self.template: str = tokenizer.get_chat_template(None, tools)
@@ -134,16 +141,18 @@ class ChatRenderer:
 
     def traits(self) -> TemplateTraits:
         """The template's needs (arguments as string/dict, content "" for None, short ids), probed once."""
-        key = (self.template, json.dumps(self.template_kwargs, sort_keys=True, default=str))
+        key = (self.template, json.dumps(self.template_kwargs, sort_keys=True, default=str), self.tool_call_arguments)
         cached = _TRAITS.get(key)
         if cached is None:
-            cached = template_traits(lambda msgs: self.reference(msgs, add_generation_prompt=False))
+            cached = template_traits(
+                lambda msgs: self.reference(msgs, add_generation_prompt=False), self.tool_call_arguments
+            )
             _TRAITS[key] = cached
         return cached
 
 
-_TRAITS: dict[tuple[str, str], TemplateTraits] = {}
-_STOPS: dict[tuple[int, str], tuple[str, ...]] = {}
+_TRAITS: dict[tuple[str, str, str], TemplateTraits] = {}
+_STOPS: dict[tuple[int, str, str], tuple[str, ...]] = {}
 _PROBE = "Probe answer 7"
 
 
@@ -170,13 +179,18 @@ def _special_after(text: str, start: int, specials: Sequence[str]) -> str | None
 def stop_markers(renderer: ChatRenderer) -> tuple[str, ...]:
     """The special tokens that end an assistant turn as the model generates it (it stops at the first).
 
-    The tokenizer's eos token, the eos ids of a local generation_config.json, and what the template itself
-    writes right after an answer and after a tool call (probes): `<|im_end|>`, `<|eot_id|>`, `<|end|>` (Phi),
-    `<end_of_turn>`, `</s>`, `<|return|>`/`<|call|>` (gpt-oss). Not every special token: gpt-oss writes `<|end|>`
-    between its analysis and final channels, and that does not stop generation.
+    The tokenizer's eos token, the eos ids of a local generation_config.json, and two probes of the template:
+    - after an answer, the first special token it writes: `<|im_end|>`, `<|eot_id|>`, `<|end|>` (Phi writes eos
+      only after the last turn), `<end_of_turn>`, `<turn|>`, `</s>`, gpt-oss's `<|return|>`;
+    - after a tool call, the special token that closes a conversation ending in that call: gpt-oss's `<|call|>`,
+      Gemma 4's `<|tool_response>` (the model stops there and the server appends the results), R1's end of
+      sentence after its `<｜tool▁call▁end｜><｜tool▁calls▁end｜>`, ChatML's `<|im_end|>`.
+    Not every special token: gpt-oss writes `<|end|>` between its analysis and final channels, and Gemma 4 writes
+    `<tool_call|>` after each of parallel calls; neither stops generation (a token that closes each call is not
+    taken as the turn's end).
     """
     tok = renderer.tokenizer
-    key = (id(tok), renderer.template)
+    key = (id(tok), renderer.template, renderer.tool_call_arguments)
     if key in _STOPS:
         return _STOPS[key]
     specials = sorted(
@@ -185,27 +199,37 @@ def stop_markers(renderer: ChatRenderer) -> tuple[str, ...]:
     found: set[str] = set(_generation_config_eos(tok))
     if tok.eos_token:
         found.add(str(tok.eos_token))
-    call = {"id": "a1b2c3d4e", "type": "function", "function": {"name": "probe_tool", "arguments": {"probe_arg": 1}}}
-    probes: list[tuple[list[Message], str]] = [
-        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}], _PROBE),
-        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [call]}], "probe_arg"),
-    ]
-    for messages, needle in probes:
-        try:
-            text = renderer.reference(messages, add_generation_prompt=False)
-        except Exception:  # noqa: BLE001 - a probe: a template without tool calls simply adds nothing
-            continue
-        at = text.rfind(needle)
-        if at < 0 or (needle != _PROBE and any(m in text[at:] for m in found)):
-            # The special token right after an answer ends the turn (Phi writes <|end|> there, and eos only after
-            # the last turn). After a tool call, only if no known end-of-turn closes the turn later: R1 writes
-            # <｜tool▁call▁end｜> after each call, gpt-oss ends a call turn with <|call|>.
-            continue
-        marker = _special_after(text, at + len(needle), specials)
+    user = {"role": "user", "content": "Hi"}
+    answer = _probe_render(renderer, [user, {"role": "assistant", "content": _PROBE}])
+    if answer is not None and _PROBE in answer:
+        marker = _special_after(answer, answer.rfind(_PROBE) + len(_PROBE), specials)
         if marker is not None:
             found.add(marker)
+    # Two calls where the template takes them: a token that also closes each call (GLM-style `</tool_call>`)
+    # ends the conversation too, but it is not where generation stops.
+    calls = [
+        {"id": f"a1b2c3d4{i}", "type": "function", "function": {"name": "probe_tool", "arguments": {"probe_arg": i}}}
+        for i in (1, 2)
+    ]
+    traits = renderer.traits()
+    for n in (2, 1):
+        turn = normalize_message({"role": "assistant", "tool_calls": calls[:n]}, traits, "")
+        called = _probe_render(renderer, [user, turn])
+        if called is not None and "probe_arg" in called:
+            tail = called[called.find("probe_arg") :].rstrip()
+            marker = next((token for token in specials if tail.endswith(token)), None)
+            if marker is not None and tail.count(marker) == 1:
+                found.add(marker)
+            break
     _STOPS[key] = tuple(sorted(found, key=len, reverse=True))
     return _STOPS[key]
+
+
+def _probe_render(renderer: ChatRenderer, messages: list[Message]) -> str | None:
+    try:
+        return renderer.reference(messages, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a probe: a template without tool calls simply adds nothing
+        return None
 
 
 def first_stop(text: str, start: int, markers: Sequence[str], skip: int = 0) -> tuple[int, int] | None:
