@@ -160,7 +160,9 @@ def test_a_teacher_without_tail_keeps_every_divergence_finite() -> None:
 
 def test_distill_config_from_toml_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "rl.toml"
-    path.write_text(RL_CONFIG)
+    # The distill loss needs a source of teacher distributions: here an on-policy teacher's top-k.
+    path.write_text(RL_CONFIG + '\n[orchestrator.teacher_model]\nbase_url = "http://127.0.0.1:8000/v1"\nmodel = "t"\n'
+                    "\n[orchestrator.on_policy_distill]\ntop_k = 8\n")
     cfg = load_config([path], ["--trainer.loss.type", "distill", "--trainer.loss.divergence", "jsd",
                                "--trainer.loss.beta", "0.2", "--trainer.loss.sft_weight", "0.1"])  # fmt: skip
     assert cfg.trainer.loss == DistillLossConfig(divergence="jsd", beta=0.2, sft_weight=0.1)
