@@ -36,12 +36,15 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(teacher_dir: Path) -> Iterator[tuple[str, Any]]:
     """A teacher on the byte-fallback tokenizer; `app.state.mode` switches it to refuse prompt_logprobs
-    ("echo_only") or to add noise to its scores ("noisy")."""
+    ("echo_only"), to add noise to its scores ("noisy") or to answer no POST /tokenize ("no_tokenize", as a
+    hosted API that only serves completions)."""
     app = build_app(teacher_dir, served_name="sp", dtype="float32", device="cpu")
     app.state.mode = "plain"
 
     @app.middleware("http")
     async def modes(request: Request, call_next: Any) -> Any:
+        if request.url.path.endswith("/tokenize") and app.state.mode == "no_tokenize":
+            return JSONResponse({"error": {"message": "Not Found"}}, status_code=404)
         if request.url.path == "/v1/completions" and app.state.mode == "echo_only":
             body = await request.json()
             if "prompt_logprobs" in body:
@@ -136,9 +139,45 @@ def test_probe_finds_the_protocol_and_refuses_what_it_cannot_use(served: tuple[s
             asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir), scoring="prompt_logprobs"), student_tok, []))
     finally:
         app.state.mode = "plain"
-    # Another tokenizer and nothing to tokenize with: the error names the key to set.
-    with pytest.raises(ConfigError, match=r"set \[orchestrator.teacher_model\] tokenizer"):
-        asyncio.run(distill(endpoint(url), student_tok, []))
+    # Another tokenizer and nothing to tokenize with (no /tokenize, no local tokenizer): the error names both fixes.
+    app.state.mode = "no_tokenize"
+    try:
+        with pytest.raises(ConfigError, match=r"POST /tokenize.*set \[orchestrator.teacher_model\] tokenizer"):
+            asyncio.run(distill(endpoint(url), student_tok, []))
+    finally:
+        app.state.mode = "plain"
+
+
+def per_sample_values(kept: list[Any]) -> list[list[float]]:
+    return [[a for a, m in zip(s.token_advantages, s.loss_mask, strict=True) if m] for s in kept]
+
+
+@pytest.mark.parametrize("protocol", ["prompt_logprobs", "echo"])
+def test_teacher_side_over_tokenize_equals_the_local_tokenizer(served: tuple[str, Any], teacher_dir: Path,
+                                                               protocol: str) -> None:  # fmt: skip
+    """No local teacher tokenizer: the prompt and the completion's tokens come from the teacher's POST /tokenize,
+    and every sample gets the values the local-tokenizer path gives (that path forced by a server with no
+    /tokenize)."""
+    url, app = served
+    student_tok = build_tiny_tokenizer()
+    rng = random.Random(4)
+    answers = [*ANSWERS, "\n\nleading newlines", "emoji 🙂🙂 and 東京"]
+    trajectories = [student_trajectory(student_tok, f"Echo: {a}", a, rng) for a in answers]
+    app.state.mode = "plain"
+    remote, samples, kept_remote, _ = asyncio.run(distill(endpoint(url, scoring=protocol), student_tok, trajectories))
+    assert remote.cross is not None and remote.remote is not None
+    assert type(remote.cross.side).__name__ == "EndpointTeacherSide"
+    app.state.mode = "no_tokenize"
+    try:
+        local, _, kept_local, _ = asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir), scoring=protocol),
+                                                      student_tok, trajectories))  # fmt: skip
+    finally:
+        app.state.mode = "plain"
+    assert local.cross is not None and type(local.cross.side).__name__ == "TeacherSide"
+    assert len(kept_remote) == len(kept_local) == len(samples) == len(answers)
+    for got, want in zip(per_sample_values(kept_remote), per_sample_values(kept_local), strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+        assert sum(got) == pytest.approx(sum(want), abs=1e-4)
 
 
 def test_same_tokenizer_keeps_the_original_path(tmp_path: Path) -> None:
