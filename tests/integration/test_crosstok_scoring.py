@@ -36,10 +36,11 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(teacher_dir: Path) -> Iterator[tuple[str, Any]]:
     """A teacher on the byte-fallback tokenizer; `app.state.mode` switches it to refuse prompt_logprobs
-    ("echo_only"), to add noise to its scores ("noisy") or to answer no POST /tokenize ("no_tokenize", as a
-    hosted API that only serves completions)."""
+    ("echo_only"), to add noise to its scores ("noisy"), to answer no POST /tokenize ("no_tokenize", as a
+    hosted API that only serves completions) or to write /tokenize's token strings as vLLM does ("vllm_pieces")."""
     app = build_app(teacher_dir, served_name="sp", dtype="float32", device="cpu")
     app.state.mode = "plain"
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
 
     @app.middleware("http")
     async def modes(request: Request, call_next: Any) -> Any:
@@ -58,6 +59,13 @@ def served(teacher_dir: Path) -> Iterator[tuple[str, Any]]:
             for entry in data["choices"][0].get("prompt_logprobs") or []:
                 for value in (entry or {}).values():
                     value["logprob"] -= random.uniform(0.0, 1.0)
+            return JSONResponse(data)
+        if request.url.path.endswith("/tokenize") and app.state.mode == "vllm_pieces" and response.status_code == 200:
+            import json
+
+            data = json.loads(b"".join([chunk async for chunk in response.body_iterator]))
+            if data.get("token_strs") is not None:  # vLLM writes the tokenizer's own pieces ("▁", "<0xF0>")
+                data["token_strs"] = teacher_tok.convert_ids_to_tokens(data["tokens"])
             return JSONResponse(data)
         return response
 
@@ -152,9 +160,10 @@ def per_sample_values(kept: list[Any]) -> list[list[float]]:
     return [[a for a, m in zip(s.token_advantages, s.loss_mask, strict=True) if m] for s in kept]
 
 
-@pytest.mark.parametrize("protocol", ["prompt_logprobs", "echo"])
+@pytest.mark.parametrize(("protocol", "strs"), [("prompt_logprobs", "plain"), ("echo", "plain"),
+                                                 ("prompt_logprobs", "vllm_pieces")])  # fmt: skip
 def test_teacher_side_over_tokenize_equals_the_local_tokenizer(served: tuple[str, Any], teacher_dir: Path,
-                                                               protocol: str) -> None:  # fmt: skip
+                                                               protocol: str, strs: str) -> None:  # fmt: skip
     """No local teacher tokenizer: the prompt and the completion's tokens come from the teacher's POST /tokenize,
     and every sample gets the values the local-tokenizer path gives (that path forced by a server with no
     /tokenize)."""
@@ -163,10 +172,14 @@ def test_teacher_side_over_tokenize_equals_the_local_tokenizer(served: tuple[str
     rng = random.Random(4)
     answers = [*ANSWERS, "\n\nleading newlines", "emoji 🙂🙂 and 東京"]
     trajectories = [student_trajectory(student_tok, f"Echo: {a}", a, rng) for a in answers]
-    app.state.mode = "plain"
-    remote, samples, kept_remote, _ = asyncio.run(distill(endpoint(url, scoring=protocol), student_tok, trajectories))
+    app.state.mode = strs
+    try:
+        remote, samples, kept_remote, _ = asyncio.run(distill(endpoint(url, scoring=protocol), student_tok, trajectories))
+    finally:
+        app.state.mode = "plain"
     assert remote.cross is not None and remote.remote is not None
     assert type(remote.cross.side).__name__ == "EndpointTeacherSide"
+    assert remote.remote.scheme == ("metaspace" if strs == "vllm_pieces" else "text")
     app.state.mode = "no_tokenize"
     try:
         local, _, kept_local, _ = asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir), scoring=protocol),
