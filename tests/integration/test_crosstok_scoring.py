@@ -204,9 +204,10 @@ def test_same_tokenizer_keeps_the_original_path(tmp_path: Path) -> None:
     assert metrics["distill/scored_samples"] == 1 and metrics["distill/teacher_noise"] == 0.0
 
 
-def test_turns_that_cannot_be_aligned_are_set_aside_by_kind(served: tuple[str, Any], teacher_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["plain", "no_tokenize"])  # the teacher side over /tokenize, and local
+def test_turns_that_cannot_be_aligned_are_set_aside_by_kind(served: tuple[str, Any], teacher_dir: Path, mode: str) -> None:
     url, app = served
-    app.state.mode = "plain"
+    app.state.mode = mode
     student_tok = build_tiny_tokenizer()
     rng = random.Random(3)
     ok = student_trajectory(student_tok, "Reverse: ab", "ba", rng)
@@ -214,6 +215,11 @@ def test_turns_that_cannot_be_aligned_are_set_aside_by_kind(served: tuple[str, A
     call["steps"][0]["completion"] = [{"role": "assistant", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": '{"x": "2+2"}'}}]}]  # fmt: skip
     control = student_trajectory(student_tok, "Say it", "the end<|end|> marker", rng)  # the teacher's control text
-    _, _, kept, metrics = asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir)), student_tok, [ok, call, control]))
+    try:
+        distiller, _, kept, metrics = asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir)), student_tok,
+                                                          [ok, call, control]))  # fmt: skip
+    finally:
+        app.state.mode = "plain"
+    assert (distiller.remote is None) == (mode == "no_tokenize")
     assert len(kept) == 1 and metrics["distill/scored_samples"] == 1
     assert metrics["distill/set_aside/tool_call_text"] == 1 and metrics["distill/set_aside/control_token"] == 1

@@ -176,13 +176,21 @@ class EndpointTeacherSide(TeacherSide):
     async def teacher_turn(self, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
                            tools: list[dict[str, Any]] | None, student_completion_ids: list[int]) -> TeacherTurn:  # fmt: skip
         text, ends_turn, scored = self.student_text(student_completion_ids)
+        prompt_ids, strs = await self._prompt(prompt, tools)
         message = completion[-1] if completion else {}
         if message.get("tool_calls") or message.get("reasoning_content"):
-            # How the teacher's template writes them is only seen in its rendered text, which /tokenize does not
-            # return as such: set aside rather than risk scoring other text.
-            raise AlignError("tool_call_text", "a tool call (or reasoning) cannot be compared over the endpoint's "
-                                               "/tokenize; configure [orchestrator.teacher_model] tokenizer")  # fmt: skip
-        prompt_ids, strs = await self._prompt(prompt, tools)
+            # Structured parts: comparable only when the teacher's template writes the student's text for them.
+            # The whole conversation rendered by the endpoint must extend the prompt's tokens with that text.
+            try:
+                full_ids, full_strs = await self.remote.chat(prompt + completion, tools, generation=False)
+            except ClientError as e:
+                if e.kind != "bad_request":
+                    raise
+                full_ids, full_strs = [], []
+            after = b"".join(piece_bytes(p, self.remote.scheme) for p in full_strs[len(prompt_ids) :])
+            if full_ids[: len(prompt_ids)] != prompt_ids or not after.startswith(text.encode("utf-8")):
+                raise AlignError("tool_call_text", "the teacher's template writes this tool call (or reasoning) "
+                                                   "as other text than the student's")  # fmt: skip
         last = max((i for i, s in enumerate(strs) if _is_control(s)), default=None)
         tail_ids = prompt_ids[last:] if last is not None else []
         tail = b"".join(piece_bytes(s, self.remote.scheme) for s in strs[last:]) if last is not None else b""
