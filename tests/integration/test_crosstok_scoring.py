@@ -36,12 +36,16 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def served(teacher_dir: Path) -> Iterator[tuple[str, Any]]:
     """A teacher on the byte-fallback tokenizer; `app.state.mode` switches it to refuse prompt_logprobs
-    ("echo_only") or to add noise to its scores ("noisy")."""
+    ("echo_only"), to add noise to its scores ("noisy"), to answer no POST /tokenize ("no_tokenize", as a
+    hosted API that only serves completions) or to write /tokenize's token strings as vLLM does ("vllm_pieces")."""
     app = build_app(teacher_dir, served_name="sp", dtype="float32", device="cpu")
     app.state.mode = "plain"
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
 
     @app.middleware("http")
     async def modes(request: Request, call_next: Any) -> Any:
+        if request.url.path.endswith("/tokenize") and app.state.mode == "no_tokenize":
+            return JSONResponse({"error": {"message": "Not Found"}}, status_code=404)
         if request.url.path == "/v1/completions" and app.state.mode == "echo_only":
             body = await request.json()
             if "prompt_logprobs" in body:
@@ -55,6 +59,13 @@ def served(teacher_dir: Path) -> Iterator[tuple[str, Any]]:
             for entry in data["choices"][0].get("prompt_logprobs") or []:
                 for value in (entry or {}).values():
                     value["logprob"] -= random.uniform(0.0, 1.0)
+            return JSONResponse(data)
+        if request.url.path.endswith("/tokenize") and app.state.mode == "vllm_pieces" and response.status_code == 200:
+            import json
+
+            data = json.loads(b"".join([chunk async for chunk in response.body_iterator]))
+            if data.get("token_strs") is not None:  # vLLM writes the tokenizer's own pieces ("▁", "<0xF0>")
+                data["token_strs"] = teacher_tok.convert_ids_to_tokens(data["tokens"])
             return JSONResponse(data)
         return response
 
@@ -136,9 +147,50 @@ def test_probe_finds_the_protocol_and_refuses_what_it_cannot_use(served: tuple[s
             asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir), scoring="prompt_logprobs"), student_tok, []))
     finally:
         app.state.mode = "plain"
-    # Another tokenizer and nothing to tokenize with: the error names the key to set.
-    with pytest.raises(ConfigError, match=r"set \[orchestrator.teacher_model\] tokenizer"):
-        asyncio.run(distill(endpoint(url), student_tok, []))
+    # Another tokenizer and nothing to tokenize with (no /tokenize, no local tokenizer): the error names both fixes.
+    app.state.mode = "no_tokenize"
+    try:
+        with pytest.raises(ConfigError, match=r"POST /tokenize.*set \[orchestrator.teacher_model\] tokenizer"):
+            asyncio.run(distill(endpoint(url), student_tok, []))
+    finally:
+        app.state.mode = "plain"
+
+
+def per_sample_values(kept: list[Any]) -> list[list[float]]:
+    return [[a for a, m in zip(s.token_advantages, s.loss_mask, strict=True) if m] for s in kept]
+
+
+@pytest.mark.parametrize(("protocol", "strs"), [("prompt_logprobs", "plain"), ("echo", "plain"),
+                                                 ("prompt_logprobs", "vllm_pieces")])  # fmt: skip
+def test_teacher_side_over_tokenize_equals_the_local_tokenizer(served: tuple[str, Any], teacher_dir: Path,
+                                                               protocol: str, strs: str) -> None:  # fmt: skip
+    """No local teacher tokenizer: the prompt and the completion's tokens come from the teacher's POST /tokenize,
+    and every sample gets the values the local-tokenizer path gives (that path forced by a server with no
+    /tokenize)."""
+    url, app = served
+    student_tok = build_tiny_tokenizer()
+    rng = random.Random(4)
+    answers = [*ANSWERS, "\n\nleading newlines", "emoji 🙂🙂 and 東京"]
+    trajectories = [student_trajectory(student_tok, f"Echo: {a}", a, rng) for a in answers]
+    app.state.mode = strs
+    try:
+        remote, samples, kept_remote, _ = asyncio.run(distill(endpoint(url, scoring=protocol), student_tok, trajectories))
+    finally:
+        app.state.mode = "plain"
+    assert remote.cross is not None and remote.remote is not None
+    assert type(remote.cross.side).__name__ == "EndpointTeacherSide"
+    assert remote.remote.scheme == ("metaspace" if strs == "vllm_pieces" else "text")
+    app.state.mode = "no_tokenize"
+    try:
+        local, _, kept_local, _ = asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir), scoring=protocol),
+                                                      student_tok, trajectories))  # fmt: skip
+    finally:
+        app.state.mode = "plain"
+    assert local.cross is not None and type(local.cross.side).__name__ == "TeacherSide"
+    assert len(kept_remote) == len(kept_local) == len(samples) == len(answers)
+    for got, want in zip(per_sample_values(kept_remote), per_sample_values(kept_local), strict=True):
+        assert got == pytest.approx(want, abs=1e-4)
+        assert sum(got) == pytest.approx(sum(want), abs=1e-4)
 
 
 def test_same_tokenizer_keeps_the_original_path(tmp_path: Path) -> None:
@@ -152,9 +204,10 @@ def test_same_tokenizer_keeps_the_original_path(tmp_path: Path) -> None:
     assert metrics["distill/scored_samples"] == 1 and metrics["distill/teacher_noise"] == 0.0
 
 
-def test_turns_that_cannot_be_aligned_are_set_aside_by_kind(served: tuple[str, Any], teacher_dir: Path) -> None:
+@pytest.mark.parametrize("mode", ["plain", "no_tokenize"])  # the teacher side over /tokenize, and local
+def test_turns_that_cannot_be_aligned_are_set_aside_by_kind(served: tuple[str, Any], teacher_dir: Path, mode: str) -> None:
     url, app = served
-    app.state.mode = "plain"
+    app.state.mode = mode
     student_tok = build_tiny_tokenizer()
     rng = random.Random(3)
     ok = student_trajectory(student_tok, "Reverse: ab", "ba", rng)
@@ -162,6 +215,11 @@ def test_turns_that_cannot_be_aligned_are_set_aside_by_kind(served: tuple[str, A
     call["steps"][0]["completion"] = [{"role": "assistant", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "calc", "arguments": '{"x": "2+2"}'}}]}]  # fmt: skip
     control = student_trajectory(student_tok, "Say it", "the end<|end|> marker", rng)  # the teacher's control text
-    _, _, kept, metrics = asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir)), student_tok, [ok, call, control]))
+    try:
+        distiller, _, kept, metrics = asyncio.run(distill(endpoint(url, tokenizer=str(teacher_dir)), student_tok,
+                                                          [ok, call, control]))  # fmt: skip
+    finally:
+        app.state.mode = "plain"
+    assert (distiller.remote is None) == (mode == "no_tokenize")
     assert len(kept) == 1 and metrics["distill/scored_samples"] == 1
     assert metrics["distill/set_aside/tool_call_text"] == 1 and metrics["distill/set_aside/control_token"] == 1

@@ -1,11 +1,13 @@
 """The teacher probe, once at startup: does the teacher share the student's token ids, which scoring protocol
 does its endpoint speak, and how noisy are its scores.
 
-1. Tokenizer. With a teacher tokenizer at hand (`[orchestrator.teacher_model] tokenizer`, or `model` being a
-   local directory) the two are compared by vocabulary and by the ids of a probe text. Without one, the endpoint
-   scores the probe text and reports its ids (vLLM's prompt_logprobs on a text prompt). Identical ids: today's
-   same-tokenizer path, unchanged. Different ids: the cross-tokenizer path, which needs the teacher's tokenizer
-   and chat template locally (a clear error names the key otherwise).
+1. Tokenizer. When the endpoint answers vLLM's `POST /tokenize` (with token strings), the teacher's ids of a
+   probe text come from it, and so does the teacher side of every turn (endpoint.py): what the server itself
+   serves, template included. Else, with a teacher tokenizer at hand (`[orchestrator.teacher_model] tokenizer`,
+   or `model` being a local directory) the two are compared by vocabulary and by the ids of a probe text.
+   Without either, the endpoint scores the probe text and reports its ids (vLLM's prompt_logprobs on a text
+   prompt). Identical ids: today's same-tokenizer path, unchanged. Different ids: the cross-tokenizer path,
+   over /tokenize or the local tokenizer (a clear error names both options otherwise).
 2. Protocol. `scoring = "auto"` tries vLLM's `prompt_logprobs`, then legacy `echo` + `logprobs`; a fixed
    choice is checked. The first that scores the probe's ids is used for the whole run.
 3. Self-test. The probe is scored twice more (never from the cache); `distill/teacher_noise` is the mean absolute
@@ -25,6 +27,7 @@ from apprentice.clients.echo import EchoScoringClient
 from apprentice.clients.scoring import PromptScores, TeacherScoringClient
 from apprentice.config import ConfigError
 from apprentice.config.orchestrator import TeacherEndpointConfig
+from apprentice.crosstok.endpoint import EndpointTeacherSide, EndpointTokenizer
 from apprentice.crosstok.token_bytes import TokenBytes, UnsupportedTokenizer
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,10 @@ class TeacherProbe:
     noise: float
     """Mean absolute difference of two scorings of the probe (nats per token): distill/teacher_noise."""
     teacher_tokenizer: Any | None
-    """The teacher's tokenizer (with its chat template) when it differs from the student's."""
+    """The teacher's tokenizer (with its chat template) when it differs from the student's and the endpoint cannot
+    tokenize for us."""
+    remote: EndpointTeacherSide | None = None
+    """The teacher side over the endpoint's POST /tokenize, when it differs from the student's and answers that."""
 
 
 def where(endpoint: TeacherEndpointConfig) -> str:
@@ -121,44 +127,76 @@ def _noise(a: PromptScores, b: PromptScores) -> float:
     return sum(abs(x - y) for x, y in pairs) / len(pairs) if pairs else 0.0
 
 
+async def _remote_tokenizer(remote: EndpointTokenizer | None, endpoint: TeacherEndpointConfig) -> list[int] | None:
+    """The teacher's ids of the probe text from its POST /tokenize (its token-string convention found on the way),
+    or None when the endpoint does not answer it."""
+    if remote is None:
+        return None
+    try:
+        await remote.detect_scheme(PROBE_TEXT)
+        ids, _ = await remote.text(PROBE_TEXT, special=True)
+    except ClientError as e:
+        log.info("%s does not answer POST /tokenize usably (%s): the teacher's tokenizer is needed locally", where(endpoint), e)
+        return None
+    return ids
+
+
 async def probe_teacher(
-    endpoint: TeacherEndpointConfig, prompt_logprobs: TeacherScoringClient, echo: EchoScoringClient, student: Any
+    endpoint: TeacherEndpointConfig, prompt_logprobs: TeacherScoringClient, echo: EchoScoringClient, student: Any,
+    remote: EndpointTokenizer | None = None,
 ) -> TeacherProbe:
     """Run the probe (module docstring); ConfigError with the fix on any failure. The clients must have no cache:
-    the self-test asks the teacher itself twice."""
+    the self-test asks the teacher itself twice. `remote`: the endpoint's /tokenize, tried before a local tokenizer."""
+    remote_ids = await _remote_tokenizer(remote, endpoint)
     teacher = load_teacher_tokenizer(endpoint)
-    if teacher is not None:
+    side: EndpointTeacherSide | None = None
+    if remote_ids is not None:
+        same = remote_ids == list(student(PROBE_TEXT)["input_ids"])
+    elif teacher is not None:
         same = _same_local(teacher, student)
     else:
         same = await _same_at_endpoint(prompt_logprobs, student, endpoint)
-        if not same:
-            raise ConfigError(
-                f"{where(endpoint)} tokenizes differently from the student. Scoring the student's text with it needs "
-                f"the teacher's own tokenizer and chat template: set [orchestrator.teacher_model] tokenizer = "
-                f"\"<HF directory or cached hub id of the teacher>\""
-            )
-    if not same:
+    if not same and remote_ids is not None and remote is not None:
+        try:
+            end_of_turn, controls = await remote.controls()
+            side = EndpointTeacherSide(remote, student, end_of_turn, controls)
+        except ClientError as e:
+            log.info("%s: cannot find the teacher's end of turn over /tokenize (%s)", where(endpoint), e)
+    if not same and side is None and teacher is None:
+        raise ConfigError(
+            f"{where(endpoint)} tokenizes differently from the student. Scoring the student's text with it needs "
+            f"the teacher's own tokenizer and chat template: serve the teacher where POST /tokenize takes messages "
+            f"(vLLM, `apprentice serve`), or set [orchestrator.teacher_model] tokenizer = "
+            f"\"<HF directory or cached hub id of the teacher>\""
+        )
+    if not same and prompt_logprobs.top_k:
+        raise ConfigError(
+            f"orchestrator.on_policy_distill.top_k = {prompt_logprobs.top_k} needs a teacher with the student's "
+            f"tokenizer: {where(endpoint)} has another, and its top-k are ids of its own vocabulary with no "
+            f"per-position counterpart in the student's. Set top_k = 0 (the sampled-text estimator, aligned "
+            f"by bytes) for this teacher"
+        )
+    if not same and side is None:
         assert teacher is not None
-        if prompt_logprobs.top_k:
-            raise ConfigError(
-                f"orchestrator.on_policy_distill.top_k = {prompt_logprobs.top_k} needs a teacher with the student's "
-                f"tokenizer: {where(endpoint)} has another, and its top-k are ids of its own vocabulary with no "
-                f"per-position counterpart in the student's. Set top_k = 0 (the sampled-text estimator, aligned "
-                f"by bytes) for this teacher"
-            )
         if not getattr(teacher, "chat_template", None):
             raise ConfigError(f"{where(endpoint)}: the teacher's tokenizer has no chat template, so the conversation "
                               f"cannot be written as the teacher sees it; point tokenizer at one that has")  # fmt: skip
-        for name, tok in (("teacher", teacher), ("student", student)):
+    if not same:
+        for name, tok in (("teacher", teacher if side is None else None), ("student", student)):
+            if tok is None:
+                continue
             try:
                 problem = TokenBytes(tok).roundtrip_problem(PROBE_TEXT)
             except UnsupportedTokenizer as e:
                 raise ConfigError(f"{where(endpoint)}: the {name}'s tokenizer cannot be aligned by bytes: {e}") from None
             if problem is not None:
-                log.warning("the %s's tokenizer does not write the probe text byte for byte (%s): turns it cannot "
+                log.warning("the %s's tokenizer does not write the probe text back byte for byte (%s): turns it cannot "
                             "write are set aside as distill/set_aside/text_mismatch", name, problem)  # fmt: skip
-    probe_tok = student if same or teacher is None else teacher
-    probe_ids = list(probe_tok(PROBE_TEXT)["input_ids"])
+    if remote_ids is not None:
+        probe_ids = remote_ids
+    else:
+        probe_tok = student if same or teacher is None else teacher
+        probe_ids = list(probe_tok(PROBE_TEXT)["input_ids"])
     order: list[Protocol] = ["prompt_logprobs", "echo"] if endpoint.scoring == "auto" else [endpoint.scoring]
     if prompt_logprobs.top_k:  # top-k targets come from prompt_logprobs only (echo's alternatives are keyed by text)
         if "prompt_logprobs" not in order:
@@ -194,7 +232,7 @@ async def probe_teacher(
                 f"learns from (replicas or batch-dependent kernels that disagree). Pin one replica / deterministic "
                 f"kernels, or raise [orchestrator.teacher_model] max_noise if you accept it"
             )
-        return TeacherProbe(same, protocol, noise, None if same else teacher)
+        return TeacherProbe(same, protocol, noise, None if same or side is not None else teacher, side)
     raise ConfigError(
         f"{where(endpoint)} cannot score prompts on its completions API with scoring = {endpoint.scoring!r} "
         f"({'; '.join(failures)}). On-policy distillation needs vLLM's prompt_logprobs or the legacy echo + logprobs "

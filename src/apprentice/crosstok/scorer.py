@@ -64,7 +64,7 @@ class CrossTokenizerScorer:
     async def turn_values(self, step: dict[str, Any], tools: list[dict[str, Any]] | None, completion_ids: list[int],
                           student_logprobs: list[float]) -> list[float]:  # fmt: skip
         """[len(completion_ids)] per-token values v_t of one turn (AlignError / ClientError when it cannot be scored)."""
-        turn = self.side.turn(step["prompt"], step.get("completion") or [], tools, completion_ids)
+        turn = await self.side.teacher_turn(step["prompt"], step.get("completion") or [], tools, completion_ids)
         scores = await self.scorer.score(turn.ids)
         teacher_lps = scores.logprobs[turn.completion_start :]
         if len(scores.logprobs) != len(turn.ids) or any(lp is None for lp in teacher_lps):
@@ -72,7 +72,8 @@ class CrossTokenizerScorer:
         teacher_ids = turn.ids[turn.completion_start :]
         n = turn.student_scored  # the tokens of an unfinished last character (cut-off turn) get no value
         student = Completion(self.side.student_bytes(completion_ids[:n]), student_logprobs[:n], turn.ends_turn)
-        teacher = Completion(self.side.teacher_bytes(teacher_ids), [float(lp) for lp in teacher_lps if lp is not None],
+        teacher_bytes = turn.completion_bytes if turn.completion_bytes is not None else self.side.teacher_bytes(teacher_ids)
+        teacher = Completion(teacher_bytes, [float(lp) for lp in teacher_lps if lp is not None],
                              turn.ends_turn)  # fmt: skip
         values = align_completion(student, teacher, spread=self.spread)
         return values + [0.0] * (len(completion_ids) - n)

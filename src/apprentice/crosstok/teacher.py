@@ -37,6 +37,8 @@ class TeacherTurn:
     student_scored: int
     """How many of the student's completion tokens the teacher's sequence covers: all of them, except in a turn
     cut off by max_tokens inside a character, whose last few tokens (the unfinished character) are left out."""
+    completion_bytes: list[bytes] | None = None
+    """[C] each completion token's bytes, when the teacher's tokenizer is remote (endpoint.py); else read locally."""
 
 
 def find_end_of_turn(tokenizer: Any) -> int:
@@ -100,6 +102,11 @@ class TeacherSide:
             return str(self.tok.apply_chat_template(messages, tools=tools, add_generation_prompt=generation, tokenize=False))
         except Exception as e:  # jinja raises for conversations the template refuses
             raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
+
+    async def teacher_turn(self, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
+                           tools: list[dict[str, Any]] | None, student_completion_ids: list[int]) -> TeacherTurn:  # fmt: skip
+        """`turn`, awaitable like the endpoint's (crosstok/endpoint.py)."""
+        return self.turn(prompt, completion, tools, student_completion_ids)
 
     def turn(
         self,

@@ -36,6 +36,7 @@ from apprentice.clients.echo import EchoScoringClient
 from apprentice.clients.scoring import PromptScores, SampleScores, TeacherScoringClient
 from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig, TeacherEndpointConfig
 from apprentice.crosstok.align import AlignError
+from apprentice.crosstok.endpoint import EndpointTokenizer
 from apprentice.crosstok.probe import probe_teacher
 from apprentice.crosstok.scorer import CrossTokenizerScorer, StepIndex, index_steps
 from apprentice.crosstok.teacher import TeacherSide
@@ -161,6 +162,9 @@ class OnPolicyDistiller:
         self.echo = EchoScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
         self.protocol = "prompt_logprobs"
         self.cross: CrossTokenizerScorer | None = None
+        self.max_concurrency = max_concurrency
+        self.remote: EndpointTokenizer | None = None
+        """The teacher's POST /tokenize, when the cross-tokenizer path renders over the endpoint."""
         self.noise: float | None = None
         self.first_errors: dict[str, str] = {}
         """The last `apply`'s first error message per kind of set-aside sample (for the empty-step message)."""
@@ -170,15 +174,21 @@ class OnPolicyDistiller:
         the fix. The probe's own clients have no cache: the self-test asks the teacher itself twice."""
         probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k)
         echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)
+        remote = EndpointTokenizer(self.endpoint, max_concurrency=self.max_concurrency)
         try:
-            found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer)
+            found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer, remote)
         finally:
             await probing.aclose()
             await echo.aclose()
+            self.remote = remote  # closed with the distiller, or below when the path does not use it
         self.protocol, self.noise = found.protocol, found.noise
+        if found.remote is None:
+            self.remote = None
+            await remote.aclose()
         if not found.same_tokenizer:
             scorer = self.client if self.protocol == "prompt_logprobs" else self.echo
-            self.cross = CrossTokenizerScorer(TeacherSide(found.teacher_tokenizer, student_tokenizer), scorer)
+            side = found.remote or TeacherSide(found.teacher_tokenizer, student_tokenizer)
+            self.cross = CrossTokenizerScorer(side, scorer)
 
     async def _score(self, sample: TrainingSample, steps: StepIndex) -> SampleScores:
         if self.cross is not None:
@@ -222,3 +232,5 @@ class OnPolicyDistiller:
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.echo.aclose()
+        if self.remote is not None:
+            await self.remote.aclose()
