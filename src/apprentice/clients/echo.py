@@ -109,13 +109,7 @@ class EchoScoringClient:
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """Counters under `distill/` (requests, retries, cache_hits, responses, errors/<kind>, latency_s, ...)."""
-        out = dict(self._counters)
-        for name in ("teacher/requests", "teacher/retries", "teacher/cache_hits"):
-            out.setdefault(name, 0.0)
-        out.update(self._session.latency_metrics())
-        if reset:
-            self._session.reset()
-        return {k.replace("teacher/", "distill/", 1): v for k, v in out.items()}
+        return {k.replace("teacher/", "distill/", 1): v for k, v in self._session.metrics(reset).items()}
 
     async def aclose(self) -> None:
         await self._session.aclose()

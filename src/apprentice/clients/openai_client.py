@@ -187,14 +187,8 @@ class OpenAIChatClient:
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """Counters since construction (or the last `reset=True` call), all under `teacher/`."""
-        out = dict(self._counters)
-        for name in ("teacher/requests", "teacher/retries", "teacher/cache_hits", "teacher/truncated", "teacher/empty",
-                     "teacher/prompt_tokens", "teacher/completion_tokens", "teacher/reasoning_tokens"):  # fmt: skip
-            out.setdefault(name, 0.0)
-        out.update(self._session.latency_metrics())
-        if reset:
-            self._session.reset()
-        return out
+        return self._session.metrics(reset, always=("requests", "retries", "cache_hits", "truncated", "empty",
+                                                     "prompt_tokens", "completion_tokens", "reasoning_tokens"))
 
     async def aclose(self) -> None:
         await self._session.aclose()

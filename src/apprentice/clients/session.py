@@ -118,6 +118,17 @@ class EndpointSession:
         return {f"{self.prefix}latency_s": sum(self.latencies_s) / len(self.latencies_s),
                 f"{self.prefix}latency_s_max": max(self.latencies_s)}  # fmt: skip
 
+    def metrics(self, reset: bool = False, *, always: tuple[str, ...] = ("requests", "retries", "cache_hits")) -> dict[str, float]:
+        """Counters since construction (or the last `reset=True` call) and latencies, under the session's prefix;
+        the `always` counters appear as 0.0 when nothing was counted."""
+        out = dict(self.counters)
+        for name in always:
+            out.setdefault(self.prefix + name, 0.0)
+        out.update(self.latency_metrics())
+        if reset:
+            self.reset()
+        return out
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
