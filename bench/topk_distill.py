@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.config import load_config
-from apprentice.demo import FORMAT_ENV, TEACHER_PROMPT, score
+from apprentice.demo import FORMAT_ENV, TEACHER_PROMPT
 from apprentice.eval import evaluate
 from apprentice.inference.launch import free_port, local_server
 from apprentice.metrics import read_metrics
@@ -78,12 +78,12 @@ def overrides_for(signal: str, model_dir: Path, out: Path, teacher_url: str, ste
     return args
 
 
-def held_out(eval_cfg: Any, model: str, part: str) -> dict[str, float]:
-    if part == "a":
-        s = score(eval_cfg, model)
-        return {"reward": s.correct, "bare_city": s.form}
-    (result,) = evaluate(eval_cfg, model)
-    return {"french_share": result.reward}
+def held_out(eval_cfg: Any, model: str, part: str, num_tasks: int | None) -> dict[str, float]:
+    """Greedy held-out scores of `model` (a directory or a URL) on the first `num_tasks` eval tasks (None: all)."""
+    rewards = {r.env: r.reward for r in evaluate(eval_cfg, model, num_tasks)}
+    if part == "a":  # the capitals env (right city alone) and the same questions scored on form only
+        return {"reward": rewards["capitals"], "bare_city": rewards["format"]}
+    return {"french_share": rewards["french"]}
 
 
 def report(part: str, rows: dict[str, dict[str, Any]], steps: int) -> None:
@@ -98,7 +98,7 @@ def report(part: str, rows: dict[str, dict[str, Any]], steps: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def run_part(part: str, model_dir: Path, out: Path, steps: int) -> dict[str, Any]:
+def run_part(part: str, model_dir: Path, out: Path, steps: int, num_tasks: int | None) -> dict[str, Any]:
     env = None if part == "a" else FRENCH
     hidden = (["--prompt-prefix-file", str(TEACHER_PROMPT)] if part == "a"
               else ["--system-prompt-file", str(DATA / "french-teacher.txt")])  # fmt: skip
@@ -113,15 +113,15 @@ def run_part(part: str, model_dir: Path, out: Path, steps: int) -> dict[str, Any
         if part == "a":
             eval_cfg.orchestrator.env = [*eval_cfg.orchestrator.env, FORMAT_ENV]
         print(f"== part {part}: teacher at {url}; scoring teacher and untrained student", flush=True)
-        rows["teacher (hidden prompt)"] = held_out(eval_cfg, url, part)
-        rows["student, untrained"] = held_out(eval_cfg, str(model_dir), part)
+        rows["teacher (hidden prompt)"] = held_out(eval_cfg, url, part, num_tasks)
+        rows["student, untrained"] = held_out(eval_cfg, str(model_dir), part, num_tasks)
         report(part, rows, steps)
         for signal, (command, config) in SIGNALS.items():
             run_dir = out / signal.replace(" ", "_")
             print(f"== part {part}: {signal}", flush=True)
             wall, peak = train(command, config, overrides_for(signal, model_dir, run_dir, url, steps, env), out / "runs.log")
             rows[signal] = {"wall_s": wall, "peak_rss_gib": peak, "dir": str(run_dir)}
-            rows[signal].update(held_out(eval_cfg, str(run_dir / "final"), part))
+            rows[signal].update(held_out(eval_cfg, str(run_dir / "final"), part, num_tasks))
             (out / "results.json").write_text(json.dumps({"steps": steps, "results": rows}, indent=2))
             report(part, rows, steps)
     return rows
@@ -165,12 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="runs/topk-bench")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--part", choices=["a", "b", "ab"], default="ab")
+    parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks scored per env (default: all)")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = export_smollm2()
     start = time.monotonic()
-    results = {part: run_part(part, model_dir, out / f"part_{part}", args.steps) for part in args.part}
+    results = {part: run_part(part, model_dir, out / f"part_{part}", args.steps, args.eval_tasks) for part in args.part}
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
     plot = save_plot(out, results)
     for part, rows in results.items():
