@@ -98,7 +98,7 @@ def report(part: str, rows: dict[str, dict[str, Any]], steps: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def run_part(part: str, model_dir: Path, out: Path, steps: int, num_tasks: int | None) -> dict[str, Any]:
+def run_part(part: str, model_dir: Path, out: Path, steps: int, num_tasks: int | None, signals: list[str]) -> dict[str, Any]:
     env = None if part == "a" else FRENCH
     hidden = (["--prompt-prefix-file", str(TEACHER_PROMPT)] if part == "a"
               else ["--system-prompt-file", str(DATA / "french-teacher.txt")])  # fmt: skip
@@ -116,7 +116,8 @@ def run_part(part: str, model_dir: Path, out: Path, steps: int, num_tasks: int |
         rows["teacher (hidden prompt)"] = held_out(eval_cfg, url, part, num_tasks)
         rows["student, untrained"] = held_out(eval_cfg, str(model_dir), part, num_tasks)
         report(part, rows, steps)
-        for signal, (command, config) in SIGNALS.items():
+        for signal in signals:
+            command, config = SIGNALS[signal]
             run_dir = out / signal.replace(" ", "_")
             print(f"== part {part}: {signal}", flush=True)
             wall, peak = train(command, config, overrides_for(signal, model_dir, run_dir, url, steps, env), out / "runs.log")
@@ -153,6 +154,8 @@ def save_plot(out: Path, results: dict[str, dict[str, dict[str, Any]]]) -> Path 
         ax.legend(fontsize=8)
     last = list(results)[-1]
     for signal, (command, _) in SIGNALS.items():
+        if signal not in results[last]:
+            continue
         name, series = curves(Path(results[last][signal]["dir"]), command, signal)
         axes[0].plot([s for s, _ in series], [v for _, v in series], marker=".", label=f"{signal}: {name}")
     axes[0].set(title=f"part {last}: per-step divergence each signal logs", xlabel="step")
@@ -165,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="runs/topk-bench")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--part", choices=["a", "b", "ab"], default="ab")
+    parser.add_argument("--signals", default=",".join(SIGNALS), help=f"comma-separated subset of: {', '.join(SIGNALS)}")
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks scored per env (default: all)")
     args = parser.parse_args(argv)
+    signals = [name.strip() for name in args.signals.split(",")]
+    if unknown := [name for name in signals if name not in SIGNALS]:
+        parser.error(f"--signals: unknown {unknown}; choose from {list(SIGNALS)}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = export_smollm2()
     start = time.monotonic()
-    results = {part: run_part(part, model_dir, out / f"part_{part}", args.steps, args.eval_tasks) for part in args.part}
+    results = {part: run_part(part, model_dir, out / f"part_{part}", args.steps, args.eval_tasks, signals) for part in args.part}
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
     plot = save_plot(out, results)
     for part, rows in results.items():
