@@ -86,9 +86,10 @@ def held_out(eval_cfg: Any, model: str, part: str, num_tasks: int | None) -> dic
     return {"french_share": rewards["french"]}
 
 
-def report(part: str, rows: dict[str, dict[str, Any]], steps: int) -> None:
+def report(part: str, rows: dict[str, dict[str, Any]], steps: int, num_tasks: int | None) -> None:
     """The part's markdown table so far (printed after every row: a long run shows what it has)."""
-    what = "capitals, 40 held-out countries" if part == "a" else "French teacher, 10 held-out questions"
+    held = min(num_tasks or 10**9, 40 if part == "a" else 10)
+    what = f"capitals, {held} held-out countries" if part == "a" else f"French teacher, {held} held-out questions"
     print(f"\npart {part} ({what}); greedy; {steps} steps of 8 prompts; 2-core CPU", flush=True)
     columns = [k for k in ("reward", "bare_city", "french_share", "wall_s", "peak_rss_gib") if any(k in r for r in rows.values())]
     print("| model | " + " | ".join(columns) + " |")
@@ -115,7 +116,7 @@ def run_part(part: str, model_dir: Path, out: Path, steps: int, num_tasks: int |
         print(f"== part {part}: teacher at {url}; scoring teacher and untrained student", flush=True)
         rows["teacher (hidden prompt)"] = held_out(eval_cfg, url, part, num_tasks)
         rows["student, untrained"] = held_out(eval_cfg, str(model_dir), part, num_tasks)
-        report(part, rows, steps)
+        report(part, rows, steps, num_tasks)
         for signal in signals:
             command, config = SIGNALS[signal]
             run_dir = out / signal.replace(" ", "_")
@@ -124,7 +125,7 @@ def run_part(part: str, model_dir: Path, out: Path, steps: int, num_tasks: int |
             rows[signal] = {"wall_s": wall, "peak_rss_gib": peak, "dir": str(run_dir)}
             rows[signal].update(held_out(eval_cfg, str(run_dir / "final"), part, num_tasks))
             (out / "results.json").write_text(json.dumps({"steps": steps, "results": rows}, indent=2))
-            report(part, rows, steps)
+            report(part, rows, steps, num_tasks)
     return rows
 
 
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
     plot = save_plot(out, results)
     for part, rows in results.items():
-        report(part, rows, args.steps)
+        report(part, rows, args.steps, args.eval_tasks)
     print(f"\ntotal {(time.monotonic() - start) / 60:.1f} min; peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if plot:
         print(f"plot: {plot}")
