@@ -78,8 +78,11 @@ def forward_kl_to_targets(model: Any, samples: list[TrainingSample]) -> float:
 
 
 def make_config(student: Path, output: Path, loss: dict[str, Any], max_steps: int = 4) -> Config:
+    """A trainer for an off-policy distill run with the teacher's top-k (the trainer never calls the endpoint)."""
+    teacher = {"base_url": "http://127.0.0.1:9/v1", "model": "teacher"}
     return Config.model_validate({
-        "model": {"name": str(student)}, "output_dir": str(output), "inference": {}, "log": {"progress": False},
+        "model": {"name": str(student)}, "output_dir": str(output), "log": {"progress": False},
+        "orchestrator": {"rollout_model": teacher, "use_token_client": False, "sampling": {"top_logprobs": K}},
         "trainer": {"max_steps": max_steps, "micro_batch_tokens": 64, "logprob_chunk_tokens": 16, "loss": loss,
                     "optim": {"lr": 5e-3}, "ckpt": {"interval": 10}, "batch_timeout_s": 30.0},
     })  # fmt: skip

@@ -1,6 +1,6 @@
 """Teacher scoring for on-policy distillation, through a real `apprentice serve` on loopback (tiny model, fp32):
 prompt logprobs equal a direct transformers forward pass, hidden prompts are honoured, the client's retry policy
-and cache apply (a resumed run pays nothing), and the startup tokenizer check refuses a different tokenizer."""
+and cache apply (a resumed run pays nothing). The startup probe and other tokenizers: test_crosstok_scoring.py."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apprentice.clients.base import ClientError
 from apprentice.clients.scoring import TeacherScoringClient
-from apprentice.config import ConfigError, EndpointConfig
+from apprentice.config import EndpointConfig
 from apprentice.inference.server import build_app
-from apprentice.orchestrator.on_policy import check_teacher_tokenizer
-from apprentice.testing.tiny import build_tiny_tokenizer, save_tiny_student
+from apprentice.testing.tiny import save_tiny_student
 
 CONVERSATION = [{"role": "user", "content": "Reverse the text: hello world"}]
 HIDDEN = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Reverse: ab"},
@@ -168,23 +167,6 @@ def test_errors_are_counted_by_kind(teacher: tuple[str, Any]) -> None:
     assert bad.kind == "bad_request" and "prompt token ids must be in" in str(bad)
     assert down.kind == "server" and m["distill/errors/server"] == 1 and m["distill/errors/bad_request"] == 1
     assert m["distill/retries"] == 3
-
-
-def test_tokenizer_check_accepts_the_same_and_refuses_another(teacher: tuple[str, Any], model_dir: Path) -> None:
-    url, _ = teacher
-    same = AutoTokenizer.from_pretrained(model_dir)
-    asyncio.run(check_teacher_tokenizer(client(url), same, "student"))  # through the endpoint
-    other = build_tiny_tokenizer(vocab_size=400)  # fewer merges: the probe text splits differently
-    with pytest.raises(ConfigError) as info:
-        asyncio.run(check_teacher_tokenizer(client(url), other, "student"))
-    message = str(info.value)
-    assert "does not share the student's tokenizer" in message and "first different at position" in message
-    assert "[orchestrator.rollout_model]" in message and url in message
-
-    local = TeacherScoringClient(EndpointConfig(base_url=url, model=str(model_dir)), max_concurrency=1, cache_dir=None)
-    asyncio.run(check_teacher_tokenizer(local, same, "student"))  # a local directory: its files are compared
-    with pytest.raises(ConfigError, match="their vocabularies differ"):
-        asyncio.run(check_teacher_tokenizer(local, other, "student"))
 
 
 def test_distiller_sets_token_advantages_and_sets_aside_unscorable_samples(teacher: tuple[str, Any],

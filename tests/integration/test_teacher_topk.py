@@ -333,8 +333,14 @@ type = "rl"
 
 def test_top_k_above_what_the_teacher_returns_is_refused_at_startup(teacher: tuple[str, dict[str, Any]],
                                                                     reference: tuple[Any, Any]) -> None:  # fmt: skip
-    from apprentice.config import ConfigError
-    from apprentice.orchestrator.on_policy import check_teacher_tokenizer
+    from apprentice.clients.echo import EchoScoringClient
+    from apprentice.config import ConfigError, TeacherEndpointConfig
+    from apprentice.crosstok.probe import probe_teacher
+
+    def check_teacher_tokenizer(client: TeacherScoringClient, tokenizer: Any, _: str) -> Any:
+        """The startup probe (tokenizer, top-k width, protocol, self-test) through the given scoring client."""
+        endpoint = TeacherEndpointConfig.model_validate(client.endpoint.model_dump())
+        return probe_teacher(endpoint, client, EchoScoringClient(endpoint, max_concurrency=1, cache_dir=None), tokenizer)
 
     url, _ = teacher
     _, tokenizer = reference

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from config_samples import RL_CONFIG
+from config_samples import MINIMAL, RL_CONFIG
 
-from apprentice.config import DistillLossConfig, load_config
+from apprentice.config import ConfigError, DistillLossConfig, load_config
 from apprentice.testing.tiny import build_tiny_model
 from apprentice.trainer.logprobs import chunked_loss, full_loss
 from apprentice.trainer.losses import LossInputs, build_loss, finalize_metrics, sft_loss
@@ -158,12 +158,20 @@ def test_a_teacher_without_tail_keeps_every_divergence_finite() -> None:
         assert math.isfinite(float(loss.detach())) and all(bool(torch.isfinite(x).all()) for x in grads), divergence
 
 
-def test_distill_config_from_toml_and_overrides(tmp_path: Path) -> None:
-    path = tmp_path / "rl.toml"
-    path.write_text(RL_CONFIG)
-    cfg = load_config([path], ["--trainer.loss.type", "distill", "--trainer.loss.divergence", "jsd",
-                               "--trainer.loss.beta", "0.2", "--trainer.loss.sft_weight", "0.1"])  # fmt: skip
+@pytest.mark.parametrize("source", ["off_policy", "on_policy"])
+def test_distill_config_from_toml_and_overrides(tmp_path: Path, source: str) -> None:
+    # The distill loss needs a source of teacher distributions: the teacher's chat top_logprobs (off-policy) or
+    # an on-policy teacher's top-k.
+    if source == "off_policy":
+        path, extra = MINIMAL, ["--orchestrator.sampling.top_logprobs", "5"]
+    else:
+        path, extra = tmp_path / "rl.toml", []
+        path.write_text(RL_CONFIG + '\n[orchestrator.teacher_model]\nbase_url = "http://127.0.0.1:8000/v1"\nmodel = "t"\n'
+                        "\n[orchestrator.on_policy_distill]\ntop_k = 8\n")
+    soft_targets = [*extra, "--trainer.loss.type", "distill"]
+    cfg = load_config([path], [*soft_targets, "--trainer.loss.divergence", "jsd", "--trainer.loss.beta", "0.2",
+                               "--trainer.loss.sft_weight", "0.1"])  # fmt: skip
     assert cfg.trainer.loss == DistillLossConfig(divergence="jsd", beta=0.2, sft_weight=0.1)
     for bad in (["--trainer.loss.beta", "1.0"], ["--trainer.loss.divergence", "kl"], ["--trainer.loss.sft_weight", "-1"]):
-        with pytest.raises(Exception, match="trainer.loss"):
-            load_config([path], ["--trainer.loss.type", "distill", *bad])
+        with pytest.raises(ConfigError, match="trainer.loss"):
+            load_config([path], [*soft_targets, *bad])

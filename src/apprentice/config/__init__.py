@@ -3,7 +3,13 @@
 from apprentice.config.inference import InferenceConfig
 from apprentice.config.load import ConfigError, dump_config, load_config, write_atomic, write_resolved
 from apprentice.config.model import ModelConfig
-from apprentice.config.orchestrator import EndpointConfig, EnvConfig, OrchestratorConfig, SamplingConfig
+from apprentice.config.orchestrator import (
+    EndpointConfig,
+    EnvConfig,
+    OrchestratorConfig,
+    SamplingConfig,
+    TeacherEndpointConfig,
+)
 from apprentice.config.root import Config, LogConfig
 from apprentice.config.trainer import (
     CkptConfig,
@@ -31,6 +37,7 @@ __all__ = [
     "RLLossConfig",
     "SFTLossConfig",
     "SamplingConfig",
+    "TeacherEndpointConfig",
     "TrainerConfig",
     "dump_config",
     "load_config",

@@ -115,6 +115,25 @@ class EndpointConfig(Section):
         return name
 
 
+class TeacherEndpointConfig(EndpointConfig):
+    """`[orchestrator.teacher_model]`: an endpoint that scores the student's text (on-policy distillation). Its
+    tokenizer may differ from the student's: the completion text is then scored after the conversation in the
+    teacher's own chat template and compared chunk by chunk on shared byte boundaries (apprentice.crosstok)."""
+
+    tokenizer: str | None = None
+    """The teacher's tokenizer and chat template (a Hugging Face directory or an already cached hub id), needed
+    when it differs from the student's. None: `model` when that is a local directory; otherwise the startup
+    probe must find the student's token ids at the endpoint."""
+    scoring: Literal["auto", "prompt_logprobs", "echo"] = "auto"
+    """How the teacher scores a token sequence: vLLM's `prompt_logprobs` on the completions API, or the legacy
+    completions `echo: true` + `logprobs` (OpenAI's shape, served by several hosted providers). "auto" probes
+    prompt_logprobs first, then echo, once at startup."""
+    max_noise: float = Field(default=0.1, ge=0.0)
+    """Largest accepted teacher noise: at startup the teacher scores one probe twice and the mean absolute
+    difference of its per-token logprobs (nats) is logged as `distill/teacher_noise`; above this the run stops
+    (replicas that disagree by more than the signal would train on noise)."""
+
+
 class SamplingConfig(Section):
     """Sampling arguments. Only fields every OpenAI-compatible API accepts are sent to a teacher, and a field
     left unset is not sent at all (the server's default applies)."""
@@ -185,7 +204,9 @@ class OnPolicyDistillConfig(Section):
     + reward_coef * A, where student_lp_t is the student's sampling logprob, teacher_lp_t the teacher's logprob of
     the same token after the same prefix, and A the sample's group-relative reward advantage (rl mode's). The
     first term is minus the per-token reverse KL: the student is pushed toward tokens the teacher rates higher
-    than it does. kl_coef = 1, reward_coef = 0 is pure distillation; kl_coef = 0 is plain RL; both add up.
+    than it does. kl_coef = 1, reward_coef = 0 is pure distillation; kl_coef = 0 is plain RL; both add up. With a
+    teacher of another tokenizer, teacher_lp_t - student_lp_t is the token's share of the teacher-minus-student
+    log-ratio of its byte-aligned chunk of text (apprentice.crosstok).
     """
 
     kl_coef: float = Field(default=1.0, ge=0.0, le=1e3)
@@ -263,9 +284,10 @@ class OrchestratorConfig(Section):
     """rl mode without an [inference] section: an already running server of the student to sample from."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     """Sampling arguments."""
-    teacher_model: EndpointConfig | None = None
-    """rl mode: a teacher endpoint that scores every token the student samples (on-policy distillation). It must
-    return prompt logprobs on its completions API (vLLM, `apprentice serve`) and share the student's tokenizer."""
+    teacher_model: TeacherEndpointConfig | None = None
+    """rl mode: a teacher endpoint that scores the student's samples (on-policy distillation). It must score
+    prompts on its completions API (vLLM's prompt_logprobs or the legacy echo + logprobs: vLLM, `apprentice serve`,
+    some hosted APIs); its tokenizer may differ from the student's (see TeacherEndpointConfig.tokenizer)."""
     on_policy_distill: OnPolicyDistillConfig | None = None
     """With teacher_model: the mix of teacher signal and reward (default kl_coef = 1, reward_coef = 0)."""
     env: list[EnvConfig] = Field(default_factory=lambda: [EnvConfig(id="reverse-text")], min_length=1)

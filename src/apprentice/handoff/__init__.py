@@ -21,6 +21,11 @@ One weight update, from the trainer's step to the server sampling with it (one v
     4. load      `apprentice.loader.load_causal_lm`, in the served model's dtype and device.
     5. swap      `BatchEngine.swap` (inference/engine.py): requests admitted afterwards sample the new weights.
 
+With `trainer.weight_broadcast = "collective"` the tensors of step 1 travel over a process group instead
+(trainer/broadcast.py -> inference/collective.py, staged in the server; published to disk only where a
+checkpoint follows), and in step 2 `PolicySync.reload` applies the staged step (`POST /v1/weights/apply`),
+which ends in the same swap.
+
 A trainer resuming from checkpoint n `weights.republish`es step n when its weights are missing or damaged, and
 the launcher starts the server on `weights.latest_verified`: no rerun waits for weights that will not come.
 

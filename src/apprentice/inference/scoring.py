@@ -7,6 +7,8 @@ request and response shape, so CPU runs and tests need no GPU:
     {"model": M, "prompt": [ids] | "text", "max_tokens": 1, "temperature": 0, "prompt_logprobs": k}
     -> choices[0].prompt_logprobs = [null, {"<id>": {"logprob": lp, "rank": r, "decoded_token": s}, ...}, ...]
 
+The same scores also come in OpenAI's legacy shape (`echo: true` with `logprobs`; echo.py).
+
 Entry i holds the prompt's own token i (rank = 1 + number of tokens the model prefers) plus the k most likely
 alternatives, as vLLM does. Scores come from one plain forward pass of the served weights (the newest after
 `/v1/load_weights`), in the served dtype, serialised by a lock (one forward at a time next to the engine's
@@ -31,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from apprentice.inference.echo import EchoText, echo_logprobs
 from apprentice.inference.engine import BatchEngine, SamplingParams
 from apprentice.inference.prompt import with_hidden_prefix
 from apprentice.inference.schema import error_body, new_id, validation_error_body
@@ -51,6 +54,10 @@ class CompletionRequest(BaseModel):
     """vLLM extension: logprob of every prompt token (plus this many alternatives) in choices[0].prompt_logprobs."""
     return_token_ids: bool = False
     """vLLM extension: prompt_token_ids and token_ids in the choice."""
+    echo: bool = False
+    """Legacy completions scoring: the prompt comes back in `text` and, with `logprobs`, scored (echo.py)."""
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Legacy completions: logprob of every returned token plus this many alternatives (with echo: the prompt's)."""
     user: str | None = None
 
 
@@ -72,6 +79,11 @@ def hidden_head(tokenizer: Any, hidden: list[dict[str, Any]]) -> tuple[list[int]
     while common < min(len(plain), len(hid)) and plain[-1 - common] == hid[-1 - common]:
         common += 1
     return plain[: len(plain) - common], hid[: len(hid) - common]
+
+
+def usage_of(prompt_ids: list[int], generated: list[int]) -> dict[str, int]:
+    return {"prompt_tokens": len(prompt_ids), "completion_tokens": len(generated),
+            "total_tokens": len(prompt_ids) + len(generated)}  # fmt: skip
 
 
 @torch.inference_mode()
@@ -100,11 +112,12 @@ def register_completions(app: FastAPI, engine: BatchEngine, tokenizer: Any, name
     """Add POST /v1/completions to `app` (see the module docstring)."""
     heads = hidden_head(tokenizer, hidden)
     lock = threading.Lock()
+    echo_text = EchoText(tokenizer)
 
     def bad(message: str, param: str | None = None) -> JSONResponse:
         return JSONResponse(error_body(message, param=param), status_code=400)
 
-    def scored(req: CompletionRequest, client_ids: list[int]) -> tuple[list[Any], list[int]]:
+    def scored(req: CompletionRequest, client_ids: list[int]) -> tuple[list[Any], list[int], list[float]]:
         skip, ids = 0, client_ids
         if heads is not None and client_ids[: len(heads[0])] == heads[0]:
             skip, ids = len(heads[0]), heads[1] + client_ids[len(heads[0]) :]
@@ -124,7 +137,7 @@ def register_completions(app: FastAPI, engine: BatchEngine, tokenizer: Any, name
             else:
                 gen = None if req.seed is None else torch.Generator(device=last.device).manual_seed(req.seed)
                 generated = [int(torch.multinomial(torch.softmax(last / req.temperature, -1), 1, generator=gen))]
-        return out, generated
+        return out, generated, [float(torch.log_softmax(last, -1)[t]) for t in generated]
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> JSONResponse:
@@ -143,14 +156,28 @@ def register_completions(app: FastAPI, engine: BatchEngine, tokenizer: Any, name
             return bad(f"prompt ({len(client_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
                        f"context of {max_context} tokens", "max_tokens")  # fmt: skip
         prompt_logprobs = None
+        if req.logprobs is not None and not req.echo:
+            return bad("logprobs is supported with echo = true (scoring the prompt); generation logprobs come "
+                       "from /v1/chat/completions", "logprobs")  # fmt: skip
+        if req.echo:  # legacy completions scoring: the same scores, written in OpenAI's shape (echo.py)
+            if req.logprobs is None or req.max_tokens > 1 or req.prompt_logprobs is not None:
+                return bad("echo scores the prompt: send logprobs (0-20) and max_tokens 0 or 1, without "
+                           "prompt_logprobs", "echo")  # fmt: skip
+            entries, generated, generated_lps = await asyncio.to_thread(
+                scored, req.model_copy(update={"prompt_logprobs": req.logprobs}), client_ids)
+            text, logprobs = echo_logprobs(echo_text, client_ids, entries, list(zip(generated, generated_lps, strict=True)))
+            echoed = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": "length", "stop_reason": None}
+            return JSONResponse({"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+                                 "model": name, "choices": [echoed], "usage": usage_of(client_ids, generated)})  # fmt: skip
         if req.prompt_logprobs is not None:
             if req.max_tokens > 1:
                 return bad("with prompt_logprobs, max_tokens must be 0 or 1 (scoring generates at most one token)",
                            "max_tokens")  # fmt: skip
-            prompt_logprobs, generated = await asyncio.to_thread(scored, req, client_ids)
+            prompt_logprobs, generated, _ = await asyncio.to_thread(scored, req, client_ids)
             finish, text = "length", tokenizer.decode(generated, skip_special_tokens=True)
         elif req.max_tokens == 0:
-            return bad("max_tokens = 0 generates nothing; ask for prompt_logprobs to score the prompt", "max_tokens")
+            return bad("max_tokens = 0 generates nothing; ask for prompt_logprobs (or echo with logprobs) to score "
+                       "the prompt", "max_tokens")  # fmt: skip
         else:
             stop = [req.stop] if isinstance(req.stop, str) else [s for s in req.stop or [] if s]
             params = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
@@ -161,7 +188,5 @@ def register_completions(app: FastAPI, engine: BatchEngine, tokenizer: Any, name
                                   "stop_reason": None, "prompt_logprobs": prompt_logprobs}  # fmt: skip
         if req.return_token_ids:
             choice.update(prompt_token_ids=client_ids, token_ids=generated)
-        usage = {"prompt_tokens": len(client_ids), "completion_tokens": len(generated),
-                 "total_tokens": len(client_ids) + len(generated)}  # fmt: skip
         return JSONResponse({"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
-                             "model": name, "choices": [choice], "usage": usage})  # fmt: skip
+                             "model": name, "choices": [choice], "usage": usage_of(client_ids, generated)})  # fmt: skip

@@ -1,7 +1,8 @@
 """`apprentice serve MODEL`: an OpenAI-compatible chat server over a transformers model.
 
 Endpoints: POST /v1/chat/completions (streaming SSE ending in `data: [DONE]`, or one JSON body), POST /v1/completions
-(token-id prompts and vLLM's `prompt_logprobs` scoring: scoring.py), GET /v1/models,
+(token-id prompts and vLLM's `prompt_logprobs` scoring: scoring.py; legacy `echo` + `logprobs` scoring: echo.py),
+POST /tokenize and /v1/tokenize (vLLM's shape: tokenize.py), GET /v1/models,
 POST /v1/load_weights {"path": DIR, "step": N} (rl mode: `reload` verifies DIR (apprentice.handoff.weights), loads
 it and swaps it in; 200 {"step", "path", "reload_s"} once requests admitted afterwards sample with the new weights; a
 batch in flight finishes on the old ones), GET /v1/weights
@@ -49,6 +50,7 @@ from apprentice.inference.prompt import PromptBuilder, PromptError
 from apprentice.inference.responses import completion_body, stream_chunks
 from apprentice.inference.schema import ChatCompletionRequest, LoadWeightsRequest, error_body, validation_error_body
 from apprentice.inference.scoring import register_completions
+from apprentice.inference.tokenize import register_tokenize
 from apprentice.loader import DTYPES, load_causal_lm, resolve_dtype
 from apprentice.tokenbytes import vocab_bytes
 
@@ -223,7 +225,8 @@ def build_app(
     async def weights() -> dict[str, Any]:
         return {**engine.weights, **receiver.status()}
 
-    register_completions(app, engine, tokenizer, name, hidden, max_context)  # scoring.py
+    register_completions(app, engine, tokenizer, name, hidden, max_context)  # scoring.py (and echo.py)
+    register_tokenize(app, tokenizer, prompts, max_context)  # tokenize.py
     receiver = register_collective(app, engine)  # weights straight from the trainer (collective.py)
     return app
 

@@ -93,9 +93,9 @@ def load_student_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-ScoreFn = Callable[[list[TrainingSample]], tuple[list[TrainingSample], dict[str, float], dict[str, str]]]
-"""On-policy distillation's hook: rendered samples -> (the scored ones with token_advantages, distill/* metrics,
-the scoring teacher's first error message per kind of this step)."""
+ScoreFn = Callable[[list[TrainingSample], list[Trajectory]], tuple[list[TrainingSample], dict[str, float], dict[str, str]]]
+"""On-policy distillation's hook: rendered samples and their trajectories -> (the scored ones with token_advantages,
+distill/* metrics, the scoring teacher's first error message per kind of this step)."""
 
 
 def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn | None = None,
@@ -128,7 +128,7 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
     render_metrics = render_stats.metrics() | {"render/set_aside/too_long": float(too_long)} | topk_metrics
     scoring_errors: dict[str, str] = {}
     if score is not None:
-        samples, distill_metrics, scoring_errors = score(samples)
+        samples, distill_metrics, scoring_errors = score(samples, kept)
         render_metrics |= distill_metrics
     if not samples:
         message = empty_step_message(done.step, done.trajectories, dropped, render_metrics, cfg, scoring_errors)
@@ -149,11 +149,11 @@ async def run(cfg: Config) -> None:
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
     tokenizer = load_student_tokenizer(cfg)
     distiller = None  # on-policy distillation: the teacher scores every sampled token (orchestrator/on_policy.py);
-    # its tokenizer is checked first: a config mistake should fail before anything else waits or spends
+    # it is probed first (tokenizer, protocol, noise): a config mistake should fail before anything else waits
     if orch.teacher_model is not None:
         distiller = OnPolicyDistiller(orch.teacher_model, orch.on_policy_distill, max_concurrency=orch.max_concurrency,
                                       cache_dir=output_dir / "teacher_cache")  # fmt: skip
-        await distiller.check_tokenizer(tokenizer, cfg.model.name)
+        await distiller.probe(tokenizer)
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
     if removed := remove_partial_steps(output_dir):  # a killed run's half-written steps: rewritten below
         log.info("removed %d partial rollouts step directories left by an earlier run: %s", len(removed), removed)
@@ -187,8 +187,10 @@ async def run(cfg: Config) -> None:
     if distiller is not None:  # the render thread hands the samples to the event loop, where the scoring client lives
         scorer = distiller
 
-        def score_on_loop(samples: list[TrainingSample]) -> tuple[list[TrainingSample], dict[str, float], dict[str, str]]:
-            kept, metrics = asyncio.run_coroutine_threadsafe(scorer.apply(samples), loop).result()
+        def score_on_loop(samples: list[TrainingSample], trajectories: list[Trajectory]
+                          ) -> tuple[list[TrainingSample], dict[str, float], dict[str, str]]:  # fmt: skip
+            kept, metrics = asyncio.run_coroutine_threadsafe(
+                scorer.apply(samples, cast(list[dict[str, Any]], trajectories)), loop).result()
             return kept, metrics, dict(scorer.first_errors)
 
         score = score_on_loop

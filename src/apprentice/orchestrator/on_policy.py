@@ -16,6 +16,10 @@ which learns the teacher's distribution rather than a one-sample estimate; no ad
 `distill/topk_mass`, the teacher probability its top-k covers (mean over completion tokens; 1 - it is the tail
 the loss lumps into one bucket). `distill/forward_kl` needs the student's probabilities of the teacher's top-k
 ids, which only the trainer computes: it is the trainer's metric (the distill loss's), not the orchestrator's.
+
+A teacher with another tokenizer (apprentice.crosstok) gives, per student token, an equivalent q_t: the student's
+s_t plus the token's share of the teacher-minus-student log-ratio of its byte-aligned chunk of text, so the
+same formula applies and the per-sample sum of q_t - s_t is the log-ratio of the whole completion text.
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.clients.base import ClientError
+from apprentice.clients.echo import EchoScoringClient
 from apprentice.clients.scoring import PromptScores, SampleScores, TeacherScoringClient
-from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig
+from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig, TeacherEndpointConfig
+from apprentice.crosstok.align import AlignError
+from apprentice.crosstok.probe import probe_teacher
+from apprentice.crosstok.scorer import CrossTokenizerScorer, StepIndex, index_steps
+from apprentice.crosstok.teacher import TeacherSide
 from apprentice.types import TrainingSample
 
 
@@ -114,124 +123,83 @@ def apply_topk_targets(sample: TrainingSample, scores: SampleScores, reverse_kl:
     return sample
 
 
-# Plain text with spaces, digits, punctuation, accents, CJK and an emoji: tokenizers that differ anywhere in
-# pre-tokenization, merges or byte fallback give different ids for it.
-PROBE_TEXT = "Tokenizer probe: The quick brown fox, 1234567 + 89.5%; naïve café — 東京 🙂\n\tif (x) { return y; }"
-
-
-def _mismatch_message(teacher: str, student: str, where: str) -> str:
-    return (
-        f"orchestrator.teacher_model ({teacher}) does not share the student's tokenizer (model.name = {student}): "
-        f"{where}. On-policy distillation sends the teacher the student's own token ids and reads back one logprob "
-        f"per id; under a different tokenizer those ids are other text (or no token at all), so the teacher would "
-        f"grade tokens the student never wrote and there is no token-by-token correspondence to fix that. Use a "
-        f"teacher with the student's tokenizer (same model family), or distill off-policy with "
-        f"[orchestrator.rollout_model] instead (the teacher writes text, re-tokenized for the student: any tokenizer)."
-    )
-
-
-def _first_difference(a: list[int], b: list[int]) -> str:
-    i = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    return f"the probe text gives {len(a)} teacher ids and {len(b)} student ids, first different at position {i}"
-
-
-def check_local_teacher_tokenizer(teacher_dir: Path, student_tokenizer: Any, student_name: str) -> None:
-    """The teacher is a local model directory: compare its tokenizer files' vocabulary and probe ids with the
-    student's. Raises ConfigError on any difference."""
-    from transformers import AutoTokenizer
-
-    from apprentice.config import ConfigError
-
-    teacher = AutoTokenizer.from_pretrained(teacher_dir)
-    if teacher.get_vocab() != student_tokenizer.get_vocab():
-        raise ConfigError(_mismatch_message(str(teacher_dir), student_name, "their vocabularies differ"))
-    t_ids, s_ids = teacher(PROBE_TEXT)["input_ids"], student_tokenizer(PROBE_TEXT)["input_ids"]
-    if t_ids != s_ids:
-        raise ConfigError(_mismatch_message(str(teacher_dir), student_name, _first_difference(t_ids, s_ids)))
-
-
-async def check_teacher_tokenizer(client: TeacherScoringClient, student_tokenizer: Any, student_name: str) -> None:
-    """At startup: the teacher must tokenize a probe text exactly as the student does. A local directory as
-    teacher_model.model is checked from its files; otherwise the teacher endpoint scores the probe as text and
-    its ids are compared (its `prompt_token_ids`, or the ids its prompt_logprobs entries are keyed by)."""
-    from apprentice.config import ConfigError
-
-    endpoint = client.endpoint
-    if Path(endpoint.model).is_dir():
-        check_local_teacher_tokenizer(Path(endpoint.model), student_tokenizer, student_name)
-        return
-    s_ids: list[int] = student_tokenizer(PROBE_TEXT)["input_ids"]
-    try:
-        scores = await client.score(PROBE_TEXT, return_token_ids=True)
-    except ClientError as e:
-        if client.top_k and e.kind == "bad_request":
-            raise ConfigError(
-                f"orchestrator.on_policy_distill.top_k = {client.top_k}: the teacher ({endpoint.base_url}, model "
-                f"{endpoint.model!r}) refused prompt_logprobs = {client.top_k} at startup ({e}). vLLM returns at most "
-                f"its --max-logprobs (20 by default), `apprentice serve` 20: lower top_k, or raise the server's limit."
-            ) from None
-        raise ConfigError(
-            f"orchestrator.teacher_model ({endpoint.base_url}, model {endpoint.model!r}) could not score a probe "
-            f"text at startup: {e}. On-policy distillation needs a teacher that returns prompt logprobs on its "
-            f"completions API (vLLM, `apprentice serve`)."
-        ) from None
-    if client.top_k:
-        check_topk_width(scores, client)
-    t_ids = scores.token_ids or []
-    # Without prompt_token_ids the first id is unknown (entry 0 has no logprob): compare from position 1.
-    if t_ids and t_ids[0] == -1:
-        t_ids, s_ids = t_ids[1:], s_ids[1:]
-    if t_ids != s_ids:
-        where = f"{endpoint.base_url}, model {endpoint.model!r}"
-        raise ConfigError(_mismatch_message(where, student_name, _first_difference(t_ids, s_ids)))
-
-
-def check_topk_width(scores: PromptScores, client: TeacherScoringClient) -> None:
-    """The probe's answer must hold top_k entries per position: a server that silently returns fewer would
-    train on truncated distributions (a bigger tail than the user asked for)."""
-    from apprentice.config import ConfigError
-
-    widths = [len(row) for row in scores.topk_ids or [] if row]
-    if not widths or min(widths) < client.top_k:
-        endpoint = client.endpoint
-        raise ConfigError(
-            f"orchestrator.on_policy_distill.top_k = {client.top_k}, but the teacher ({endpoint.base_url}, model "
-            f"{endpoint.model!r}) returned at most {max(widths, default=0)} candidates per position when probed at "
-            f"startup: lower top_k to {min(widths, default=0)} or serve the teacher with a higher logprobs limit."
-        )
+def logprobs_on_mask(scores: PromptScores, loss_mask: list[bool]) -> SampleScores:
+    """A sample's teacher logprobs of its own tokens, 0.0 off the loss mask; a loss token without one is a
+    ClientError("malformed") (a silent 0.0 there would be trained as if it were a score)."""
+    if len(scores.logprobs) != len(loss_mask):
+        raise ClientError("malformed", f"{len(scores.logprobs)} teacher logprobs for {len(loss_mask)} tokens")
+    out: list[float] = []
+    for i, (lp, m) in enumerate(zip(scores.logprobs, loss_mask, strict=True)):
+        if m and lp is None:
+            raise ClientError("malformed", f"the teacher returned no logprob for trained token {i} of {len(loss_mask)}")
+        out.append(lp if m and lp is not None else 0.0)
+    return SampleScores(out)
 
 
 class OnPolicyDistiller:
     """The orchestrator's on-policy distillation step: after the student's samples are rendered (token path,
-    group advantages set), score each with the teacher and turn the scores into per-token advantages.
+    group advantages set), score each with the teacher and turn the scores into per-token advantages (or, with
+    top_k > 0, soft targets).
 
-    One scoring request per sample, concurrently (bounded by orchestrator.max_concurrency), cached under
-    OUTPUT/teacher_cache. A sample whose scoring fails for good is set aside and counted
+    At startup `probe` finds whether the teacher shares the student's token ids, which scoring protocol its
+    endpoint speaks and how noisy it is (crosstok/probe.py). Same ids: one request per sample scores the
+    student's own ids (the original path). Another tokenizer: one request per trained turn scores the student's
+    text after the conversation in the teacher's template, aligned by bytes (crosstok/scorer.py).
+
+    Requests run concurrently (bounded by orchestrator.max_concurrency), cached under OUTPUT/teacher_cache. A
+    sample whose scoring fails for good, or whose text cannot be aligned, is set aside and counted
     (`distill/set_aside/<kind>`), like a failed rollout; the step goes on with the others.
     """
 
     def __init__(self, endpoint: EndpointConfig, cfg: OnPolicyDistillConfig | None, *, max_concurrency: int,
                  cache_dir: Path | None) -> None:  # fmt: skip
         self.cfg = cfg or OnPolicyDistillConfig()
-        self.client = TeacherScoringClient(endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir,
+        self.endpoint = (endpoint if isinstance(endpoint, TeacherEndpointConfig)
+                         else TeacherEndpointConfig.model_validate(endpoint.model_dump()))  # fmt: skip
+        self.client = TeacherScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir,
                                            top_k=self.cfg.top_k)  # fmt: skip
+        self.echo = EchoScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
+        self.protocol = "prompt_logprobs"
+        self.cross: CrossTokenizerScorer | None = None
+        self.noise: float | None = None
         self.first_errors: dict[str, str] = {}
         """The last `apply`'s first error message per kind of set-aside sample (for the empty-step message)."""
 
-    async def check_tokenizer(self, student_tokenizer: Any, student_name: str) -> None:
-        await check_teacher_tokenizer(self.client, student_tokenizer, student_name)
+    async def probe(self, student_tokenizer: Any) -> None:
+        """The startup probe (crosstok/probe.py): tokenizer, protocol, top-k width, self-test; ConfigError with
+        the fix. The probe's own clients have no cache: the self-test asks the teacher itself twice."""
+        probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k)
+        echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)
+        try:
+            found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer)
+        finally:
+            await probing.aclose()
+            await echo.aclose()
+        self.protocol, self.noise = found.protocol, found.noise
+        if not found.same_tokenizer:
+            scorer = self.client if self.protocol == "prompt_logprobs" else self.echo
+            self.cross = CrossTokenizerScorer(TeacherSide(found.teacher_tokenizer, student_tokenizer), scorer)
 
-    async def apply(self, samples: list[TrainingSample]) -> tuple[list[TrainingSample], dict[str, float]]:
-        """(the samples that were scored, with token_advantages set; `distill/*` metrics of this step)."""
-        results = await asyncio.gather(
-            *(self.client.score_sample(s.token_ids, s.loss_mask) for s in samples), return_exceptions=True
-        )
+    async def _score(self, sample: TrainingSample, steps: StepIndex) -> SampleScores:
+        if self.cross is not None:
+            return SampleScores(await self.cross.score_sample(sample, steps))
+        if self.protocol == "prompt_logprobs":
+            return await self.client.score_sample(sample.token_ids, sample.loss_mask)  # the original path
+        return logprobs_on_mask(await self.echo.score(sample.token_ids), sample.loss_mask)
+
+    async def apply(self, samples: list[TrainingSample], trajectories: list[dict[str, Any]] | None = None
+                    ) -> tuple[list[TrainingSample], dict[str, float]]:  # fmt: skip
+        """(the samples that were scored, with token_advantages or top-k targets set; `distill/*` metrics of this
+        step). `trajectories` (the ones the samples were rendered from) give a teacher of another tokenizer the
+        conversation."""
+        steps = index_steps(trajectories or []) if self.cross is not None else {}
+        results = await asyncio.gather(*(self._score(s, steps) for s in samples), return_exceptions=True)
         reverse_kl, mass = ReverseKL(), TopkMass()
         kept: list[TrainingSample] = []
         set_aside: Counter[str] = Counter()
         self.first_errors = {}
         for sample, result in zip(samples, results, strict=True):
-            if isinstance(result, ClientError):
+            if isinstance(result, ClientError | AlignError):
                 set_aside[result.kind] += 1
                 self.first_errors.setdefault(result.kind, str(result))
                 continue
@@ -245,9 +213,12 @@ class OnPolicyDistiller:
                    "distill/scored_samples": float(len(kept))}  # fmt: skip
         if self.cfg.top_k:
             metrics["distill/topk_mass"] = mass.mean
+        if self.noise is not None:
+            metrics["distill/teacher_noise"] = self.noise
         metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
-        metrics.update(self.client.metrics(reset=True))
+        metrics.update(self.echo.metrics(reset=True) if self.protocol == "echo" else self.client.metrics(reset=True))
         return kept, metrics
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.echo.aclose()

@@ -50,9 +50,12 @@ class WeightSender:
         tensors = [(name, _on_wire(t)) for name, t in state.items()]
         body = {"step": step, "tensors": collective.manifest(tensors)}
         for attempt in (0, 1):
-            if self.group is None:
-                self._join()
-            response = self._http.post(f"{self.base_url}/weights/collective/receive", json=body)
+            try:
+                if self.group is None:
+                    self._join()
+                response = self._http.post(f"{self.base_url}/weights/collective/receive", json=body)
+            except httpx.HTTPError as e:  # no server (yet): the caller publishes to disk, which any server reads
+                raise BroadcastError(f"the inference server at {self.base_url} is unreachable ({e})") from None
             if response.status_code == 409 and attempt == 0 and "no_group" in response.text:
                 self.group = None  # the server restarted (a resumed run, a crash): join again
                 continue

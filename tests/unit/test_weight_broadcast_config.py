@@ -1,0 +1,43 @@
+"""`trainer.weight_broadcast`: what "auto" resolves to, and the rule against collective updates to vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apprentice.config import Config, ConfigError, load_config
+from apprentice.config.rl import check_rl_config, weight_broadcast
+
+
+def config(tmp_path: Path, server: str, *overrides: str) -> Config:
+    path = tmp_path / "rl.toml"
+    path.write_text(f"""
+output_dir = "{tmp_path / 'out'}"
+[model]
+name = "m"
+[orchestrator]
+rollouts_per_prompt = 4
+[[orchestrator.env]]
+id = "reverse-text"
+{server}
+""")
+    return load_config([path], list(overrides))
+
+
+BUILTIN = "[inference]\nport = 8001"
+VLLM = '[inference]\nbackend = "vllm"'
+ENDPOINT = '[orchestrator.student_endpoint]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"'
+
+
+def test_auto_is_collective_with_the_builtin_server_the_run_starts_and_filesystem_otherwise(tmp_path: Path) -> None:
+    assert weight_broadcast(config(tmp_path, BUILTIN)) == "collective"
+    assert weight_broadcast(config(tmp_path, VLLM)) == "filesystem"
+    assert weight_broadcast(config(tmp_path, ENDPOINT)) == "filesystem"
+    assert weight_broadcast(config(tmp_path, BUILTIN, "--trainer.weight_broadcast", "filesystem")) == "filesystem"
+    assert weight_broadcast(config(tmp_path, ENDPOINT, "--trainer.weight_broadcast", "collective")) == "collective"
+
+
+def test_collective_updates_to_vllm_are_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match='set trainer.weight_broadcast = "filesystem"'):
+        check_rl_config(config(tmp_path, VLLM, "--trainer.weight_broadcast", "collective"))
