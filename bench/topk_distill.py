@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.config import load_config
-from apprentice.demo import FORMAT_ENV, TEACHER_PROMPT, score
+from apprentice.demo import FORMAT_ENV, TEACHER_PROMPT
 from apprentice.eval import evaluate
 from apprentice.inference.launch import free_port, local_server
 from apprentice.metrics import read_metrics
@@ -78,17 +78,18 @@ def overrides_for(signal: str, model_dir: Path, out: Path, teacher_url: str, ste
     return args
 
 
-def held_out(eval_cfg: Any, model: str, part: str) -> dict[str, float]:
-    if part == "a":
-        s = score(eval_cfg, model)
-        return {"reward": s.correct, "bare_city": s.form}
-    (result,) = evaluate(eval_cfg, model)
-    return {"french_share": result.reward}
+def held_out(eval_cfg: Any, model: str, part: str, num_tasks: int | None) -> dict[str, float]:
+    """Greedy held-out scores of `model` (a directory or a URL) on the first `num_tasks` eval tasks (None: all)."""
+    rewards = {r.env: r.reward for r in evaluate(eval_cfg, model, num_tasks)}
+    if part == "a":  # the capitals env (right city alone) and the same questions scored on form only
+        return {"reward": rewards["capitals"], "bare_city": rewards["format"]}
+    return {"french_share": rewards["french"]}
 
 
-def report(part: str, rows: dict[str, dict[str, Any]], steps: int) -> None:
+def report(part: str, rows: dict[str, dict[str, Any]], steps: int, num_tasks: int | None) -> None:
     """The part's markdown table so far (printed after every row: a long run shows what it has)."""
-    what = "capitals, 40 held-out countries" if part == "a" else "French teacher, 10 held-out questions"
+    held = min(num_tasks or 10**9, 40 if part == "a" else 10)
+    what = f"capitals, {held} held-out countries" if part == "a" else f"French teacher, {held} held-out questions"
     print(f"\npart {part} ({what}); greedy; {steps} steps of 8 prompts; 2-core CPU", flush=True)
     columns = [k for k in ("reward", "bare_city", "french_share", "wall_s", "peak_rss_gib") if any(k in r for r in rows.values())]
     print("| model | " + " | ".join(columns) + " |")
@@ -98,7 +99,7 @@ def report(part: str, rows: dict[str, dict[str, Any]], steps: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def run_part(part: str, model_dir: Path, out: Path, steps: int) -> dict[str, Any]:
+def run_part(part: str, model_dir: Path, out: Path, steps: int, num_tasks: int | None, signals: list[str]) -> dict[str, Any]:
     env = None if part == "a" else FRENCH
     hidden = (["--prompt-prefix-file", str(TEACHER_PROMPT)] if part == "a"
               else ["--system-prompt-file", str(DATA / "french-teacher.txt")])  # fmt: skip
@@ -113,17 +114,18 @@ def run_part(part: str, model_dir: Path, out: Path, steps: int) -> dict[str, Any
         if part == "a":
             eval_cfg.orchestrator.env = [*eval_cfg.orchestrator.env, FORMAT_ENV]
         print(f"== part {part}: teacher at {url}; scoring teacher and untrained student", flush=True)
-        rows["teacher (hidden prompt)"] = held_out(eval_cfg, url, part)
-        rows["student, untrained"] = held_out(eval_cfg, str(model_dir), part)
-        report(part, rows, steps)
-        for signal, (command, config) in SIGNALS.items():
+        rows["teacher (hidden prompt)"] = held_out(eval_cfg, url, part, num_tasks)
+        rows["student, untrained"] = held_out(eval_cfg, str(model_dir), part, num_tasks)
+        report(part, rows, steps, num_tasks)
+        for signal in signals:
+            command, config = SIGNALS[signal]
             run_dir = out / signal.replace(" ", "_")
             print(f"== part {part}: {signal}", flush=True)
             wall, peak = train(command, config, overrides_for(signal, model_dir, run_dir, url, steps, env), out / "runs.log")
             rows[signal] = {"wall_s": wall, "peak_rss_gib": peak, "dir": str(run_dir)}
-            rows[signal].update(held_out(eval_cfg, str(run_dir / "final"), part))
+            rows[signal].update(held_out(eval_cfg, str(run_dir / "final"), part, num_tasks))
             (out / "results.json").write_text(json.dumps({"steps": steps, "results": rows}, indent=2))
-            report(part, rows, steps)
+            report(part, rows, steps, num_tasks)
     return rows
 
 
@@ -153,6 +155,8 @@ def save_plot(out: Path, results: dict[str, dict[str, dict[str, Any]]]) -> Path 
         ax.legend(fontsize=8)
     last = list(results)[-1]
     for signal, (command, _) in SIGNALS.items():
+        if signal not in results[last]:
+            continue
         name, series = curves(Path(results[last][signal]["dir"]), command, signal)
         axes[0].plot([s for s, _ in series], [v for _, v in series], marker=".", label=f"{signal}: {name}")
     axes[0].set(title=f"part {last}: per-step divergence each signal logs", xlabel="step")
@@ -165,16 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="runs/topk-bench")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--part", choices=["a", "b", "ab"], default="ab")
+    parser.add_argument("--signals", default=",".join(SIGNALS), help=f"comma-separated subset of: {', '.join(SIGNALS)}")
+    parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks scored per env (default: all)")
     args = parser.parse_args(argv)
+    signals = [name.strip() for name in args.signals.split(",")]
+    if unknown := [name for name in signals if name not in SIGNALS]:
+        parser.error(f"--signals: unknown {unknown}; choose from {list(SIGNALS)}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = export_smollm2()
     start = time.monotonic()
-    results = {part: run_part(part, model_dir, out / f"part_{part}", args.steps) for part in args.part}
+    results = {part: run_part(part, model_dir, out / f"part_{part}", args.steps, args.eval_tasks, signals) for part in args.part}
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
     plot = save_plot(out, results)
     for part, rows in results.items():
-        report(part, rows, args.steps)
+        report(part, rows, args.steps, args.eval_tasks)
     print(f"\ntotal {(time.monotonic() - start) / 60:.1f} min; peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if plot:
         print(f"plot: {plot}")

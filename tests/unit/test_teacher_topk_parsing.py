@@ -143,7 +143,7 @@ def test_a_teacher_with_another_tokenizer_maps_only_where_tokens_agree() -> None
     assert sample.teacher_topk_ids is not None and all(len(row) == 2 for row in sample.teacher_topk_ids)
 
 
-def test_the_end_of_turn_token_is_a_valid_alternative_but_never_a_sampled_teacher_token() -> None:
+def test_the_end_of_turn_token_is_a_valid_alternative_and_matches_the_students_own_end_of_turn() -> None:
     student = build_tiny_tokenizer()
     table = vocab_bytes(student)
     ok = next(i for i in range(300, len(table)) if (raw := table[i]) and raw.isalpha()
@@ -159,5 +159,7 @@ def test_the_end_of_turn_token_is_a_valid_alternative_but_never_a_sampled_teache
     first = sample.loss_mask.index(True)
     assert sample.teacher_topk_ids is not None
     assert sample.teacher_topk_ids[first] == [ok, student.convert_tokens_to_ids("<|im_end|>")]
-    # A special token as the teacher's own token is not text the student re-tokenizes: no targets from there.
-    assert sample.teacher_topk_ids[first + 1] == [-1, -1] and cov.uncovered["unmapped_token"] == 1
+    # The teacher's stop token, where the student's turn ends too: the teacher's distribution there is a target.
+    assert sample.token_ids[first + 1] == student.convert_tokens_to_ids("<|im_end|>")
+    assert sample.teacher_topk_ids[first + 1] == [student.convert_tokens_to_ids("<|im_end|>"), -1]
+    assert cov.covered == 2 and not cov.uncovered

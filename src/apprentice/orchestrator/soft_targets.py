@@ -13,7 +13,9 @@ turn's first token:
   - a matched position gets soft targets when every one of its top-k alternatives maps to exactly one distinct
     student id (`unmapped_alternative` otherwise; the position keeps plain NLL). An alternative may be a special
     token of the student (its end-of-turn token, named by its text, as `apprentice serve` and vLLM name it): the
-    teacher's probability of stopping there is a target too; the sampled tokens themselves never are special;
+    teacher's probability of stopping there is a target too. A teacher token that is a special token matches only
+    the student's own end-of-turn token at that position (servers that report the stop token, like `apprentice
+    serve` and vLLM, give it logprobs); special-token text inside content is set aside by render anyway;
   - trained tokens the teacher never scored (the end-of-turn token, a reasoning block the API gives no logprobs
     for) keep plain NLL (`not_scored`).
 
@@ -97,6 +99,8 @@ def _fill_turn(sample: TrainingSample, start: int, end: int, turn: list[dict[str
         if pos >= end or stopped:
             break
         teacher_id = vocab.one(token["bytes"])
+        if teacher_id is None and vocab.special.get(bytes(token["bytes"])) == sample.token_ids[pos]:
+            teacher_id = sample.token_ids[pos]  # the turn's end-of-turn token, where the student's turn ends too
         if teacher_id is None or teacher_id != sample.token_ids[pos]:
             cov.uncovered["unmapped_token" if teacher_id is None else "retokenized"] += end - pos
             pos, stopped = end, True
