@@ -22,11 +22,11 @@ import json
 import re
 from typing import Any
 
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 @functools.cache
-def _gpt2_byte_decoder() -> dict[str, int]:
+def gpt2_byte_decoder() -> dict[str, int]:
     """GPT-2's table from the printable character standing for each byte back to the byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
@@ -53,20 +53,28 @@ def vocab_bytes(tokenizer: Any) -> list[bytes | None]:
     entries = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     special = set(getattr(tokenizer, "all_special_ids", [])) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     byte_level = _is_byte_level(tokenizer)
-    table = _gpt2_byte_decoder()
     out: list[bytes | None] = []
     for token_id, entry in enumerate(entries):
         if entry is None:
             out.append(None)
         elif token_id in special:
             out.append(entry.encode("utf-8"))
-        elif byte_level and all(c in table for c in entry):
-            out.append(bytes(table[c] for c in entry))
-        elif match := _BYTE_FALLBACK.match(entry):
-            out.append(bytes([int(match.group(1), 16)]))
         else:
-            out.append(entry.replace("▁", " ").encode("utf-8"))
+            out.append(piece_bytes(entry, byte_level))
     return out
+
+
+def piece_bytes(piece: str, byte_level: bool) -> bytes:
+    """The bytes one ordinary vocabulary piece stands for: through GPT-2's table where the tokenizer is byte-level
+    (and every character is in it); a byte-fallback piece `<0xAB>` is its one byte; other text its UTF-8, `▁` a
+    space."""
+    if byte_level:
+        table = gpt2_byte_decoder()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    if match := BYTE_FALLBACK.match(piece):
+        return bytes([int(match.group(1), 16)])
+    return piece.replace("▁", " ").encode("utf-8")
 
 
 def bytes_to_id(tokenizer: Any, *, special: bool = False) -> dict[bytes, int | None]:

@@ -26,6 +26,7 @@ import json
 import re
 from typing import Any, Literal
 
+from apprentice import tokenbytes
 from apprentice.clients.base import ClientError
 from apprentice.clients.http import RawResponse
 from apprentice.clients.session import EndpointSession, SetAside
@@ -33,7 +34,6 @@ from apprentice.config import EndpointConfig
 from apprentice.crosstok.align import AlignError
 from apprentice.crosstok.teacher import TeacherSide, TeacherTurn
 from apprentice.crosstok.token_bytes import TokenBytes
-from apprentice.tokenbytes import _BYTE_FALLBACK, _gpt2_byte_decoder
 
 Scheme = Literal["text", "byte_level", "metaspace"]
 _TEXT_BYTES = re.compile(r"\\x([0-9a-fA-F]{2})")
@@ -47,17 +47,11 @@ def piece_bytes(piece: str, scheme: Scheme) -> bytes:
         if piece.startswith("bytes:"):
             return bytes(int(h, 16) for h in _TEXT_BYTES.findall(piece))
         return piece.encode("utf-8")
-    if (m := _BYTE_FALLBACK.match(piece)) and scheme == "metaspace":
-        return bytes([int(m.group(1), 16)])
-    if scheme == "byte_level":
-        table = _gpt2_byte_decoder()
-        if all(c in table for c in piece):
-            return bytes(table[c] for c in piece)
-    return piece.replace("▁", " ").encode("utf-8")
+    return tokenbytes.piece_bytes(piece, byte_level=scheme == "byte_level")
 
 
 def _is_control(piece: str) -> bool:
-    return bool(_CONTROL.match(piece)) and not _BYTE_FALLBACK.match(piece)
+    return bool(_CONTROL.match(piece)) and not tokenbytes.BYTE_FALLBACK.match(piece)
 
 
 def tokenize_root(base_url: str) -> str:
