@@ -138,7 +138,7 @@ def test_a_scoring_teacher_that_fails_every_sample_is_named_with_counts(server: 
     async def teacher(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == "/v1/completions":
             seen["completions"] += 1
-            if seen["completions"] > 1:  # the startup tokenizer probe is answered by the real server
+            if seen["completions"] > 2:  # the startup probe (ids, then the self-test's second scoring) is answered
                 await broken(scope, receive, send)
                 return
         await real(scope, receive, send)
