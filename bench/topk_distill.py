@@ -75,6 +75,11 @@ def overrides_for(signal: str, model_dir: Path, out: Path, teacher_url: str, ste
         args += ["--inference.port", str(free_port())]
     for key, value in (env or {}).items():
         args += [f"--orchestrator.env.0.args.{key}", value]
+    if env is not None:
+        # A sentence in French takes more tokens than a city: every signal samples up to 48 (as the evaluation
+        # does), and a reply cut off there still shows the behaviour, so it is trained on (without an end of turn)
+        # rather than set aside; distill mode's default drop left steps with nothing to train on.
+        args += ["--orchestrator.sampling.max_tokens", "48", "--orchestrator.truncated", "keep"]
     return args
 
 
