@@ -21,12 +21,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from apprentice.clients.base import ClientError, TeacherAuthError
+from apprentice.clients.base import ClientError
 from apprentice.clients.cache import ResponseCache
 from apprentice.clients.http import RawResponse
 from apprentice.clients.logprobs import BadLogprob, check_logprob
 from apprentice.clients.scoring import PromptScores, stored_scores_problem
-from apprentice.clients.session import EndpointSession, SetAside
+from apprentice.clients.session import EndpointSession
 from apprentice.config import EndpointConfig
 
 _BASE_RESPONSE_BYTES = 4 * 1024 * 1024
@@ -90,19 +90,7 @@ class EchoScoringClient:
                 raise ClientError("malformed", f"{self.endpoint.base_url}/completions (echo): {e}") from None
 
         max_bytes = self.endpoint.max_response_bytes or _BASE_RESPONSE_BYTES + _BYTES_PER_TOKEN * len(prompt)
-        try:
-            result, usage = await self._session.request(body, read, max_bytes=max_bytes)
-        except SetAside as e:
-            self._counters[f"teacher/errors/{e.kind}"] += 1
-            raise ClientError(e.kind, str(e)) from None
-        except ClientError as e:
-            self._counters[f"teacher/errors/{e.kind}"] += 1
-            raise
-        except TeacherAuthError:
-            self._counters["teacher/errors/auth"] += 1
-            raise
-        self._counters["teacher/prompt_tokens"] += float(usage.get("prompt_tokens") or 0)
-        self._counters["teacher/responses"] += 1
+        result = await self._session.scoring_request(body, read, max_bytes=max_bytes)
         if self._cache is not None:
             self._cache.put(body, "", {"logprobs": result.logprobs, "token_ids": None})
         return result

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apprentice.clients.base import ClientError, TeacherAuthError
+from apprentice.clients.base import ClientError
 from apprentice.clients.cache import ResponseCache
 from apprentice.clients.http import RawResponse
 from apprentice.clients.logprobs import BadLogprob, check_logprob, usable_logprob
-from apprentice.clients.session import EndpointSession, SetAside
+from apprentice.clients.session import EndpointSession
 from apprentice.config import EndpointConfig
 
 _BASE_RESPONSE_BYTES = 4 * 1024 * 1024
@@ -235,19 +235,7 @@ class TeacherScoringClient:
                 # A server that does not score prompts (or scores other tokens) does so on every request: no retry.
                 raise ClientError("malformed", f"{self.endpoint.base_url}/completions: {e}") from None
 
-        try:
-            result, usage = await self._session.request(body, read, max_bytes=self._max_bytes(prompt))
-        except SetAside as e:  # oversized or not UTF-8: nothing worth caching
-            self._counters[f"teacher/errors/{e.kind}"] += 1
-            raise ClientError(e.kind, str(e)) from None
-        except ClientError as e:
-            self._counters[f"teacher/errors/{e.kind}"] += 1
-            raise
-        except TeacherAuthError:
-            self._counters["teacher/errors/auth"] += 1
-            raise
-        self._counters["teacher/prompt_tokens"] += float(usage.get("prompt_tokens") or 0)
-        self._counters["teacher/responses"] += 1
+        result = await self._session.scoring_request(body, read, max_bytes=self._max_bytes(prompt))
         if use_cache:
             assert self._cache is not None
             stored_answer: dict[str, Any] = {"logprobs": result.logprobs, "token_ids": result.token_ids}

@@ -172,6 +172,26 @@ class EndpointSession:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    async def scoring_request(self, body: dict[str, Any], read: Reader[tuple[T, dict[str, Any]]], *,
+                              max_bytes: int | None = None) -> T:  # fmt: skip
+        """`request` for a scoring call whose reader returns (result, the answer's usage), counted: `errors/<kind>`
+        on failure (an oversized or non-UTF-8 answer, set aside by `request`, becomes a ClientError of its kind:
+        nothing worth caching), `responses` and `prompt_tokens` on success."""
+        try:
+            result, usage = await self.request(body, read, max_bytes=max_bytes)
+        except SetAside as e:
+            self.count(f"errors/{e.kind}")
+            raise ClientError(e.kind, str(e)) from None
+        except ClientError as e:
+            self.count(f"errors/{e.kind}")
+            raise
+        except TeacherAuthError:
+            self.count("errors/auth")
+            raise
+        self.count("prompt_tokens", float(usage.get("prompt_tokens") or 0))
+        self.count("responses")
+        return result
+
     def _retry_delay(self, attempt: int, failure: Retryable) -> float:
         delay = backoff_delay(attempt, base_s=self.backoff_base_s, max_s=self.backoff_max_s, rng=self._rng)
         if failure.retry_after_s is not None:
