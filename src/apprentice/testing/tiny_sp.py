@@ -57,16 +57,7 @@ def build_tiny_sp_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
 def save_tiny_sp_model(path: str | Path, seed: int = 0, vocab_size: int = 600) -> Path:
     """A loadable Hugging Face directory: a tiny 2-layer model on the byte-fallback tokenizer."""
     path = Path(path)
-    tok = build_tiny_sp_tokenizer(vocab_size)
-    model = build_tiny_model(len(tok), seed=seed)
-    end = tok.convert_tokens_to_ids("<|end|>")
-    model.config.eos_token_id = end
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = end
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return _save_with_end(build_tiny_sp_tokenizer(vocab_size), "<|end|>", seed, path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,12 +81,16 @@ def save_ascii_student(path: str | Path, seed: int = 0, vocab_size: int = 400) -
         bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
     )  # fmt: skip
     tok.chat_template = CHATML_TEMPLATE
+    return _save_with_end(tok, "<|im_end|>", seed, path)
+
+
+def _save_with_end(tok: PreTrainedTokenizerFast, end_token: str, seed: int, path: Path) -> Path:
+    """A tiny random model for `tok` that stops at `end_token`, saved with the tokenizer at `path`."""
     model = build_tiny_model(len(tok), seed=seed)
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    model.config.eos_token_id = end
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = end
-    model.generation_config.pad_token_id = tok.pad_token_id
+    end = tok.convert_tokens_to_ids(end_token)
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = end
+        config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
