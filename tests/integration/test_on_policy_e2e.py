@@ -16,9 +16,10 @@ from apprentice.testing.tiny import save_tiny_student
 from apprentice.testing.tiny_sp import save_ascii_student, save_tiny_sp_model
 
 
-def test_apprentice_rl_with_a_teacher_trains_on_per_token_reverse_kl(tmp_path: Path) -> None:
-    student = save_tiny_student(tmp_path / "student", seed=0)
-    teacher_dir = save_tiny_student(tmp_path / "teacher", seed=5)
+def run_opd(tmp_path: Path, student: Path, teacher_dir: Path, teacher_keys: str = "") -> tuple[Path, list, list]:
+    """`apprentice rl` for 2 steps of 4 reverse-text samples, the student scored by `teacher_dir` served on
+    loopback (`teacher_keys`: extra [orchestrator.teacher_model] lines); (output dir, orchestrator and trainer
+    metrics)."""
     output = tmp_path / "run"
     config = tmp_path / "opd.toml"
     with local_server(teacher_dir, extra_args=["--served-model-name", "teacher", "--threads", "1"]) as teacher_url:
@@ -36,6 +37,7 @@ truncated = "keep"
 [orchestrator.teacher_model]
 base_url = "{teacher_url}"
 model = "teacher"
+{teacher_keys}
 [orchestrator.sampling]
 max_tokens = 8
 [[orchestrator.env]]
@@ -53,6 +55,13 @@ type = "rl"
     orch = read_metrics(output / "orchestrator" / "metrics.jsonl")
     trainer = read_metrics(output / "trainer" / "metrics.jsonl")
     assert [m["step"] for m in orch] == [1, 2] and [m["step"] for m in trainer] == [1, 2]
+    return output, orch, trainer
+
+
+def test_apprentice_rl_with_a_teacher_trains_on_per_token_reverse_kl(tmp_path: Path) -> None:
+    student = save_tiny_student(tmp_path / "student", seed=0)
+    teacher_dir = save_tiny_student(tmp_path / "teacher", seed=5)
+    output, orch, trainer = run_opd(tmp_path, student, teacher_dir)
     assert all(m["distill/scored_samples"] == 4 and m["distill/scored_tokens"] > 0 for m in orch)
     assert orch[0]["distill/requests"] >= 4  # one request per sample (the startup probe has its own client)
     assert orch[0]["distill/teacher_noise"] == 0.0
@@ -69,42 +78,7 @@ def test_apprentice_rl_with_a_teacher_on_another_tokenizer(tmp_path: Path) -> No
     after the conversation in the teacher's template, aligns by bytes and trains."""
     student = save_ascii_student(tmp_path / "student", seed=0)  # an untrained student whose samples are text
     teacher_dir = save_tiny_sp_model(tmp_path / "teacher", seed=5)
-    output = tmp_path / "run"
-    config = tmp_path / "opd.toml"
-    with local_server(teacher_dir, extra_args=["--served-model-name", "teacher", "--threads", "1"]) as teacher_url:
-        config.write_text(f"""
-output_dir = "{output}"
-[model]
-name = "{student}"
-[inference]
-port = {free_port()}
-threads = 1
-[orchestrator]
-batch_size = 4
-max_async_level = 0
-truncated = "keep"
-[orchestrator.teacher_model]
-base_url = "{teacher_url}"
-model = "teacher"
-tokenizer = "{teacher_dir}"
-scoring = "echo"
-[orchestrator.sampling]
-max_tokens = 8
-[[orchestrator.env]]
-id = "reverse-text"
-[trainer]
-max_steps = 2
-micro_batch_tokens = 1024
-[trainer.loss]
-type = "rl"
-""")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-m", "apprentice", "rl", str(config)], env=env, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    orch = read_metrics(output / "orchestrator" / "metrics.jsonl")
-    trainer = read_metrics(output / "trainer" / "metrics.jsonl")
-    assert [m["step"] for m in orch] == [1, 2] and [m["step"] for m in trainer] == [1, 2]
+    output, orch, trainer = run_opd(tmp_path, student, teacher_dir, f'tokenizer = "{teacher_dir}"\nscoring = "echo"')
     for m in orch:
         set_aside = sum(v for k, v in m.items() if k.startswith("distill/set_aside/"))
         assert m["distill/scored_samples"] + set_aside == 4 and m["distill/scored_samples"] >= 1
