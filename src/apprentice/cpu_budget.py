@@ -1,11 +1,16 @@
 """How `apprentice rl` shares this machine's cores between the inference server and the trainer ranks.
 
-On CPU both are torch processes running at the same time (the server samples step n+1 while the trainer takes
-step n); each left to torch's default takes every core, and two pools of busy threads on the same cores slow
-each other down far more than they gain. So unless told otherwise (`inference.threads`, `trainer.threads`, or
-OMP_NUM_THREADS in the environment) the launcher gives the server half of the cores it may use (rounded down,
-at least one) and splits the rest evenly between this node's trainer ranks (at least one each). On GPU machines
-the numbers only bound host-side work.
+With `orchestrator.max_async_level` >= 1 both are torch processes running at the same time (the server samples
+step n+1 while the trainer takes step n); each left to torch's default takes every core, and two pools of busy
+threads on the same cores slow each other down far more than they gain. So unless told otherwise
+(`inference.threads`, `trainer.threads`, or OMP_NUM_THREADS in the environment) the launcher then gives the
+server half of the cores it may use (rounded down, at least one) and splits the rest evenly between this node's
+trainer ranks (at least one each).
+
+With `max_async_level = 0` they take turns (the server samples step n+1 only once the trainer has published
+step n's weights, and the trainer waits for that batch), so each gets every core: on a small CPU machine this
+is the faster arrangement when training dominates the step (bench/rl_vs_trl.py), since one thread each would
+leave the server's core idle for most of the step. On GPU machines the numbers only bound host-side work.
 """
 
 from __future__ import annotations
@@ -21,8 +26,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def split_cores(cores: int, trainer_ranks: int, server: int | None = None, trainer: int | None = None) -> tuple[int, int]:
-    """(server threads, threads per trainer rank) for `cores` cores; explicit choices are kept as given."""
+def split_cores(
+    cores: int, trainer_ranks: int, server: int | None = None, trainer: int | None = None, *, overlap: bool = True
+) -> tuple[int, int]:
+    """(server threads, threads per trainer rank) for `cores` cores; explicit choices are kept as given.
+    `overlap`: server and trainer run at the same time (else they take turns and each may use every core)."""
+    if not overlap:
+        return server if server is not None else cores, trainer if trainer is not None else max(1, cores // max(1, trainer_ranks))
     server_threads = server if server is not None else max(1, cores // 2)
     left = max(1, cores - server_threads)
     return server_threads, trainer if trainer is not None else max(1, left // max(1, trainer_ranks))

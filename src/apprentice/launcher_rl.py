@@ -50,7 +50,9 @@ def thread_budget(cfg: Config) -> tuple[int | None, int | None]:
     """(inference server threads, threads per trainer rank) from the usable cores (apprentice/cpu_budget.py);
     OMP_NUM_THREADS set in the environment is the trainer's choice as it stands (None: left alone)."""
     inference_threads = cfg.inference.threads if cfg.inference is not None else None
-    server, trainer = split_cores(usable_cores(), cfg.trainer.num_processes, inference_threads, cfg.trainer.threads)
+    overlap = cfg.orchestrator.max_async_level > 0  # sampling step n+1 while the trainer takes step n
+    server, trainer = split_cores(usable_cores(), cfg.trainer.num_processes, inference_threads, cfg.trainer.threads,
+                                  overlap=overlap)  # fmt: skip
     if cfg.trainer.threads is None and "OMP_NUM_THREADS" in os.environ:
         return server, None
     return server, trainer

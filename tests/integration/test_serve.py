@@ -289,3 +289,31 @@ def test_prompt_prefix_messages_are_prepended_and_hidden(model_dir: Path, tmp_pa
     bad.write_text('[{"role": "robot", "content": "x"}]')
     with pytest.raises(ValueError, match="entry 0"):
         read_prompt_prefix(bad)
+
+
+def test_answers_to_one_prompt_prefill_it_once_and_match_answers_alone(server: tuple[str, Any]) -> None:
+    """A GRPO group (one prompt, several answers, as concurrent requests and as n): the prompt is prefilled once
+    per batch, and every answer's tokens and logprobs are those it gets alone."""
+    url, app = server
+    requests = [{"model": "tiny", "messages": MESSAGES, "max_tokens": 8, "temperature": 1.0, "seed": 10 * i, "n": 2,
+                 "logprobs": True, "return_token_ids": True} for i in range(3)]  # fmt: skip
+    before = dict(app.state.engine.stats)
+
+    async def concurrently() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            responses = await asyncio.gather(*(c.post(f"{url}/chat/completions", json=r) for r in requests))
+        return [r.json() for r in responses]
+
+    together = asyncio.run(concurrently())
+    stats = dict(app.state.engine.stats)
+    assert stats["inference/sequences"] - before["inference/sequences"] == 6
+    assert stats["inference/prefilled_prompts"] - before["inference/prefilled_prompts"] == (
+        stats["inference/batches"] - before["inference/batches"]
+    )  # one prefill row per batch, however many answers it decodes
+    for request, response in zip(requests, together, strict=True):
+        for k, choice in enumerate(response["choices"]):
+            alone = httpx.post(f"{url}/chat/completions", json={**request, "n": 1, "seed": request["seed"] + k},
+                               timeout=60).json()["choices"][0]  # fmt: skip
+            assert choice["token_ids"] == alone["token_ids"]
+            lp_shared = [e["logprob"] for e in choice["logprobs"]["content"]]
+            assert lp_shared == pytest.approx([e["logprob"] for e in alone["logprobs"]["content"]], abs=1e-5)

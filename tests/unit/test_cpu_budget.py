@@ -48,3 +48,13 @@ def test_the_launcher_budget_follows_the_config_and_the_environment(tmp_path: Pa
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice for the trainer stands
     assert thread_budget(load_config([write_config(tmp_path)])) == (4, None)
     assert thread_budget(load_config([write_config(tmp_path)], ["--trainer.threads", "5"])) == (4, 5)
+
+
+def test_server_and_trainer_that_take_turns_each_get_every_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert split_cores(2, 1, overlap=False) == (2, 2)
+    assert split_cores(16, 2, overlap=False) == (16, 8)
+    assert split_cores(16, 1, server=3, overlap=False) == (3, 16)
+    monkeypatch.setattr("apprentice.launcher_rl.usable_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    turns = load_config([write_config(tmp_path)], ["--orchestrator.max_async_level", "0"])
+    assert thread_budget(turns) == (8, 8)

@@ -173,3 +173,23 @@ def test_step_batch_has_topk_looks_at_every_rank(tmp_path: Path) -> None:
     write_step_batch(tmp_path, 2, [plain, [topk_sample(6, 2, seed=4)]])  # only rank 1 got samples with targets
     assert not step_batch_has_topk(tmp_path, 1)
     assert step_batch_has_topk(tmp_path, 2)
+
+
+def test_shared_prompt_packing_keeps_each_target_with_its_topk_row() -> None:
+    """Samples of one prompt packed with a shared prefix: every trained position carries the same target and
+    teacher rows as in whole-sample packing."""
+    import dataclasses
+
+    base = [topk_sample(12, 3, seed=s, prompt=6) for s in range(3)]
+    prompt = base[0].token_ids[:6]
+    samples = [dataclasses.replace(s, token_ids=prompt + s.token_ids[6:]) for s in base]
+    (whole,) = pack_samples(samples, 64)
+    (shared,) = pack_samples(samples, 64, share_prompts=True)
+    assert shared.prefix_of is not None and shared.num_shared_tokens == 2 * 5
+    for mb in (whole, shared):
+        assert mb.teacher_topk_ids is not None and mb.teacher_topk_ids.shape[1] == mb.num_tokens
+    trained_w, trained_s = whole.loss_mask[0], shared.loss_mask[0]
+    assert torch.equal(whole.target_ids[0][trained_w], shared.target_ids[0][trained_s])
+    assert torch.equal(whole.teacher_topk_ids[0][trained_w], shared.teacher_topk_ids[0][trained_s])  # type: ignore[index]
+    assert torch.equal(whole.teacher_topk_logprobs[0][trained_w], shared.teacher_topk_logprobs[0][trained_s])  # type: ignore[index]
+    assert not (shared.teacher_topk_ids[0][~trained_s] >= 0).any()  # type: ignore[index]

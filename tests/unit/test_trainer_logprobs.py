@@ -101,3 +101,50 @@ def test_model_loss_chunked_equals_model_forward(tmp_path: Path) -> None:
             torch.testing.assert_close(m1[name], m0[name], rtol=1e-5, atol=1e-6, msg=name)
         for name in g0:
             torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_model_loss_over_trained_positions_equals_every_position(tmp_path: Path) -> None:
+    """The head runs on trained positions only; loss, metrics and gradients equal those over every position."""
+    model = load_model(ModelConfig(name=str(save_tiny_student(tmp_path / "student"))), torch.device("cpu"))
+    # Long untrained prompts (mask 0 on the first 12 tokens), a trained turn in the middle of one sample.
+    samples = [
+        TrainingSample(list(range(3, 3 + n)), [12 <= i < n - lo for i in range(n)], [-1.0] * n, 0.5)
+        for n, lo in ((20, 0), (31, 5), (16, 0))
+    ]
+    (mb,) = pack_samples(samples, 128)
+    assert 0 < mb.num_loss_tokens < mb.num_tokens // 2
+    for loss_type in LOSS_CONFIGS:
+        loss_fn = build_loss(LOSS_CONFIGS[loss_type])
+        results = []
+        for chunk in (0, 5):
+            model.zero_grad(set_to_none=True)
+            loss, metrics = micro_batch_loss(model, mb, loss_fn, 40, chunk)
+            loss.backward()
+            results.append((loss.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+        inputs = LossInputs(torch.empty(0), mb.inference_logprobs[0], mb.loss_mask[0], mb.advantages[0], 40)
+        logits = model(**mb.model_kwargs()).logits[0]  # [T, V]: every position
+        ref_loss, ref_metrics = full_loss(logits, mb.target_ids[0], inputs, loss_fn)
+        ref_loss.backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for loss, metrics, grads_ in results:
+            torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+            for name in ref_metrics:
+                torch.testing.assert_close(metrics[name], ref_metrics[name], rtol=1e-5, atol=1e-6, msg=name)
+            for name in ref_grads:
+                torch.testing.assert_close(grads_[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_row_without_trained_positions_still_backpropagates(tmp_path: Path) -> None:
+    """A fully masked row (a rank's placeholder) gives loss 0 and zero gradients, but a gradient for every
+    parameter: backward ran through the whole model, as FSDP's collectives need."""
+    model = load_model(ModelConfig(name=str(save_tiny_student(tmp_path / "student"))), torch.device("cpu"))
+    (mb,) = pack_samples([TrainingSample([3, 4, 5, 6], [False] * 4, [0.0] * 4, 1.0)], 16)
+    for chunk in (0, 5):
+        model.zero_grad(set_to_none=True)
+        loss, _ = micro_batch_loss(model, mb, build_loss(LOSS_CONFIGS["rl"]), 1, chunk)
+        loss.backward()
+        assert float(loss.detach()) == 0.0
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            assert not p.grad.any(), name

@@ -131,3 +131,73 @@ def test_packed_equals_unpacked_on_gpu_bf16(student_dir: Path) -> None:
             total += sft_loss(LossInputs(lp, mb.inference_logprobs[0], mb.loss_mask[0], mb.advantages[0], n))[0].item()
         losses.append(total)
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 tolerance
+
+
+def test_shared_prompt_layout_matches_docstring_example() -> None:
+    a = sample([1, 2, 30, 31], [False, False, True, True], adv=2.0)
+    b = sample([1, 2, 40], [False, False, True], adv=-1.0)
+    (mb,) = pack_samples([a, b], 64, share_prompts=True)
+    assert mb.input_ids.tolist() == [[1, 2, 30, 31, 2, 40]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 1, 2]]
+    assert mb.target_ids.tolist() == [[2, 30, 31, 0, 40, 0]]
+    assert mb.loss_mask.tolist() == [[False, True, True, False, True, False]]
+    assert mb.advantages.tolist() == [[0.0, 2.0, 2.0, 2.0, -1.0, -1.0]]
+    assert mb.cu_seqlens.tolist() == [0, 1, 4, 6] and mb.prefix_of == [-1, 0, 0]
+    assert mb.num_shared_tokens == 1 and mb.num_loss_tokens == 3
+    assert pack_samples([a, b], 64)[0].prefix_of is None  # off by default: each sample whole
+
+
+def test_shared_prompts_group_only_identical_untrained_beginnings_and_respect_capacity() -> None:
+    prompt = list(range(100, 120))
+    group = [sample(prompt + [200 + i] * (3 + i), [False] * 20 + [True] * (3 + i)) for i in range(4)]
+    other = sample(prompt[:-1] + [7, 8, 9], [False] * 19 + [True] * 3)  # differs in its last prompt token only
+    early = sample(list(range(50, 60)), [False, True] + [True] * 8)  # trained from token 1: nothing to share
+    rows = pack_samples([*group, other, early], 60, share_prompts=True)
+    assert all(mb.num_tokens <= 60 for mb in rows)
+    # The group (19 shared + 4 tails of 4..7 tokens = 45) fits one row; `other` shares with nobody.
+    shared = [mb for mb in rows if mb.prefix_of is not None]
+    assert len(shared) == 1 and shared[0].num_shared_tokens == 3 * 19
+    assert sum(mb.num_tokens + mb.num_shared_tokens for mb in rows) == sum(len(s) for s in [*group, other, early])
+    # A capacity the whole group does not fit: it is split, each part with its own copy of the prefix.
+    split = pack_samples(group, 30, share_prompts=True)
+    assert len(split) >= 2 and all(mb.num_tokens <= 30 for mb in split)
+    assert sum(mb.num_loss_tokens for mb in split) == sum(mb.num_loss_tokens for mb in pack_samples(group, 30))
+
+
+def test_shared_prompts_give_the_losses_and_gradients_of_whole_samples(tmp_path: Path) -> None:
+    """Through the tiny student and the varlen attention: four groups of four answers, with per-token
+    advantages and top-k-free rl-style inputs, packed shared and unshared: same loss and gradients."""
+    from apprentice.config import RLLossConfig
+    from apprentice.trainer.logprobs import micro_batch_loss
+    from apprentice.trainer.losses import build_loss
+
+    model = load_model(ModelConfig(name=str(save_tiny_student(tmp_path / "student"))), torch.device("cpu"))
+    assert model.config._attn_implementation == "apprentice_varlen"
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for p in range(4):
+        prompt = torch.randint(3, 60, (9 + 3 * p,), generator=g).tolist()
+        for k in range(4):
+            tail = torch.randint(3, 60, (2 + k,), generator=g).tolist()
+            n = len(prompt) + len(tail)
+            lps = (-4.0 - 0.2 * torch.rand(n, generator=g)).tolist()
+            advs = torch.randn(n, generator=g).tolist()
+            samples.append(TrainingSample(prompt + tail, [i >= len(prompt) for i in range(n)], lps, 0.0, token_advantages=advs))
+    loss_fn = build_loss(RLLossConfig(kl_coef=0.1, ratio_low=1e-6, ratio_high=1e6))
+    results = []
+    for share in (False, True):
+        rows = pack_samples(samples, 48, share_prompts=share)
+        assert (rows[0].prefix_of is not None) == share
+        model.zero_grad(set_to_none=True)
+        total = torch.zeros(())
+        for mb in rows:
+            loss, _ = micro_batch_loss(model, mb, loss_fn, 40, 5)
+            loss.backward()
+            total += loss.detach()
+        results.append((total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert float(l0) != 0.0
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)

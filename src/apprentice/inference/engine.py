@@ -130,7 +130,8 @@ class BatchEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.stats: dict[str, float] = {"inference/batches": 0, "inference/requests": 0, "inference/sequences": 0,
-                                        "inference/generated_tokens": 0, "inference/weights_version": 0,
+                                        "inference/prefilled_prompts": 0, "inference/generated_tokens": 0,
+                                        "inference/weights_version": 0,
                                         "inference/weights_step": 0, "inference/failed_requests": 0,
                                         "inference/cancelled_requests": 0, "inference/solo_reruns": 0}  # fmt: skip
         self.weights: dict[str, Any] = {"step": 0, "path": weights_path}
@@ -253,21 +254,33 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _decode(self, model: Any, rows: list[_Row]) -> None:
-        """Prefill the left-padded prompts of `rows`, then decode one token per row until every row is done."""
-        width = max(len(row.request.prompt_ids) for row in rows)
-        ids_B_T = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask_B_T = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            prompt = row.request.prompt_ids
-            ids_B_T[b, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask_B_T[b, width - len(prompt) :] = 1
-        ids_B_T, mask_B_T = ids_B_T.to(self.device), mask_B_T.to(self.device)
-        pos_B_T = (mask_B_T.cumsum(-1) - 1).clamp(min=0)
+        """Prefill the left-padded prompts of `rows`, then decode one token per row until every row is done.
 
-        out = model(input_ids=ids_B_T, attention_mask=mask_B_T, position_ids=pos_B_T, use_cache=True, logits_to_keep=1)
+        Each distinct prompt is prefilled once (the answers of a group, n choices of a request) and its cache
+        row copied to every row that decodes from it: an RL step of 4 prompts x 4 answers prefills 4 rows, not 16.
+        """
+        prompts: dict[tuple[int, ...], int] = {}
+        source = [prompts.setdefault(tuple(row.request.prompt_ids), len(prompts)) for row in rows]  # [B] -> [U]
+        width = max(len(p) for p in prompts)
+        ids_U_T = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask_U_T = torch.zeros((len(prompts), width), dtype=torch.long)
+        for u, prompt in enumerate(prompts):
+            ids_U_T[u, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask_U_T[u, width - len(prompt) :] = 1
+        ids_U_T, mask_U_T = ids_U_T.to(self.device), mask_U_T.to(self.device)
+        pos_U_T = (mask_U_T.cumsum(-1) - 1).clamp(min=0)
+
+        self.stats["inference/prefilled_prompts"] += len(prompts)
+        out = model(input_ids=ids_U_T, attention_mask=mask_U_T, position_ids=pos_U_T, use_cache=True, logits_to_keep=1)
+        index_B = torch.tensor(source, dtype=torch.long, device=self.device)
+        logits_B_V = out.logits[:, -1, :].float().index_select(0, index_B)
+        if len(prompts) < len(rows):
+            out.cache.reorder_cache(index_B)  # every row's own copy of its prompt's keys and values
+        mask_B_T, pos_B_T = mask_U_T[index_B], pos_U_T[index_B]
         max_steps = max(r.request.params.max_tokens for r in rows)
-        for _ in range(max_steps):
-            logits_B_V = out.logits[:, -1, :].float()
+        for step in range(max_steps):
+            if step:
+                logits_B_V = out.logits[:, -1, :].float()
             next_B = self._step(rows, logits_B_V)
             if all(row.finish_reason is not None for row in rows):
                 break

@@ -185,6 +185,11 @@ def micro_batch_loss(
 ) -> tuple[torch.Tensor, Metrics]:
     """(loss, metrics) of one packed micro-batch (already on the model's device); backward the loss once.
 
+    The lm_head and the loss see only the trained positions: every loss is a sum over loss-mask tokens (see
+    losses.py), so the others (prompts, tool results: two thirds of an RL batch of short answers) would only
+    cost a [V, H] matmul each, forward and backward, for nothing. A row without any trained position keeps
+    one (masked) position so that backward still runs through the whole model (FSDP's collectives need it).
+
     Bound on the model as LOSS_METHOD (see bind_loss_method) so that FSDP2 gathers the root's weights for it.
     """
     inputs = LossInputs(
@@ -196,12 +201,16 @@ def micro_batch_loss(
         teacher_topk_ids=None if mb.teacher_topk_ids is None else mb.teacher_topk_ids[0],
         teacher_topk_logprobs=None if mb.teacher_topk_logprobs is None else mb.teacher_topk_logprobs[0],
     )
-    target_ids = mb.target_ids[0]
+    trained = mb.loss_mask[0].nonzero().squeeze(-1)  # [N] positions whose target is trained
+    if trained.numel() == 0:
+        trained = trained.new_zeros(1)
+    inputs = inputs.select(trained)
+    target_ids = mb.target_ids[0].index_select(0, trained)
     if chunk_tokens > 0 and chunkable(model):
-        hidden = model.get_decoder()(**mb.model_kwargs()).last_hidden_state[0]  # [T, H]
+        hidden = model.get_decoder()(**mb.model_kwargs()).last_hidden_state[0].index_select(0, trained)  # [N, H]
         head = model.get_output_embeddings()
         return chunked_loss(hidden, head.weight, head.bias, target_ids, inputs, loss_fn, chunk_tokens)
-    logits = model(**mb.model_kwargs()).logits[0]  # [T, V]
+    logits = model(**mb.model_kwargs(), logits_to_keep=trained).logits[0]  # [N, V]
     return full_loss(logits, target_ids, inputs, loss_fn)
 
 

@@ -61,6 +61,13 @@ class LossInputs:
     """[T] float32 log of the student's mass outside the valid teacher ids (at least log STUDENT_TAIL_FLOOR);
     carries the gradient. Meaningless on rows without targets."""
 
+    def select(self, index: torch.Tensor) -> LossInputs:
+        """The same inputs at positions `index` [N] int64 only (every per-position tensor gathered; scalars kept)."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).index_select(0, index) for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor) and getattr(self, f.name).numel()
+        })  # fmt: skip
+
     def positions(self, start: int, end: int) -> LossInputs:
         """The same inputs restricted to positions [start, end) (every [T] tensor sliced; scalars kept)."""
         return dataclasses.replace(self, **{

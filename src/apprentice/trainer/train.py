@@ -36,7 +36,7 @@ from apprentice.handoff.rollouts import (
     wait_for_step_batch,
 )
 from apprentice.tokenizer import load_tokenizer
-from apprentice.trainer import ckpt
+from apprentice.trainer import attention, ckpt
 from apprentice.trainer.broadcast import send_weights, weight_sender
 from apprentice.trainer.logprobs import LOSS_METHOD
 from apprentice.trainer.losses import LossFn, build_loss, finalize_metrics
@@ -201,7 +201,9 @@ def train_step(
     one-token placeholder) so that FSDP2's collectives line up, and runs backward even when it has no loss
     tokens. Losses and metrics stay on the device until the end: the host reads them once per step.
     """
-    micro_batches: list[MicroBatch] = pack_samples(samples, micro_batch_tokens)
+    # Samples sharing a prompt compute it once where the attention reads the shared-prefix layout (ours).
+    share = getattr(getattr(model, "config", None), "_attn_implementation", None) == attention.NAME
+    micro_batches: list[MicroBatch] = pack_samples(samples, micro_batch_tokens, share_prompts=share)
     local_loss_tokens = sum(mb.num_loss_tokens for mb in micro_batches)  # host tensors: no device sync
     num_micro, global_loss_tokens = step_counts(max(1, len(micro_batches)), local_loss_tokens, device, world)
     micro_batches += [placeholder_batch() for _ in range(num_micro - len(micro_batches))]
@@ -219,7 +221,7 @@ def train_step(
 
     grad_norm = clip_grad_norm(params, grad_clip)
     names = sorted(sums)
-    real = sum(mb.num_tokens - mb.num_pad_tokens for mb in micro_batches)
+    real = sum(mb.num_tokens + mb.num_shared_tokens - mb.num_pad_tokens for mb in micro_batches)
     pad = sum(mb.num_pad_tokens for mb in micro_batches)
     counts = torch.tensor([skipped_samples, real, pad], dtype=torch.float64, device=device)
     reduced = all_reduce_sum_(torch.cat([torch.stack([sums[n] for n in names]), counts]), world)
