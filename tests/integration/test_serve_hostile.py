@@ -393,3 +393,32 @@ def test_prompts_rendered_from_many_threads_at_once_stay_exact(model_dir: Path) 
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda i: (i % 2, builder.render([forged, clean][i % 2], None, [])), range(400)))
     assert all(ids == expected[kind] for kind, ids in got)
+
+
+def test_a_burst_of_requests_arriving_one_by_one_is_one_batch(model_dir: Path) -> None:
+    """Requests of a burst arrive spread out (the server parses them one at a time): each arrival holds the batch
+    open a window longer (up to a cap), so the burst decodes together; one after the batch closed waits its turn."""
+    from transformers import AutoModelForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    engine = BatchEngine(model, tok, max_batch_size=16, batch_window_s=0.15, batch_max_wait_s=1.0)
+    engine.start()
+    try:
+        prompt = tok("hello there", add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_tokens=4, seed=0)
+        futures = []
+        for _ in range(6):  # 0.5 s in all: far more than one window, each gap well inside one
+            futures.append(engine.submit(prompt, params))
+            time.sleep(0.1)
+        for f in futures:
+            f.result(timeout=60)
+        assert engine.stats["inference/batches"] == 1 and engine.stats["inference/sequences"] == 6
+        late = [engine.submit(prompt, params)]
+        time.sleep(0.5)  # longer than a window: the next batch has closed without it ...
+        late.append(engine.submit(prompt, params))
+        for f in late:
+            f.result(timeout=60)
+        assert engine.stats["inference/batches"] == 3  # ... so it is a batch of its own
+    finally:
+        engine.stop()

@@ -1,7 +1,10 @@
 """A batching generation engine over a transformers causal LM, run in one worker thread.
 
 Requests (each with `n` choices) wait in a queue; the worker takes everything pending (up to `max_batch_size`
-sequences, after a short window so that requests arriving together are served together), left-pads the prompts
+sequences, gathering while requests keep arriving: each arrival holds the batch open `batch_window_s` longer,
+up to `batch_max_wait_s` after the first, so that a burst of requests (an RL step's group, an evaluation's wave)
+parsed one by one by the server is served as one batch rather than a lone first request and the rest behind
+it, which would cost a whole second decode), left-pads the prompts
 into one batch and decodes it to completion with a KV cache, then takes the next batch ("static batching":
 requests that arrive mid-batch wait for the next one).
 
@@ -119,13 +122,15 @@ class BatchEngine:
         tokenizer: Any,
         *,
         max_batch_size: int = 32,
-        batch_window_s: float = 0.005,
+        batch_window_s: float = 0.02,
+        batch_max_wait_s: float = 0.2,
         weights_path: str = "",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
+        self.batch_max_wait_s = max(batch_window_s, batch_max_wait_s)
         self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
@@ -214,7 +219,8 @@ class BatchEngine:
                 break
             self.stats["inference/cancelled_requests"] += 1
         batch, rows = [first], first.n
-        deadline = time.monotonic() + self.batch_window_s
+        opened = time.monotonic()
+        deadline = opened + self.batch_window_s
         while rows < self.max_batch_size:
             if self._carry:
                 item: _Request | None = self._carry.popleft()
@@ -234,6 +240,7 @@ class BatchEngine:
                 break
             batch.append(item)
             rows += item.n
+            deadline = min(opened + self.batch_max_wait_s, time.monotonic() + self.batch_window_s)
         return batch
 
     def _generate(self, batch: list[_Request]) -> None:

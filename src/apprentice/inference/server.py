@@ -113,7 +113,7 @@ def build_app(
     max_batch_size: int = 32,
     dtype: str = "auto",
     device: str | None = None,
-    batch_window_s: float = 0.005,
+    batch_window_s: float = 0.02,
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
