@@ -21,9 +21,10 @@ import pytest
 import torch
 from fastapi import FastAPI
 from fault_teacher import serve_asgi
+from transformers import AutoModelForCausalLM
 
 from apprentice.config import Config, load_config
-from apprentice.handoff.weights import publish, published_steps
+from apprentice.handoff.weights import publish, published_steps, verify
 from apprentice.inference.launch import free_port
 from apprentice.inference.server import build_app
 from apprentice.metrics import read_metrics
@@ -224,7 +225,11 @@ def test_rl_run_learns_and_resumes_after_kill_9(tmp_path: Path) -> None:
     assert [(row["step"], row["policy/step"]) for row in evals] == [(1, 0), (5, 4), (max_steps + 1, max_steps)]
     assert all("eval/letters/reward" in row and row["perf/eval_s"] > 0 for row in evals)
     assert published_steps(output) == [max_steps - 1, max_steps]
-    assert (output / "final" / "config.json").is_file()
+    # final/ is the last step's published weights, linked rather than written a second time; it verifies.
+    last = output / "weights" / f"step_{max_steps}"
+    assert (output / "final" / "model.safetensors").stat().st_ino == (last / "model.safetensors").stat().st_ino
+    verify(output / "final")
+    assert AutoModelForCausalLM.from_pretrained(output / "final") is not None
 
 
 def test_a_first_rl_run_trains_on_truncated_completions_by_default(tmp_path: Path) -> None:

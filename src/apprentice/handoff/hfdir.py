@@ -9,6 +9,8 @@ it never loads a partial model, and a power cut leaves the old directory or the 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -61,6 +63,28 @@ def write_hf_dir(
     return path if is_main else None
 
 
-def export_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> Path | None:
-    """OUTPUT/final: the trained student. Collective (see `write_hf_dir`)."""
-    return write_hf_dir(model, tokenizer, final_dir(output_dir))
+def export_final(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: Path, *, same_as: Path | None = None
+) -> Path | None:
+    """OUTPUT/final: the trained student. Collective (see `write_hf_dir`).
+
+    `same_as`: a complete directory this process wrote from the same weights (rl mode: the last step's published
+    weights); final/ is then made of hard links to its files (a copy where the filesystem has none) instead of
+    gathering, serializing and hashing the model a second time at the end of the run.
+    """
+    if same_as is None:
+        return write_hf_dir(model, tokenizer, final_dir(output_dir))
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main:
+        with fsio.atomic_dir(final_dir(output_dir)) as tmp:
+            for source in sorted(p for p in Path(same_as).rglob("*") if p.is_file() and p.name != MARKER):
+                target = tmp / source.relative_to(same_as)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(source, target)
+                except OSError:  # no hard links here (another filesystem, some network mounts)
+                    shutil.copy2(source, target)
+            fsio.write_text(tmp / MARKER, json.dumps({"step": None, "format": FORMAT}) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return final_dir(output_dir) if is_main else None

@@ -94,6 +94,7 @@ def main(cfg: Config) -> None:
         sender = weight_sender(cfg) if collective and world.is_main else None
 
         # The step loop.
+        published: Path | None = None  # the last weights this process published (rl mode)
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
@@ -116,7 +117,7 @@ def main(cfg: Config) -> None:
                 # collective: to the server's memory, and to disk only where a checkpoint follows (resume reads it)
                 sent = collective and send_weights(sender, model, step)
                 if not sent or step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
-                    weights.publish(model, tokenizer, output_dir, step, weights_keep)
+                    published = weights.publish(model, tokenizer, output_dir, step, weights_keep)
                 phases["perf/publish_s"] = time.perf_counter() - t_publish
             logger.log(step, {
                 **result.metrics,
@@ -133,7 +134,8 @@ def main(cfg: Config) -> None:
             if world.is_main:
                 write_trainer_progress(output_dir, step)
 
-        export_final(model, tokenizer, output_dir)
+        # The last step's published weights are the final model: final/ links to their files (rank 0's path).
+        export_final(model, tokenizer, output_dir, same_as=published if cfg.mode == "rl" and world.world_size == 1 else None)
         logger.close()
     except BaseException:
         shutdown(world, completed=False)
