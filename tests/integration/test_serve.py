@@ -317,3 +317,29 @@ def test_answers_to_one_prompt_prefill_it_once_and_match_answers_alone(server: t
             assert choice["token_ids"] == alone["token_ids"]
             lp_shared = [e["logprob"] for e in choice["logprobs"]["content"]]
             assert lp_shared == pytest.approx([e["logprob"] for e in alone["logprobs"]["content"]], abs=1e-5)
+
+
+def test_rows_that_finish_early_leave_the_batch_and_the_others_decode_as_alone(server: tuple[str, Any]) -> None:
+    """One batch whose rows stop at 2, 5 and 9 tokens (max_tokens): the rows still decoding after others finished
+    give the tokens and logprobs they give alone."""
+    url, app = server
+    requests = [{"model": "tiny", "messages": [{"role": "user", "content": "z" * (3 + i)}], "max_tokens": m,
+                 "temperature": 1.0, "seed": i, "logprobs": True, "return_token_ids": True}
+                for i, m in enumerate((2, 5, 9, 9))]  # fmt: skip
+    before = dict(app.state.engine.stats)
+
+    async def concurrently() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            responses = await asyncio.gather(*(c.post(f"{url}/chat/completions", json=r) for r in requests))
+        return [r.json() for r in responses]
+
+    together = asyncio.run(concurrently())
+    assert app.state.engine.stats["inference/batches"] - before["inference/batches"] == 1
+    for request, response in zip(requests, together, strict=True):
+        choice = response["choices"][0]
+        assert len(choice["token_ids"]) <= request["max_tokens"]
+        alone = httpx.post(f"{url}/chat/completions", json=request, timeout=60).json()["choices"][0]
+        assert choice["token_ids"] == alone["token_ids"]
+        lp_together = [e["logprob"] for e in choice["logprobs"]["content"]]
+        assert lp_together == pytest.approx([e["logprob"] for e in alone["logprobs"]["content"]], abs=1e-4)
+    assert len(together[0]["choices"][0]["token_ids"]) < len(together[2]["choices"][0]["token_ids"])

@@ -11,7 +11,8 @@ requests that arrive mid-batch wait for the next one).
 Why our own decode loop rather than `model.generate`: one batch mixes requests with different temperature,
 top_p, max_tokens, stop strings and seeds, and we need per-token logprobs and streaming deltas per row;
 `generate` takes one generation config per call. The loop is ~40 lines: prefill with `logits_to_keep=1`, then one
-token per step for every row (finished rows are fed padding and ignored) until every row is done.
+token per step for every row still decoding (a finished row leaves the batch, its cache rows dropped) until
+every row is done.
 
 Logprobs are those of the model's raw distribution (temperature 1, no top-p), like vLLM's default
 `logprobs_mode="raw_logprobs"`, so that a trainer recomputing them needs no sampling settings; with
@@ -285,13 +286,20 @@ class BatchEngine:
             out.cache.reorder_cache(index_B)  # every row's own copy of its prompt's keys and values
         mask_B_T, pos_B_T = mask_U_T[index_B], pos_U_T[index_B]
         max_steps = max(r.request.params.max_tokens for r in rows)
+        live = rows  # the rows still decoding, in batch order
         for step in range(max_steps):
             if step:
                 logits_B_V = out.logits[:, -1, :].float()
-            next_B = self._step(rows, logits_B_V)
-            if all(row.finish_reason is not None for row in rows):
+            next_B = self._step(live, logits_B_V)
+            keep = [b for b, row in enumerate(live) if row.finish_reason is None]
+            if not keep:
                 break
-            mask_B_T = torch.cat([mask_B_T, mask_B_T.new_ones((len(rows), 1))], dim=1)
+            if len(keep) < len(live):  # finished rows leave the batch: a long answer no longer drags the short ones
+                index_B = torch.tensor(keep, dtype=torch.long, device=self.device)
+                out.cache.reorder_cache(index_B)
+                next_B, mask_B_T, pos_B_T = next_B[index_B], mask_B_T[index_B], pos_B_T[index_B]
+                live = [live[b] for b in keep]
+            mask_B_T = torch.cat([mask_B_T, mask_B_T.new_ones((len(live), 1))], dim=1)
             pos_B_T = pos_B_T[:, -1:] + 1
             out = model(
                 input_ids=next_B[:, None],
