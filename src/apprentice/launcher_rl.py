@@ -23,7 +23,7 @@ from pathlib import Path
 from apprentice.config import Config, write_resolved
 from apprentice.config.resume import check_resumable
 from apprentice.config.rl import check_rl_config
-from apprentice.cpu_budget import split_cores, usable_cores
+from apprentice.cpu_budget import split_cores, usable_cores, wait_policy
 from apprentice.handoff.weights import latest_verified, remove_after, weights_dir
 from apprentice.inference.backends import backend_for
 from apprentice.launcher import supervise, trainer_processes
@@ -87,6 +87,8 @@ def run_rl(cfg: Config) -> int:
     if trainer_threads is not None:
         for name in trainers:
             envs.setdefault(name, {})["OMP_NUM_THREADS"] = str(trainer_threads)
+    for name in [*trainers, *(["inference"] if "inference" in commands else [])]:
+        envs.setdefault(name, {}).update(wait_policy())
     print(f"apprentice rl: CPU threads: inference server {server_threads}, trainer "
           f"{trainer_threads or os.environ.get('OMP_NUM_THREADS', 'torch default')} per rank "
           f"({usable_cores()} usable cores)", flush=True)  # fmt: skip

@@ -58,3 +58,12 @@ def test_server_and_trainer_that_take_turns_each_get_every_core(tmp_path: Path, 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     turns = load_config([write_config(tmp_path)], ["--orchestrator.max_async_level", "0"])
     assert thread_budget(turns) == (8, 8)
+
+
+def test_idle_threads_sleep_unless_the_user_chose_a_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apprentice.cpu_budget import wait_policy
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert wait_policy() == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert wait_policy() == {}
