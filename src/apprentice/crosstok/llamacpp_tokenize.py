@@ -57,10 +57,11 @@ class LlamaCppTokenizer:
         root = tokenize_root(endpoint.base_url)
         self.url = f"{root}/tokenize"
         self.template_url = f"{root}/apply-template"
-        session = dict(max_concurrency=max_concurrency, max_response_bytes=16 * 1024 * 1024,
-                       section="orchestrator.teacher_model", prefix="teacher/tokenize/")  # fmt: skip
-        self._tokenize = EndpointSession(endpoint, self.url, **session)  # type: ignore[arg-type]
-        self._template = EndpointSession(endpoint, self.template_url, **session)  # type: ignore[arg-type]
+        self._tokenize, self._template = (
+            EndpointSession(endpoint, url, max_concurrency=max_concurrency, max_response_bytes=16 * 1024 * 1024,
+                            section="orchestrator.teacher_model", prefix="teacher/tokenize/")  # fmt: skip
+            for url in (self.url, self.template_url)
+        )
         self._control: dict[int, bool] = {}
 
     async def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> tuple[list[int], list[bytes]]:
