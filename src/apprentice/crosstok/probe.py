@@ -214,11 +214,7 @@ async def probe_teacher(
         probe_ids = list(probe_tok(PROBE_TEXT)["input_ids"])
     order: list[Protocol] = ["prompt_logprobs", "echo"] if endpoint.scoring == "auto" else [endpoint.scoring]
     failures: list[str] = []
-    # llama-server refuses echo with a 500 ("Only no echo is supported"), which would be retried: not asked.
     llama_scores = remote is not None and remote.protocol == "llama.cpp" and endpoint.tokenizer_url is None
-    if llama_scores and "echo" in order:
-        order.remove("echo")
-        failures.append("echo: llama.cpp's llama-server refuses echo")
     if prompt_logprobs.top_k:  # top-k targets come from prompt_logprobs only (echo's alternatives are keyed by text)
         if "prompt_logprobs" not in order:
             raise ConfigError(f"orchestrator.on_policy_distill.top_k = {prompt_logprobs.top_k} needs scoring = "
