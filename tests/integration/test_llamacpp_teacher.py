@@ -197,3 +197,37 @@ def test_llama_server_as_tokenizer_with_a_scoring_teacher_equals_the_local_path(
     assert local.cross is not None and type(local.cross.side).__name__ == "TeacherSide"
     for a, b in zip(got, want, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_tool_call_turn_is_kept_or_set_aside_as_on_the_local_path(teacher: tuple[str, Any]) -> None:
+    """A tool-call turn is rendered closed (llama-server would continue it: a user message follows it); kept when
+    the student's text is the teacher template's writing of the call, else set aside as tool_call_text."""
+    server, tok = teacher
+    if "tools" not in (tok.chat_template or ""):
+        pytest.skip("this template does not render tools")
+    tools = [{"type": "function", "function": {"name": "calc", "description": "arithmetic",
+              "parameters": {"type": "object", "properties": {"e": {"type": "string"}}}}}]  # fmt: skip
+    prompt = [{"role": "user", "content": "2+2?"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+            "function": {"name": "calc", "arguments": {"e": "2+2"}}}]}  # fmt: skip
+    student = build_tiny_tokenizer()
+    local = TeacherSide(tok, student)
+    written = local.render(prompt + [call], tools, generation=False)[len(local.render(prompt, tools, generation=True)) :]
+    as_teacher_writes = written.split(tok.convert_ids_to_tokens(local.end_of_turn))[0]
+    assert as_teacher_writes.startswith('{"name": "calc"')
+
+    async def run() -> None:
+        remote = LlamaCppTokenizer(cfg(server), max_concurrency=1)
+        try:
+            end_of_turn, controls = await find_controls(remote)
+            side = EndpointTeacherSide(remote, student, end_of_turn, controls)
+            ids = student_ids(student, as_teacher_writes, True)
+            got, want = await side.teacher_turn(prompt, [call], tools, ids), local.turn(prompt, [call], tools, ids)
+            assert (got.ids, got.completion_start) == (want.ids, want.completion_start)
+            with pytest.raises(AlignError) as refused:
+                await side.teacher_turn(prompt, [call], tools, student_ids(student, "calc(2+2)", True))
+            assert refused.value.kind == "tool_call_text"
+        finally:
+            await remote.aclose()
+
+    asyncio.run(run())
