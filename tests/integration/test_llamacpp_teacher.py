@@ -176,25 +176,28 @@ def test_llama_server_as_tokenizer_with_a_scoring_teacher_equals_the_local_path(
                            "completion_logprobs": [-rng.uniform(0.05, 4.0) for _ in completion_ids]}}  # fmt: skip
         trajectories.append({"steps": [step]})
 
-    async def distill(teacher: TeacherEndpointConfig) -> tuple[OnPolicyDistiller, list[list[float]]]:
+    async def distill(teacher: TeacherEndpointConfig) -> tuple[OnPolicyDistiller, list[list[float]], dict[str, float]]:
         distiller = OnPolicyDistiller(teacher, OnPolicyDistillConfig(), max_concurrency=2, cache_dir=None)
         try:
             await distiller.probe(student)
             samples = [s for t in trajectories for s in render_tokens(t["steps"])]
-            kept, _ = await distiller.apply(samples, trajectories)
+            kept, metrics = await distiller.apply(samples, trajectories)
             assert len(kept) == len(samples)
-            return distiller, [[a for a, m in zip(s.token_advantages, s.loss_mask, strict=True) if m] for s in kept]
+            return distiller, [[a for a, m in zip(s.token_advantages, s.loss_mask, strict=True) if m] for s in kept], metrics
         finally:
             await distiller.aclose()
 
     with serve_asgi(app) as scoring_url:
-        over_llama, got = asyncio.run(distill(TeacherEndpointConfig(
+        over_llama, got, metrics = asyncio.run(distill(TeacherEndpointConfig(
             base_url=scoring_url, model="smollm2", max_retries=0, timeout_s=60, tokenizer=server)))  # fmt: skip
-        local, want = asyncio.run(distill(TeacherEndpointConfig(
+        local, want, _ = asyncio.run(distill(TeacherEndpointConfig(
             base_url=scoring_url, model="smollm2", max_retries=0, timeout_s=60, tokenizer=str(model_dir))))  # fmt: skip
     assert over_llama.cross is not None and type(over_llama.cross.side).__name__ == "EndpointTeacherSide"
     assert isinstance(over_llama.cross.side.remote, LlamaCppTokenizer)  # type: ignore[attr-defined]
     assert local.cross is not None and type(local.cross.side).__name__ == "TeacherSide"
+    # Per turn: the prompt's /apply-template + /tokenize (once per conversation), the completion's /tokenize.
+    assert metrics["distill/tokenize/requests"] >= len(trajectories) + len(set(map(str, CONVERSATIONS)))
+    assert metrics["distill/tokenize/retries"] == 0.0 and "distill/tokenize/latency_s" in metrics
     for a, b in zip(got, want, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
 

@@ -17,11 +17,14 @@ the template's control tokens found there are what a student text may not hold (
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from apprentice.clients.base import ClientError
+from apprentice.clients.session import EndpointSession
 from apprentice.config import EndpointConfig, TeacherEndpointConfig
 from apprentice.crosstok.align import AlignError
 from apprentice.crosstok.teacher import TeacherSide, TeacherTurn
@@ -80,7 +83,32 @@ class RemoteTokenizer(Protocol):
         """The teacher's tokens of `text` as a continuation of `prompt`, with their bytes; specials never parsed."""
         ...
 
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """Its requests' counters and latencies under `distill/tokenize/` (requests, retries, latency_s, ...)."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+def session_metrics(sessions: list[EndpointSession], reset: bool) -> dict[str, float]:
+    """The counters of a tokenizer's sessions summed and their latencies pooled, `teacher/...` renamed
+    `distill/...` (beside the scoring requests' `distill/*`); `requests` and `retries` always present."""
+    counters: defaultdict[str, float] = defaultdict(float)
+    latencies: list[float] = []
+    for session in sessions:
+        for name, value in session.counters.items():
+            counters[name] += value
+        latencies += session.latencies_s
+        if reset:
+            session.reset()
+    prefix = sessions[0].prefix
+    out = {name.replace("teacher/", "distill/", 1): value for name, value in counters.items()}
+    for name in ("requests", "retries"):
+        out.setdefault(f"{prefix}{name}".replace("teacher/", "distill/", 1), 0.0)
+    if latencies:
+        out[f"{prefix}latency_s".replace("teacher/", "distill/", 1)] = sum(latencies) / len(latencies)
+        out[f"{prefix}latency_s_max".replace("teacher/", "distill/", 1)] = max(latencies)
+    return out
 
 
 async def find_controls(remote: RemoteTokenizer) -> tuple[tuple[int, bytes], list[str]]:
@@ -113,20 +141,23 @@ class EndpointTeacherSide(TeacherSide):
         self.student_special = {int(i) for i, t in student_tokenizer.added_tokens_decoder.items() if t.special}
         self.teacher_control = controls
         self.end_of_turn, self.end_of_turn_bytes = end_of_turn
-        self._prompts: dict[str, Pieces] = {}
+        self._prompts: dict[str, asyncio.Task[Pieces]] = {}
 
     async def _prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Pieces:
         key = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False)
-        if key not in self._prompts:  # the samples of a group share their prompt: one request for all
+        task = self._prompts.get(key)
+        if task is None:  # the samples of a group share their prompt: one request for all, even scored concurrently
             if len(self._prompts) > 4096:
                 self._prompts.clear()
-            try:
-                self._prompts[key] = await self.remote.chat(messages, tools)
-            except ClientError as e:
-                if e.kind == "bad_request":  # the template refuses the conversation
-                    raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
-                raise
-        return self._prompts[key]
+            task = self._prompts[key] = asyncio.ensure_future(self.remote.chat(messages, tools))
+        try:
+            return await asyncio.shield(task)  # one sample cancelled must not cancel the others' request
+        except ClientError as e:
+            if self._prompts.get(key) is task:  # a failure is not remembered: a later step asks again
+                del self._prompts[key]
+            if e.kind == "bad_request":  # the template refuses the conversation
+                raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
+            raise
 
     async def teacher_turn(self, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
                            tools: list[dict[str, Any]] | None, student_completion_ids: list[int]) -> TeacherTurn:  # fmt: skip

@@ -29,7 +29,7 @@ from apprentice.clients.base import ClientError
 from apprentice.clients.http import RawResponse
 from apprentice.clients.session import EndpointSession, SetAside
 from apprentice.config import EndpointConfig
-from apprentice.crosstok.endpoint import Pieces
+from apprentice.crosstok.endpoint import Pieces, session_metrics
 from apprentice.crosstok.vllm_tokenize import looks_like_control, tokenize_root
 
 _NEXT_USER = "Xq7 next"
@@ -140,6 +140,9 @@ class LlamaCppTokenizer:
                 return ids[len(tail_ids) :], pieces[len(tail_ids) :]
         # No tail, or a merge across the boundary: the text as a fresh stretch after the control token.
         return await self.tokenize(text, add_special=False, parse_special=False)
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        return session_metrics([self._tokenize, self._template], reset)
 
     async def aclose(self) -> None:
         await self._tokenize.aclose()

@@ -23,7 +23,7 @@ from apprentice.clients.base import ClientError
 from apprentice.clients.http import RawResponse
 from apprentice.clients.session import EndpointSession, SetAside
 from apprentice.config import EndpointConfig
-from apprentice.crosstok.endpoint import Pieces
+from apprentice.crosstok.endpoint import Pieces, session_metrics
 
 Scheme = Literal["text", "byte_level", "metaspace"]
 _TEXT_BYTES = re.compile(r"\\x([0-9a-fA-F]{2})")
@@ -126,6 +126,9 @@ class VllmTokenizer:
         if ids[:1] == [prompt.ids[last]]:
             return ids[1:], pieces[1:]
         return await self.text(text, special=False)
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        return session_metrics([self._session], reset)
 
     async def aclose(self) -> None:
         await self._session.aclose()

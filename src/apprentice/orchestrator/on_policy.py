@@ -191,6 +191,8 @@ class OnPolicyDistiller:
                 if remote is not self.remote:
                     await remote.aclose()
         self.protocol, self.noise = found.protocol, found.noise
+        if self.remote is not None:
+            self.remote.metrics(reset=True)  # the probe's own requests are not step 1's
         if not found.same_tokenizer:
             scorer = self.client if self.protocol == "prompt_logprobs" else self.echo
             side = found.remote or TeacherSide(found.teacher_tokenizer, student_tokenizer)
@@ -233,6 +235,8 @@ class OnPolicyDistiller:
             metrics["distill/teacher_noise"] = self.noise
         metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
         metrics.update(self.echo.metrics(reset=True) if self.protocol == "echo" else self.client.metrics(reset=True))
+        if self.remote is not None:  # the teacher side over a tokenizing server: its requests, retries, latency
+            metrics.update(self.remote.metrics(reset=True))
         return kept, metrics
 
     async def aclose(self) -> None:
