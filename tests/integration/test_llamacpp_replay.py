@@ -67,14 +67,17 @@ def test_replayed_teacher_side_equals_the_gguf_tokenizer() -> None:
     with serve_asgi(app) as url:
         remote = LlamaCppTokenizer(EndpointConfig(base_url=url, model="smollm2", max_retries=0), max_concurrency=1)
 
-        async def run() -> dict[str, Any]:
+        async def run() -> tuple[dict[str, Any], dict[str, float]]:
             try:
-                return await scenario(remote, student)
+                return await scenario(remote, student), remote.metrics(reset=True)
             finally:
                 await remote.aclose()
 
-        out = asyncio.run(run())
+        out, metrics = asyncio.run(run())
     assert missed == []
+    # Both endpoints' requests pooled under distill/tokenize/: one per recorded exchange.
+    assert metrics["distill/tokenize/requests"] == len(json.loads(RECORDING.read_text())["exchanges"])
+    assert metrics["distill/tokenize/retries"] == 0.0 and metrics["distill/tokenize/latency_s_max"] > 0.0
     assert out["probe_ids"] == gguf_tok(PROBE)["input_ids"]
     assert out["end_of_turn"] == (gguf_tok.convert_tokens_to_ids("<|im_end|>"), b"<|im_end|>")
     assert {"<|im_start|>", "<|im_end|>"} <= set(out["controls"])
