@@ -182,7 +182,7 @@ async def probe_teacher(
             f"{where(endpoint)} tokenizes differently from the student. Scoring the student's text with it needs "
             f"the teacher's own tokenizer and chat template: serve the teacher where POST /tokenize takes messages "
             f"(vLLM, `apprentice serve`), or set [orchestrator.teacher_model] tokenizer = "
-            f"\"<HF directory or cached hub id of the teacher>\""
+            f"\"<HF directory or cached hub id of the teacher>\" (or the URL of a llama-server serving its GGUF)"
         )
     if not same and prompt_logprobs.top_k:
         raise ConfigError(
