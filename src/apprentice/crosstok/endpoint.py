@@ -1,5 +1,6 @@
 """The teacher-side sequence from a server that tokenizes with the teacher's own template, so no local copy of the
-teacher's tokenizer or chat template is needed. Two protocols, found once at startup (`connect`):
+teacher's tokenizer or chat template is needed. Two protocols, tried in this order by the startup probe (probe.py),
+on the teacher's endpoint or on the server `[orchestrator.teacher_model] tokenizer` names by URL:
 
     vLLM's `POST /tokenize` (vllm_tokenize.py; `apprentice serve` answers it too): messages -> ids in one request
     llama.cpp's `POST /apply-template` then `POST /tokenize` with pieces (llamacpp_tokenize.py): two requests
@@ -8,8 +9,9 @@ Both give every token its exact bytes and say which tokens are control tokens (t
 Per trained turn (the prompt's requests are shared by every sample of a group):
 
     prompt      the conversation up to the turn in the teacher's template, with its generation prompt, tokenized
-    completion  the student's text tokenized as a continuation of the prompt (from the prompt's last control
-                token on, as render/align.py's `Tokens.continuation` does locally), then the end-of-turn token
+    completion  the student's text tokenized as a continuation of the prompt (with the prompt's text around its
+                last control token, as render/align.py's `Tokens.continuation` does locally; control tokens never
+                parsed in the student's text), then the end-of-turn token
 
 The end of turn is the first control token the template writes after an assistant reply in a probe conversation;
 the template's control tokens found there are what a student text may not hold (`control_token`, as locally).
