@@ -26,7 +26,7 @@ test-venv: .venv/.installed-test
 	touch $@
 
 # llama.cpp's llama-server (CPU), for the tests that talk to a real one (they are skipped without it): built into
-# .cache/llama-server/ from the llama-cpp-python sdist on PyPI, which vendors llama.cpp. About 20 min on 2 cores.
+# .cache/llama-server/ from the llama-cpp-python sdist on PyPI, which vendors llama.cpp. 15-20 min on 2 cores.
 llama-server: venv
 	PY=$(PY) .ci/build-llama-server
 

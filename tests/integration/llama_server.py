@@ -19,7 +19,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 SKIP_REASON = ("no llama-server binary: build it with `make llama-server` (CPU, from the llama-cpp-python sdist, "
-               "about 20 min on 2 cores) or set APPRENTICE_LLAMA_SERVER to one")  # fmt: skip
+               "15-20 min on 2 cores) or set APPRENTICE_LLAMA_SERVER to one")  # fmt: skip
 
 
 def llama_server_binary() -> str | None:
