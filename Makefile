@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo rl-demo rl-demo-tiny test lint venv test-venv
+.PHONY: demo rl-demo rl-demo-tiny test lint venv test-venv llama-server
 
 venv: .venv/.installed
 
@@ -24,6 +24,11 @@ test-venv: .venv/.installed-test
 .venv/.installed-test: .venv/.installed
 	$(PY) -m pip install --quiet 'verifiers==0.4.0' torch==2.13.0
 	touch $@
+
+# llama.cpp's llama-server (CPU), for the tests that talk to a real one (they are skipped without it): built into
+# .cache/llama-server/ from the llama-cpp-python sdist on PyPI, which vendors llama.cpp. 15-20 min on 2 cores.
+llama-server: venv
+	PY=$(PY) .ci/build-llama-server
 
 lint: venv
 	$(PY) -m ruff check src tests bench

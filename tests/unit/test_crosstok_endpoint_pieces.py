@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from render_helpers import family
 
-from apprentice.crosstok.endpoint import Scheme, piece_bytes, tokenize_root
 from apprentice.crosstok.token_bytes import TokenBytes, decoder_scheme
+from apprentice.crosstok.vllm_tokenize import Scheme, piece_bytes, tokenize_root
 from apprentice.inference.echo import EchoText
 from apprentice.testing.tiny import build_tiny_tokenizer
 from apprentice.testing.tiny_sp import build_tiny_sp_tokenizer

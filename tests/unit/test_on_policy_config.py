@@ -93,3 +93,13 @@ def test_resuming_with_another_teacher_or_mix_is_refused(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         check_resumable(other)
     assert "orchestrator.teacher_model.model" in str(info.value) and "orchestrator.on_policy_distill" in str(info.value)
+
+
+def test_teacher_tokenizer_may_name_a_server_by_url(tmp_path: Path) -> None:
+    cfg = load(tmp_path, RL_CONFIG + TEACHER + 'tokenizer = "http://127.0.0.1:8080/"\n')
+    teacher = cfg.orchestrator.teacher_model
+    assert teacher is not None and teacher.tokenizer_url == "http://127.0.0.1:8080"
+    local = load(tmp_path, RL_CONFIG + TEACHER + 'tokenizer = "Qwen/Qwen2.5-0.5B-Instruct"\n').orchestrator.teacher_model
+    assert local is not None and local.tokenizer_url is None
+    message = error_of(tmp_path, RL_CONFIG + TEACHER + 'tokenizer = "http://me:hunter2@127.0.0.1:8080"\n')
+    assert "tokenizer must not carry a credential" in message and "hunter2" not in message

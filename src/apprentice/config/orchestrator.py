@@ -121,9 +121,11 @@ class TeacherEndpointConfig(EndpointConfig):
     teacher's own chat template and compared chunk by chunk on shared byte boundaries (apprentice.crosstok)."""
 
     tokenizer: str | None = None
-    """The teacher's tokenizer and chat template (a Hugging Face directory or an already cached hub id), needed
-    when it differs from the student's. None: `model` when that is a local directory; otherwise the startup
-    probe must find the student's token ids at the endpoint."""
+    """The teacher's tokenizer and chat template, needed when it differs from the student's and the endpoint
+    cannot tokenize with its template: a Hugging Face directory, an already cached hub id, or the http(s) URL of
+    a server that serves them (vLLM's POST /tokenize or llama.cpp's llama-server /apply-template + /tokenize, e.g.
+    "http://127.0.0.1:8080" running the teacher's GGUF; no API key is sent to it). None: `model` when that is a
+    local directory; otherwise the endpoint's own tokenizer or the student's token ids found at the endpoint."""
     scoring: Literal["auto", "prompt_logprobs", "echo"] = "auto"
     """How the teacher scores a token sequence: vLLM's `prompt_logprobs` on the completions API, or the legacy
     completions `echo: true` + `logprobs` (OpenAI's shape, served by several hosted providers). "auto" probes
@@ -132,6 +134,24 @@ class TeacherEndpointConfig(EndpointConfig):
     """Largest accepted teacher noise: at startup the teacher scores one probe twice and the mean absolute
     difference of its per-token logprobs (nats) is logged as `distill/teacher_noise`; above this the run stops
     (replicas that disagree by more than the signal would train on noise)."""
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_url(cls, tokenizer: str | None) -> str | None:
+        # A URL is written to OUTPUT/config.toml and printed in errors, like base_url: never with a credential.
+        if tokenizer is not None and re.match(r"^https?://", tokenizer):
+            problem = url_secret_problem(tokenizer)
+            if problem is not None:
+                raise ValueError(f"tokenizer must not carry a credential, but {problem}")
+            if not re.match(r"^https?://[^/\s]+", tokenizer):
+                raise ValueError("tokenizer as a server must be an http(s) URL like 'http://127.0.0.1:8080'")
+            return tokenizer.rstrip("/")
+        return tokenizer
+
+    @property
+    def tokenizer_url(self) -> str | None:
+        """`tokenizer` when it names a server (http or https URL), else None."""
+        return self.tokenizer if self.tokenizer is not None and re.match(r"^https?://", self.tokenizer) else None
 
 
 class SamplingConfig(Section):

