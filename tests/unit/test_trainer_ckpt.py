@@ -164,3 +164,45 @@ def test_world_size_mismatch_is_a_checkpoint_error(tmp_path: Path) -> None:
     parts = Parts(1)
     with pytest.raises(ckpt.CheckpointError, match=r"written by 1 trainer rank.*num_processes"):
         ckpt.load_checkpoint(tmp_path / "checkpoints" / "step_1", parts.model, parts.optimizer, parts.scheduler, World(0, 2, 0))
+
+
+def test_a_background_checkpoint_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path) -> None:
+    """The state is copied when save() returns; steps taken while the thread writes do not leak into it. Resuming
+    it equals resuming a checkpoint written in the foreground at the same step, and training on from both agrees."""
+    fore, back = tmp_path / "fore", tmp_path / "back"
+    parts = Parts(0)
+    parts.train_step()
+    at_step_1 = parts.weights()
+    parts.save(fore, 1)
+    writer = ckpt.BackgroundCheckpointer()
+    writer.save(back, 1, parts.model, parts.optimizer, parts.scheduler, WORLD, 3)
+    for _ in range(3):  # the live model moves on while the thread writes
+        parts.train_step()
+    writer.wait()
+    ckpt.verify_checkpoint(back / "checkpoints" / "step_1")
+    files = {p.relative_to(back / "checkpoints" / "step_1").as_posix() for p in (back / "checkpoints" / "step_1").rglob("*")}
+    assert files == {p.relative_to(fore / "checkpoints" / "step_1").as_posix() for p in (fore / "checkpoints" / "step_1").rglob("*")}
+    resumed = {}
+    for name, out in (("fore", fore), ("back", back)):
+        other = Parts(1)
+        assert other.resume(out) == 1
+        assert same(other.weights(), at_step_1)
+        other.train_step()
+        resumed[name] = other.weights()
+    assert same(resumed["fore"], resumed["back"])  # optimizer moments and schedule restored alike
+
+
+def test_a_failed_background_write_is_raised_by_the_next_save_or_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = Parts(0)
+    parts.train_step()
+    writer = ckpt.BackgroundCheckpointer()
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_seal", disk_full)
+    writer.save(tmp_path, 1, parts.model, parts.optimizer, parts.scheduler, WORLD, 3)
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    assert ckpt.latest_checkpoint(tmp_path) is None  # nothing half-written looks complete
+    writer.wait()  # the error was reported once

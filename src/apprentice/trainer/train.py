@@ -93,6 +93,9 @@ def main(cfg: Config) -> None:
         collective = cfg.mode == "rl" and weight_broadcast(cfg) == "collective"
         sender = weight_sender(cfg) if collective and world.is_main else None
 
+        # One process: checkpoints are written by a thread while training goes on (ckpt.BackgroundCheckpointer).
+        checkpointer = None if world.distributed else ckpt.BackgroundCheckpointer()
+
         # The step loop.
         published: Path | None = None  # the last weights this process published (rl mode)
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
@@ -130,12 +133,15 @@ def main(cfg: Config) -> None:
                 **phases,
             })  # before the checkpoint: a line of a step that is not checkpointed yet is redone on resume
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
-                ckpt.save_checkpoint(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
+                save = checkpointer.save if checkpointer is not None else ckpt.save_checkpoint
+                save(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
 
         # The last step's published weights are the final model: final/ links to their files (rank 0's path).
         export_final(model, tokenizer, output_dir, same_as=published if cfg.mode == "rl" and world.world_size == 1 else None)
+        if checkpointer is not None:
+            checkpointer.wait()  # the last checkpoint is complete before the trainer reports success
         logger.close()
     except BaseException:
         shutdown(world, completed=False)
