@@ -9,7 +9,9 @@
 Every rank writes into `.step_{n}.tmp`; after a barrier rank 0 hashes what was written (reading it back from
 disk), writes the manifest and the marker, fsyncs the tree and renames it into place, so a `kill -9` at any
 moment leaves either the previous complete checkpoint or the new one, never a half-written one that looks
-complete. Leftover temporary directories are removed at the next start.
+complete. Leftover temporary directories are removed at the next start. A single-process trainer writes
+through `BackgroundCheckpointer`: the state is copied in memory at the step and written by a thread, with the
+same files and order, while training goes on.
 
 On resume the newest complete checkpoint is verified against its manifest before anything is loaded: a
 truncated, garbled or bit-flipped file is named in a warning, the checkpoint is renamed aside (to
