@@ -93,3 +93,17 @@ def test_resuming_with_another_teacher_or_mix_is_refused(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         check_resumable(other)
     assert "orchestrator.teacher_model.model" in str(info.value) and "orchestrator.on_policy_distill" in str(info.value)
+
+
+def test_spread_rule_and_local_teacher_side_are_config_fields(tmp_path: Path) -> None:
+    cfg = load(tmp_path, RL_CONFIG + TEACHER)
+    assert cfg.orchestrator.teacher_model is not None
+    assert cfg.orchestrator.teacher_model.spread == "even" and cfg.orchestrator.teacher_model.use_endpoint_tokenize
+    chosen = load(tmp_path, RL_CONFIG + TEACHER, ["--orchestrator.teacher_model.spread", "surprisal"])
+    assert chosen.orchestrator.teacher_model is not None and chosen.orchestrator.teacher_model.spread == "surprisal"
+    message = error_of(tmp_path, RL_CONFIG + TEACHER + 'spread = "middle"\n')
+    assert "spread" in message and "'even'" in message
+    message = error_of(tmp_path, RL_CONFIG + TEACHER + "use_endpoint_tokenize = false\n")
+    assert "use_endpoint_tokenize = false needs the teacher's tokenizer locally: set tokenizer" in message
+    local = load(tmp_path, RL_CONFIG + TEACHER + 'use_endpoint_tokenize = false\ntokenizer = "/models/teacher"\n')
+    assert local.orchestrator.teacher_model is not None and not local.orchestrator.teacher_model.use_endpoint_tokenize

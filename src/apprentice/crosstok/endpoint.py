@@ -22,6 +22,7 @@ llama.cpp's `/apply-template` + `/tokenize` with pieces is not spoken yet: such 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any, Literal
@@ -137,6 +138,11 @@ class EndpointTokenizer:
                 return (token, piece_bytes(s, self.scheme)), controls
         raise ClientError("malformed", f"{self.url}: no end-of-turn token after the assistant's reply in the template")
 
+    def metrics(self, reset: bool = False) -> dict[str, float]:
+        """Counters of the /tokenize requests under `distill/tokenize/` (requests, retries, latency_s, ...), beside
+        the scoring requests' `distill/*`."""
+        return {k.replace("teacher/", "distill/", 1): v for k, v in self._session.metrics(reset, always=("requests", "retries")).items()}
+
     async def aclose(self) -> None:
         await self._session.aclose()
 
@@ -152,20 +158,23 @@ class EndpointTeacherSide(TeacherSide):
         self.student_special = {int(i) for i, t in student_tokenizer.added_tokens_decoder.items() if t.special}
         self.teacher_control = controls
         self.end_of_turn, self.end_of_turn_bytes = end_of_turn
-        self._prompts: dict[str, tuple[list[int], list[str]]] = {}
+        self._prompts: dict[str, asyncio.Task[tuple[list[int], list[str]]]] = {}
 
     async def _prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> tuple[list[int], list[str]]:
         key = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False)
-        if key not in self._prompts:  # the samples of a group share their prompt: one request for all
+        task = self._prompts.get(key)
+        if task is None:  # the samples of a group share their prompt: one request for all, even scored concurrently
             if len(self._prompts) > 4096:
                 self._prompts.clear()
-            try:
-                self._prompts[key] = await self.remote.chat(messages, tools, generation=True)
-            except ClientError as e:
-                if e.kind == "bad_request":  # the template refuses the conversation
-                    raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
-                raise
-        return self._prompts[key]
+            task = self._prompts[key] = asyncio.ensure_future(self.remote.chat(messages, tools, generation=True))
+        try:
+            return await asyncio.shield(task)  # one sample cancelled must not cancel the others' request
+        except ClientError as e:
+            if self._prompts.get(key) is task:  # a failure is not remembered: a later step asks again
+                del self._prompts[key]
+            if e.kind == "bad_request":  # the template refuses the conversation
+                raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
+            raise
 
     async def teacher_turn(self, prompt: list[dict[str, Any]], completion: list[dict[str, Any]],
                            tools: list[dict[str, Any]] | None, student_completion_ids: list[int]) -> TeacherTurn:  # fmt: skip

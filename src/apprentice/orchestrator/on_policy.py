@@ -174,7 +174,8 @@ class OnPolicyDistiller:
         the fix. The probe's own clients have no cache: the self-test asks the teacher itself twice."""
         probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k)
         echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)
-        remote = EndpointTokenizer(self.endpoint, max_concurrency=self.max_concurrency)
+        remote = (EndpointTokenizer(self.endpoint, max_concurrency=self.max_concurrency)
+                  if self.endpoint.use_endpoint_tokenize else None)  # fmt: skip
         try:
             found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer, remote)
         finally:
@@ -182,13 +183,15 @@ class OnPolicyDistiller:
             await echo.aclose()
             self.remote = remote  # closed with the distiller, or below when the path does not use it
         self.protocol, self.noise = found.protocol, found.noise
-        if found.remote is None:
+        if found.remote is None and remote is not None:
             self.remote = None
             await remote.aclose()
+        elif remote is not None:
+            remote.metrics(reset=True)  # the probe's own /tokenize requests are not step 1's
         if not found.same_tokenizer:
             scorer = self.client if self.protocol == "prompt_logprobs" else self.echo
             side = found.remote or TeacherSide(found.teacher_tokenizer, student_tokenizer)
-            self.cross = CrossTokenizerScorer(side, scorer)
+            self.cross = CrossTokenizerScorer(side, scorer, spread=self.endpoint.spread)
 
     async def _score(self, sample: TrainingSample, steps: StepIndex) -> SampleScores:
         if self.cross is not None:
@@ -227,6 +230,10 @@ class OnPolicyDistiller:
             metrics["distill/teacher_noise"] = self.noise
         metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
         metrics.update(self.echo.metrics(reset=True) if self.protocol == "echo" else self.client.metrics(reset=True))
+        if self.cross is not None:
+            metrics.update(self.cross.chunk_metrics(reset=True))
+        if self.remote is not None:  # the teacher side over /tokenize: its requests, retries, latency
+            metrics.update(self.remote.metrics(reset=True))
         return kept, metrics
 
     async def aclose(self) -> None:
