@@ -21,8 +21,8 @@ The teacher is first trained with `apprentice rl` on the task (so it is better t
 `--teacher-side endpoint` (default) builds the teacher's side over the served teacher's POST /tokenize (what
 `apprentice serve` answers); `local` from its tokenizer directory (use_endpoint_tokenize = false).
 Prints a markdown table (held-out reward: mean and per seed; final reverse KL; share of student tokens in
-multi-token chunks; wall-clock; load average) and writes OUTPUT/<pair>/xtok_opd.png (held-out reward and reverse
-KL per step) and OUTPUT/<pair>/results.json.
+multi-token chunks; wall-clock; load average) and writes OUTPUT/<pair>/xtok_opd-<side>.png (held-out reward and reverse
+KL per step) and OUTPUT/<pair>/results-<side>.json. A rerun reuses the trained teacher and every finished run.
 """
 
 from __future__ import annotations
@@ -82,6 +82,20 @@ def timed(fn: Any, cfg: Config) -> float:
     return time.monotonic() - start
 
 
+def run_once(fn: Any, cfg: Config, eval_cfg: Config) -> tuple[float, float]:
+    """(held-out reward of the run's final model, training wall-clock s); a rerun of the bench reuses a finished
+    run's (OUTPUT/.../<run>/bench.json) instead of training again."""
+    done = Path(cfg.output_dir) / "bench.json"
+    if done.is_file():
+        print(f"   (reusing {done})", flush=True)
+        saved = json.loads(done.read_text())
+        return saved["held_out"], saved["wall_s"]
+    wall = timed(fn, cfg)
+    reward = held_out(eval_cfg, str(Path(cfg.output_dir) / "final"))
+    done.write_text(json.dumps({"held_out": reward, "wall_s": wall}))
+    return reward, wall
+
+
 def held_out(cfg: Config, model: str) -> float:
     """Mean reward on the 64 held-out prompts, one answer each sampled at temperature 1 with a fixed seed (the
     distribution the student is trained to match; a tiny model's greedy answer is one string repeated)."""
@@ -113,11 +127,15 @@ def save_plot(path: Path, title: str, runs: dict[str, list[dict[str, Any]]], lin
     if (plt := pyplot()) is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (name, records) in enumerate(runs.items()):
-        for j, r in enumerate(records):
-            label = name if j == 0 else None
-            left.plot(*zip(*r["eval"], strict=True), marker=".", color=f"C{i}", alpha=0.8, label=label)
-            right.plot(range(1, len(r["reverse_kl"]) + 1), r["reverse_kl"], color=f"C{i}", alpha=0.8, label=label)
+    for i, (name, records) in enumerate(runs.items()):  # each seed thin, the mean over seeds bold
+        for r in records:
+            left.plot(*zip(*r["eval"], strict=True), color=f"C{i}", alpha=0.3, linewidth=1)
+            right.plot(range(1, len(r["reverse_kl"]) + 1), r["reverse_kl"], color=f"C{i}", alpha=0.3, linewidth=1)
+        steps = [s for s, _ in records[0]["eval"]]
+        left.plot(steps, [mean(r["eval"][k][1] for r in records) for k in range(len(steps))], marker="o", color=f"C{i}",
+                  linewidth=2.5, label=f"{name} (mean of {len(records)})")  # fmt: skip
+        kl = [mean(r["reverse_kl"][k] for r in records) for k in range(min(len(r["reverse_kl"]) for r in records))]
+        right.plot(range(1, len(kl) + 1), kl, color=f"C{i}", linewidth=2.5, label=name)
     for k, (name, value) in enumerate(lines.items()):
         left.axhline(value, color="0.5", linestyle=("--", ":", "-.")[k % 3], label=name)
     left.set(title=f"held-out reward (64 prompts, T=1); {title}", xlabel="training steps", ylabel="vowel share", ylim=(0, 1.05))
@@ -169,17 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"truncated = \"keep\"\n[orchestrator.rollout_model]\nbase_url = \"{url}\"\nmodel = \"teacher\"\n"
                     "[orchestrator.sampling]\ntemperature = 1.0\nmax_tokens = 16\n[trainer.loss]\ntype = \"sft\"\n"))  # fmt: skip
                 print(f"== seed {seed}: off-policy SFT on the teacher's answers", flush=True)
-                wall = timed(run_distill, sft_cfg)
-                runs.setdefault("off-policy SFT", []).append({"held_out": held_out(eval_cfg, str(base / "sft" / "final")),
-                                                             "wall_s": wall})  # fmt: skip
+                reward, wall = run_once(run_distill, sft_cfg, eval_cfg)
+                runs.setdefault("off-policy SFT", []).append({"held_out": reward, "wall_s": wall})
             for spread in args.spreads:
                 name = f"opd-{spread}-{args.teacher_side}"
                 opd_cfg = config(base, name, student, args.steps, seed=seed, body=rl_body(
                     f"[orchestrator.teacher_model]\nbase_url = \"{url}\"\nmodel = \"teacher\"\nspread = \"{spread}\"\n"
                     f"{side}[trainer.loss]\ntype = \"rl\"\n", seed=seed, eval_interval=args.eval_interval))  # fmt: skip
                 print(f"== seed {seed}: on-policy, spread {spread}, teacher side over the {args.teacher_side}", flush=True)
-                wall = timed(run_rl, opd_cfg)
-                record = opd_record(base / name, held_out(eval_cfg, str(base / name / "final")), wall)
+                record = opd_record(base / name, *run_once(run_rl, opd_cfg, eval_cfg))
                 runs.setdefault(f"on-policy, spread={spread}", []).append(record)
     lines["student, untrained (mean)"] = mean(untrained)
     if sft := runs.get("off-policy SFT"):
@@ -188,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {"pair": args.pair, "steps": args.steps, "seeds": args.seeds, "teacher_side": args.teacher_side,
                "teacher": lines["teacher"], "untrained": untrained, "runs": runs,
                "load_average_1min": [load_start, load_end], "total_wall_s": total_s}  # fmt: skip
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / f"results-{args.teacher_side}.json").write_text(json.dumps(results, indent=2))
     opd = {k: v for k, v in runs.items() if k.startswith("on-policy")}
-    if opd and (plot := save_plot(out / "xtok_opd.png", f"pair {args.pair}", opd, lines)) is not None:
+    if opd and (plot := save_plot(out / f"xtok_opd-{args.teacher_side}.png", f"pair {args.pair}", opd, lines)) is not None:
         print(f"plot: {plot}")
     print(f"\npair {args.pair}; {args.steps} steps of 16 samples; seeds {args.seeds}; teacher side over the "
           f"{args.teacher_side}; 2-core CPU, load average {load_start:.1f} -> {load_end:.1f}; {total_s / 60:.1f} min")
