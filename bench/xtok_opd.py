@@ -9,7 +9,7 @@ sampled at temperature 1 with a fixed seed, before, during (every --eval-interva
 Pairs (both built offline, apprentice.testing.tiny_sp; tiny 2-layer models):
   bytefallback  teacher: SentencePiece-style BPE with byte fallback (600 pieces), Phi-3-style template (<|end|>);
                 student: byte-level BPE of ASCII (400), ChatML (<|im_end|>). The tokenizations mostly agree
-                (about 1 student token in 100 sits in a chunk of several student tokens).
+                (1 to 3 student tokens in 100 sit in a chunk of several student tokens).
   wide          teacher: the same kind of tokenizer with 2,000 pieces, its merges trained on letter sequences too
                 (as a large vocabulary's cover a language); student: ASCII characters only (90 tokens), ChatML.
                 Most teacher tokens cover several student tokens: the regime where the spread rule matters.
@@ -21,8 +21,8 @@ The teacher is first trained with `apprentice rl` on the task (so it is better t
 `--teacher-side endpoint` (default) builds the teacher's side over the served teacher's POST /tokenize (what
 `apprentice serve` answers); `local` from its tokenizer directory (use_endpoint_tokenize = false).
 Prints a markdown table (held-out reward: mean and per seed; final reverse KL; share of student tokens in
-multi-token chunks; wall-clock; load average) and writes OUTPUT/<pair>/xtok_opd-<side>.png (held-out reward and reverse
-KL per step) and OUTPUT/<pair>/results-<side>.json. A rerun reuses the trained teacher and every finished run.
+multi-token chunks; wall-clock; load average) and writes OUTPUT/<pair>/xtok_opd-<side>.png (held-out reward
+and reverse KL per step) and OUTPUT/<pair>/results-<side>.json. A rerun reuses the trained teacher and every finished run.
 """
 
 from __future__ import annotations

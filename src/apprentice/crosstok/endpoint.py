@@ -169,10 +169,10 @@ class EndpointTeacherSide(TeacherSide):
             task = self._prompts[key] = asyncio.ensure_future(self.remote.chat(messages, tools, generation=True))
         try:
             return await asyncio.shield(task)  # one sample cancelled must not cancel the others' request
-        except ClientError as e:
-            if self._prompts.get(key) is task:  # a failure is not remembered: a later step asks again
+        except Exception as e:
+            if task.done() and self._prompts.get(key) is task:  # a failure is not remembered: a later step asks again
                 del self._prompts[key]
-            if e.kind == "bad_request":  # the template refuses the conversation
+            if isinstance(e, ClientError) and e.kind == "bad_request":  # the template refuses the conversation
                 raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
             raise
 
