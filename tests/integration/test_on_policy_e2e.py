@@ -83,6 +83,9 @@ def test_apprentice_rl_with_a_teacher_on_another_tokenizer(tmp_path: Path) -> No
         set_aside = sum(v for k, v in m.items() if k.startswith("distill/set_aside/"))
         assert m["distill/scored_samples"] + set_aside == 4 and m["distill/scored_samples"] >= 1
         assert m["distill/teacher_noise"] == 0.0 and m["distill/requests"] >= m["distill/scored_samples"]
+        # The teacher side over the served teacher's /tokenize: its requests are logged beside the scoring ones.
+        assert m["distill/tokenize/requests"] >= m["distill/scored_samples"] + 1
+        assert 0.0 <= m["distill/multi_token_chunks"] <= 1.0
     # At step 1 the trainer's weights are the sampler's (ratio 1): the policy-gradient term is minus the mean
     # per-token advantage, the reverse KL the orchestrator measured from the byte-aligned teacher scores.
     assert trainer[0]["loss/pg"] == pytest.approx(orch[0]["distill/reverse_kl"], abs=1e-3)

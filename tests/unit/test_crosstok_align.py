@@ -13,7 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from render_helpers import family
 
-from apprentice.crosstok.align import AlignError, Completion, align_completion, chunks, token_values
+from apprentice.crosstok.align import (
+    SPREADS,
+    AlignError,
+    Completion,
+    align_completion,
+    chunks,
+    spread_weights,
+    token_values,
+)
 from apprentice.crosstok.token_bytes import TokenBytes, UnsupportedTokenizer
 from apprentice.testing.tiny import build_tiny_tokenizer
 from apprentice.testing.tiny_sp import build_tiny_sp_tokenizer
@@ -77,7 +85,7 @@ def check_pair(student_name: str, teacher_name: str, text: str, seed: int) -> No
         assert info.value.kind == "text_mismatch"
         return
     assert s_text == text.encode()
-    for spread in ("even", "last"):
+    for spread in SPREADS:
         values = align_completion(Completion(s_bytes(s_ids), s_lp, True), Completion(t_bytes(t_ids), t_lp, True),
                                   spread=spread)  # fmt: skip
         assert len(values) == len(s_ids)
@@ -151,6 +159,25 @@ def test_a_known_chunk_and_how_its_value_is_spread() -> None:
     s_lp, t_lp = [-1.0, -2.0, -3.0, -0.5], [-2.0, -1.0, -0.25]
     assert token_values(s_lp, t_lp, parts, spread="even") == pytest.approx([1.0, 1.0, 1.0, 0.25])
     assert token_values(s_lp, t_lp, parts, spread="last") == pytest.approx([0.0, 0.0, 3.0, 0.25])
+    assert token_values(s_lp, t_lp, parts, spread="first") == pytest.approx([3.0, 0.0, 0.0, 0.25])
+    # surprisal: the chunk's value 3 in the student's proportions 1:2:3 (q_i = T * s_i / S = -3 * s_i / -6)
+    assert token_values(s_lp, t_lp, parts, spread="surprisal") == pytest.approx([0.5, 1.0, 1.5, 0.25])
+
+
+@pytest.mark.parametrize("spread", SPREADS)
+def test_every_spread_rule_keeps_the_sum_on_edge_cases(spread: str) -> None:
+    """Weights sum to 1 whatever the chunk's student logprobs: all zero (a sure student: surprisal falls back to
+    the even split), one token, a very unlikely token next to sure ones."""
+    for lps in ([0.0, 0.0, 0.0], [-2.5], [-1e-9, -40.0, 0.0], [-0.3] * 7):
+        weights = spread_weights(lps, spread)  # type: ignore[arg-type]
+        assert len(weights) == len(lps) and sum(weights) == pytest.approx(1.0, abs=1e-12)
+        assert all(w >= 0.0 for w in weights)
+    rng = random.Random(3)
+    s_lp = [-rng.uniform(0.0, 9.0) for _ in range(6)]
+    t_lp = [-rng.uniform(0.0, 9.0) for _ in range(3)]
+    parts = chunks([b"a", b"b", b"c", b"d", b"e", b"f"], [b"abc", b"de", b"f"])
+    values = token_values(s_lp, t_lp, parts, spread=spread)  # type: ignore[arg-type]
+    assert sum(values) == pytest.approx(sum(t_lp) - sum(s_lp), abs=1e-9)
 
 
 def test_what_cannot_be_aligned_is_refused_with_a_kind() -> None:

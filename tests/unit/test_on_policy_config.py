@@ -103,3 +103,18 @@ def test_teacher_tokenizer_may_name_a_server_by_url(tmp_path: Path) -> None:
     assert local is not None and local.tokenizer_url is None
     message = error_of(tmp_path, RL_CONFIG + TEACHER + 'tokenizer = "http://me:hunter2@127.0.0.1:8080"\n')
     assert "tokenizer must not carry a credential" in message and "hunter2" not in message
+
+
+def test_spread_rule_and_local_teacher_side_are_config_fields(tmp_path: Path) -> None:
+    cfg = load(tmp_path, RL_CONFIG + TEACHER)
+    assert cfg.orchestrator.teacher_model is not None
+    assert cfg.orchestrator.teacher_model.spread == "even" and cfg.orchestrator.teacher_model.use_endpoint_tokenize
+    chosen = load(tmp_path, RL_CONFIG + TEACHER, ["--orchestrator.teacher_model.spread", "surprisal"])
+    assert chosen.orchestrator.teacher_model is not None and chosen.orchestrator.teacher_model.spread == "surprisal"
+    message = error_of(tmp_path, RL_CONFIG + TEACHER + 'spread = "middle"\n')
+    assert "spread" in message and "'even'" in message
+    message = error_of(tmp_path, RL_CONFIG + TEACHER + "use_endpoint_tokenize = false\n")
+    assert "use_endpoint_tokenize = false needs the teacher's tokenizer locally: set tokenizer" in message
+    local = load(tmp_path, RL_CONFIG + TEACHER + 'use_endpoint_tokenize = false\ntokenizer = "/models/teacher"\n')
+    assert local.orchestrator.teacher_model is not None and not local.orchestrator.teacher_model.use_endpoint_tokenize
+

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from apprentice.config.base import Section
 from apprentice.config.secrets import find_secret, looks_like_credential, url_secret_problem
+from apprentice.crosstok.align import Spread
 
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _USE_ENV = (
@@ -134,6 +135,25 @@ class TeacherEndpointConfig(EndpointConfig):
     """Largest accepted teacher noise: at startup the teacher scores one probe twice and the mean absolute
     difference of its per-token logprobs (nats) is logged as `distill/teacher_noise`; above this the run stops
     (replicas that disagree by more than the signal would train on noise)."""
+    spread: Spread = "even"
+    """A teacher with another tokenizer: how the value of a chunk (a stretch of text both tokenizations cut at
+    the same bytes; value = teacher minus student logprob of it) is shared among its student tokens. "even":
+    equal shares; "last" / "first": all on the chunk's last / first token; "surprisal": in proportion to each
+    token's -logprob under the student. Every rule keeps the per-sample sum (teacher minus student logprob of the
+    completion); they differ only on chunks of several student tokens (`distill/multi_token_chunks` is their
+    share of the tokens). docs/distillation.md compares them."""
+    use_endpoint_tokenize: bool = True
+    """A teacher with another tokenizer: build its side of each turn (its chat template, its tokens of the
+    student's text) over a tokenizing server when one answers (the endpoint's or `tokenizer`'s POST /tokenize:
+    vLLM, `apprentice serve`; llama-server's /apply-template + /tokenize). false: always from a local
+    `tokenizer` (one request per turn instead of two or three; the local copy must be what the server serves)."""
+
+    @model_validator(mode="after")
+    def _local_side_needs_tokenizer(self) -> TeacherEndpointConfig:
+        if not self.use_endpoint_tokenize and (self.tokenizer is None or self.tokenizer_url is not None):
+            raise ValueError("use_endpoint_tokenize = false needs the teacher's tokenizer locally: set tokenizer = "
+                             "\"<HF directory or cached hub id of the teacher>\" (not a server URL)")  # fmt: skip
+        return self
 
     @field_validator("tokenizer")
     @classmethod

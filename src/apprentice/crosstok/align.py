@@ -12,23 +12,54 @@ which is the log-ratio of the two models' probabilities of that stretch of text,
 chunk: the student's end-of-turn token against the teacher's. Summed over the chunks, the values are
 log p_teacher(completion text) - log p_student(completion text) exactly.
 
-How a chunk's value is spread over its student tokens (`spread`):
-- "even" (the default): each of its k student tokens gets value_c / k. Most chunks are one token on each side
-  (the tokenizers agree on common words), where every choice is the same; for a longer chunk the even split
-  keeps the per-token scale of the same-tokenizer estimator (q_t - s_t) instead of piling a several-token
-  log-ratio onto one token.
+How a chunk's value is spread over its k student tokens (`spread`, `[orchestrator.teacher_model] spread`): each
+rule is a set of weights over the chunk's student tokens that sums to 1, so every rule keeps the sum exactly.
+- "even": 1/k each. Keeps the per-token scale of the same-tokenizer estimator (q_t - s_t) instead of piling a
+  several-token log-ratio onto one token.
 - "last": the whole value on the chunk's last student token (the token that completes the chunk's text).
-Both keep the sum exactly.
+- "first": the whole value on the chunk's first student token (the choice that entered the chunk).
+- "surprisal": in proportion to each token's own surprisal, s_i / sum(s) (the even split when the chunk's
+  student logprobs are all 0): equivalently q_i = T * s_i / S, the teacher's chunk logprob T split in the proportions
+  the student's S is, so a token the student was sure of (s_i ~ 0) gets almost nothing and the value lands
+  where the student spent its probability.
+Most chunks are one token on each side (the tokenizers agree on common words), where every rule is the same;
+the rules differ only on chunks of several student tokens (counted per step as `distill/multi_token_chunks`,
+the share of scored student tokens in such chunks). docs/distillation.md has the experiment that chose the
+default.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Literal
+from typing import Literal, get_args
 
-Spread = Literal["even", "last"]
+Spread = Literal["even", "last", "first", "surprisal"]
+SPREADS: tuple[Spread, ...] = get_args(Spread)
+
+
+def _even(lps: list[float]) -> list[float]:
+    return [1.0 / len(lps)] * len(lps)
+
+
+def _surprisal(lps: list[float]) -> list[float]:
+    total = -sum(lps)
+    return [-lp / total for lp in lps] if total > 0.0 else _even(lps)
+
+
+_WEIGHTS: dict[str, Callable[[list[float]], list[float]]] = {
+    "even": _even,
+    "last": lambda lps: [0.0] * (len(lps) - 1) + [1.0],
+    "first": lambda lps: [1.0] + [0.0] * (len(lps) - 1),
+    "surprisal": _surprisal,
+}
+
+
+def spread_weights(student_logprobs: list[float], spread: Spread) -> list[float]:
+    """[k] the share of a chunk's value each of its k >= 1 student tokens gets (sums to 1; module docstring)."""
+    return _WEIGHTS[spread](student_logprobs)
 
 
 class AlignError(ValueError):
@@ -93,13 +124,10 @@ def token_values(
     for c in parts:
         if c.s_end == c.s_start:
             raise AlignError("empty_chunk", f"chunk {c} has no student token to carry its value")
-        value = sum(teacher_logprobs[c.t_start : c.t_end]) - sum(student_logprobs[c.s_start : c.s_end])
-        if spread == "even":
-            share = value / (c.s_end - c.s_start)
-            for i in range(c.s_start, c.s_end):
-                values[i] = share
-        else:
-            values[c.s_end - 1] = value
+        student = student_logprobs[c.s_start : c.s_end]
+        value = sum(teacher_logprobs[c.t_start : c.t_end]) - sum(student)
+        for i, weight in enumerate(spread_weights(student, spread)):
+            values[c.s_start + i] = value * weight
     return values
 
 
@@ -112,13 +140,10 @@ class Completion:
     ends_turn: bool
 
 
-def align_completion(student: Completion, teacher: Completion, *, spread: Spread = "even") -> list[float]:
-    """[len(student)] per-token values (teacher minus student logprob, chunk by chunk, spread by `spread`)
-    whose sum is the teacher's minus the student's logprob of the completion text, end of turn included.
-
-    The end-of-turn tokens are matched with each other (one chunk of their own); the text before them is
-    aligned by bytes. AlignError when one side ends the turn and the other does not, or the texts differ.
-    """
+def completion_chunks(student: Completion, teacher: Completion) -> list[Chunk]:
+    """The chunks of a completion, end of turn included: the end-of-turn tokens are matched with each other (one
+    chunk of their own); the text before them is aligned by bytes. AlignError when one side ends the turn and
+    the other does not, or the texts differ."""
     if len(student.token_bytes) != len(student.logprobs) or len(teacher.token_bytes) != len(teacher.logprobs):
         raise ValueError("each side needs one logprob per token")
     if student.ends_turn != teacher.ends_turn:
@@ -128,4 +153,10 @@ def align_completion(student: Completion, teacher: Completion, *, spread: Spread
     parts = chunks(student.token_bytes[:cut_s], teacher.token_bytes[:cut_t])
     if student.ends_turn:
         parts.append(Chunk(cut_s, cut_s + 1, cut_t, cut_t + 1))
-    return token_values(student.logprobs, teacher.logprobs, parts, spread=spread)
+    return parts
+
+
+def align_completion(student: Completion, teacher: Completion, *, spread: Spread = "even") -> list[float]:
+    """[len(student)] per-token values (teacher minus student logprob, chunk by chunk, spread by `spread`)
+    whose sum is the teacher's minus the student's logprob of the completion text, end of turn included."""
+    return token_values(student.logprobs, teacher.logprobs, completion_chunks(student, teacher), spread=spread)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from apprentice.clients.base import ClientError
 from apprentice.clients.scoring import PromptScores
-from apprentice.crosstok.align import AlignError, Completion, Spread, align_completion
+from apprentice.crosstok.align import AlignError, Completion, Spread, completion_chunks, token_values
 from apprentice.crosstok.teacher import TeacherSide
 from apprentice.crosstok.token_bytes import UnsupportedTokenizer
 from apprentice.types import TrainingSample
@@ -60,6 +60,10 @@ class CrossTokenizerScorer:
         self.side = side
         self.scorer = scorer
         self.spread = spread
+        self.tokens = 0
+        """Student tokens scored (all turns) since the last `chunk_metrics(reset=True)`."""
+        self.multi_tokens = 0
+        """Of those, the ones in a chunk of several student tokens (where the spread rule matters)."""
 
     async def turn_values(self, step: dict[str, Any], tools: list[dict[str, Any]] | None, completion_ids: list[int],
                           student_logprobs: list[float]) -> list[float]:  # fmt: skip
@@ -75,8 +79,19 @@ class CrossTokenizerScorer:
         teacher_bytes = turn.completion_bytes if turn.completion_bytes is not None else self.side.teacher_bytes(teacher_ids)
         teacher = Completion(teacher_bytes, [float(lp) for lp in teacher_lps if lp is not None],
                              turn.ends_turn)  # fmt: skip
-        values = align_completion(student, teacher, spread=self.spread)
+        parts = completion_chunks(student, teacher)
+        values = token_values(student.logprobs, teacher.logprobs, parts, spread=self.spread)
+        self.tokens += n
+        self.multi_tokens += sum(c.s_end - c.s_start for c in parts if c.s_end - c.s_start > 1)
         return values + [0.0] * (len(completion_ids) - n)
+
+    def chunk_metrics(self, reset: bool = False) -> dict[str, float]:
+        """`distill/multi_token_chunks`: the share of scored student tokens that sit in a chunk of several student
+        tokens, whose value the `spread` rule distributes (0 when nothing was scored)."""
+        out = {"distill/multi_token_chunks": self.multi_tokens / self.tokens if self.tokens else 0.0}
+        if reset:
+            self.tokens = self.multi_tokens = 0
+        return out
 
     async def score_sample(self, sample: TrainingSample, steps: StepIndex) -> list[float]:
         """[T] equivalent teacher logprobs (s_t + v_t) on the sample's loss tokens, 0.0 elsewhere."""

@@ -180,6 +180,8 @@ class OnPolicyDistiller:
         server = tokenizer_server(self.endpoint)
         remotes: list[RemoteTokenizer] = [VllmTokenizer(server, max_concurrency=self.max_concurrency),
                                           LlamaCppTokenizer(server, max_concurrency=self.max_concurrency)]  # fmt: skip
+        if not self.endpoint.use_endpoint_tokenize:  # the local tokenizer only (config checks it is set)
+            remotes = []
         found = None
         try:
             found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer, remotes)
@@ -196,7 +198,7 @@ class OnPolicyDistiller:
         if not found.same_tokenizer:
             scorer = self.client if self.protocol == "prompt_logprobs" else self.echo
             side = found.remote or TeacherSide(found.teacher_tokenizer, student_tokenizer)
-            self.cross = CrossTokenizerScorer(side, scorer)
+            self.cross = CrossTokenizerScorer(side, scorer, spread=self.endpoint.spread)
 
     async def _score(self, sample: TrainingSample, steps: StepIndex) -> SampleScores:
         if self.cross is not None:
@@ -235,6 +237,8 @@ class OnPolicyDistiller:
             metrics["distill/teacher_noise"] = self.noise
         metrics.update({f"distill/set_aside/{kind}": float(n) for kind, n in set_aside.items()})
         metrics.update(self.echo.metrics(reset=True) if self.protocol == "echo" else self.client.metrics(reset=True))
+        if self.cross is not None:
+            metrics.update(self.cross.chunk_metrics(reset=True))
         if self.remote is not None:  # the teacher side over a tokenizing server: its requests, retries, latency
             metrics.update(self.remote.metrics(reset=True))
         return kept, metrics

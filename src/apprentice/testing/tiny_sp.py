@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import random
+import string
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -27,14 +29,22 @@ PHI_TEMPLATE = (
 )
 
 
+def letter_words(n: int, seed: int = 0) -> list[str]:
+    """`n` lines of pseudo-words (2 to 7 random lowercase letters each, seeded): a corpus whose BPE merges cover
+    common letter sequences the way a large vocabulary's merges cover a language."""
+    rng = random.Random(seed)
+    letters = string.ascii_lowercase
+    return [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(12)) for _ in range(n)]
+
+
 @functools.lru_cache(maxsize=2)
-def _sp_tokenizer_json(vocab_size: int) -> str:
+def _sp_tokenizer_json(vocab_size: int, words: int = 0) -> str:
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("▁?[^▁]+|▁+"), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SP_SPECIAL_TOKENS, show_progress=False)
-    tok.train_from_iterator([line.replace("\n", " ") for line in _CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([line.replace("\n", " ") for line in _CORPUS] * 4 + letter_words(words), trainer=trainer)
     # The 256 byte pieces join the model's own vocabulary (as in a SentencePiece model), not the added tokens:
     # byte fallback looks them up there.
     spec = json.loads(tok.to_str())
@@ -44,20 +54,21 @@ def _sp_tokenizer_json(vocab_size: int) -> str:
     return json.dumps(spec)
 
 
-def build_tiny_sp_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """SentencePiece-style BPE with byte fallback and the Phi-3-style template above (end of turn `<|end|>`)."""
+def build_tiny_sp_tokenizer(vocab_size: int = 600, words: int = 0) -> PreTrainedTokenizerFast:
+    """SentencePiece-style BPE with byte fallback and the Phi-3-style template above (end of turn `<|end|>`),
+    trained on the tiny chat corpus plus `words` lines of `letter_words` (a wider vocabulary of letter pieces)."""
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_sp_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(_sp_tokenizer_json(vocab_size, words)),
         bos_token=None, eos_token="<|end|>", pad_token="<unk>", unk_token="<unk>",
     )  # fmt: skip
     tok.chat_template = PHI_TEMPLATE
     return tok
 
 
-def save_tiny_sp_model(path: str | Path, seed: int = 0, vocab_size: int = 600) -> Path:
+def save_tiny_sp_model(path: str | Path, seed: int = 0, vocab_size: int = 600, words: int = 0) -> Path:
     """A loadable Hugging Face directory: a tiny 2-layer model on the byte-fallback tokenizer."""
     path = Path(path)
-    return _save_with_end(build_tiny_sp_tokenizer(vocab_size), "<|end|>", seed, path)
+    return _save_with_end(build_tiny_sp_tokenizer(vocab_size, words), "<|end|>", seed, path)
 
 
 @functools.lru_cache(maxsize=1)
