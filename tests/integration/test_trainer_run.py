@@ -213,11 +213,17 @@ def test_a_user_error_on_two_nodes_ends_each_agent_with_its_line_and_code(tmp_pa
     cfg_path.write_text(dump_config(cfg))
     agents = [run_cli(trainer_command(cfg, cfg_path)) for _ in range(2)]
     logs = [agent.communicate(timeout=300)[0].decode() for agent in agents]
+    lost = 0
     for agent, log in zip(agents, logs, strict=True):
-        assert agent.returncode == 2, log[-4000:]
         assert "Traceback" not in log and "ChildFailedError" not in log and "Root Cause" not in log, log[-4000:]
+        if agent.returncode == 1 and "lost the trainer's rendezvous" in log:
+            # The other agent hosted the rendezvous and ended first (its rank failed sooner): one line, no traceback.
+            lost += 1
+            continue
+        assert agent.returncode == 2, log[-4000:]
         errors = [line for line in log.splitlines() if "error:" in line]
         assert len(errors) == 1 and "model.name" in errors[0] and str(missing) in errors[0], log[-4000:]
+    assert lost <= 1  # at least one agent reports its rank's own error
 
 
 def test_two_nodes_match_one_process(student: Path, tmp_path: Path) -> None:
