@@ -47,6 +47,17 @@ def forward_logprobs(model: Any, prompt_ids: list[int], completion_ids: list[int
     return [float(logprobs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(completion_ids)]
 
 
+def post_concurrently(url: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat requests sent at once; their JSON answers in order."""
+
+    async def send() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            responses = await asyncio.gather(*(c.post(f"{url}/chat/completions", json=r) for r in requests))
+        return [r.json() for r in responses]
+
+    return asyncio.run(send())
+
+
 def test_models_and_non_streaming(server: tuple[str, Any]) -> None:
     url, _ = server
     c = client(url)
@@ -156,12 +167,7 @@ def test_concurrent_requests_are_batched_and_padding_changes_nothing(server: tup
     requests = [{"model": "tiny", "messages": [{"role": "user", "content": "q" * (1 + 7 * i)}], "max_tokens": 8,
                  "temperature": 1.0, "seed": i, "logprobs": True, "return_token_ids": True} for i in range(6)]  # fmt: skip
 
-    async def concurrently() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(timeout=60) as c:
-            responses = await asyncio.gather(*(c.post(f"{url}/chat/completions", json=r) for r in requests))
-        return [r.json() for r in responses]
-
-    batched = asyncio.run(concurrently())
+    batched = post_concurrently(url, requests)
     stats = httpx.get(f"{url.removesuffix('/v1')}/stats", timeout=30).json()
     assert stats["inference/sequences"] - before["inference/sequences"] == 6
     assert stats["inference/batches"] - before["inference/batches"] <= 3  # 6 requests, at most 3 generate batches
@@ -299,12 +305,7 @@ def test_answers_to_one_prompt_prefill_it_once_and_match_answers_alone(server: t
                  "logprobs": True, "return_token_ids": True} for i in range(3)]  # fmt: skip
     before = dict(app.state.engine.stats)
 
-    async def concurrently() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(timeout=60) as c:
-            responses = await asyncio.gather(*(c.post(f"{url}/chat/completions", json=r) for r in requests))
-        return [r.json() for r in responses]
-
-    together = asyncio.run(concurrently())
+    together = post_concurrently(url, requests)
     stats = dict(app.state.engine.stats)
     assert stats["inference/sequences"] - before["inference/sequences"] == 6
     assert stats["inference/prefilled_prompts"] - before["inference/prefilled_prompts"] == (
@@ -328,12 +329,7 @@ def test_rows_that_finish_early_leave_the_batch_and_the_others_decode_as_alone(s
                 for i, m in enumerate((2, 5, 9, 9))]  # fmt: skip
     before = dict(app.state.engine.stats)
 
-    async def concurrently() -> list[dict[str, Any]]:
-        async with httpx.AsyncClient(timeout=60) as c:
-            responses = await asyncio.gather(*(c.post(f"{url}/chat/completions", json=r) for r in requests))
-        return [r.json() for r in responses]
-
-    together = asyncio.run(concurrently())
+    together = post_concurrently(url, requests)
     assert app.state.engine.stats["inference/batches"] - before["inference/batches"] == 1
     for request, response in zip(requests, together, strict=True):
         choice = response["choices"][0]

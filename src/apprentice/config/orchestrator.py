@@ -26,6 +26,17 @@ class TokenPrice(Section):
     """Price of one million completion (output) tokens, reasoning tokens included."""
 
 
+def checked_url(key: str, url: str, example: str, hint: str = "") -> str:
+    """`url` without its trailing slash; a ValueError naming `key` when it carries a credential (checked first and
+    never echoed: a URL is written to OUTPUT/config.toml and printed in errors) or is no http(s) URL."""
+    problem = url_secret_problem(url)
+    if problem is not None:
+        raise ValueError(f"{key} must not carry a credential, but {problem}{hint}")
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{key} must be an http(s) URL like '{example}'")
+    return url.rstrip("/")
+
+
 class EndpointConfig(Section):
     """An OpenAI-compatible chat endpoint. The API key is read from an environment variable at request time."""
 
@@ -75,13 +86,7 @@ class EndpointConfig(Section):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        # Checked first and never echoed: the URL is written to OUTPUT/config.toml and printed in error messages.
-        problem = url_secret_problem(url)
-        if problem is not None:
-            raise ValueError(f"base_url must not carry a credential, but {problem}. {_USE_ENV}")
-        if not re.match(r"^https?://[^/\s]+", url):
-            raise ValueError("base_url must be an http(s) URL like 'http://127.0.0.1:8000/v1'")
-        return url.rstrip("/")
+        return checked_url("base_url", url, "http://127.0.0.1:8000/v1", hint=f". {_USE_ENV}")
 
     @field_validator("headers")
     @classmethod
@@ -158,14 +163,8 @@ class TeacherEndpointConfig(EndpointConfig):
     @field_validator("tokenizer")
     @classmethod
     def _tokenizer_url(cls, tokenizer: str | None) -> str | None:
-        # A URL is written to OUTPUT/config.toml and printed in errors, like base_url: never with a credential.
-        if tokenizer is not None and re.match(r"^https?://", tokenizer):
-            problem = url_secret_problem(tokenizer)
-            if problem is not None:
-                raise ValueError(f"tokenizer must not carry a credential, but {problem}")
-            if not re.match(r"^https?://[^/\s]+", tokenizer):
-                raise ValueError("tokenizer as a server must be an http(s) URL like 'http://127.0.0.1:8080'")
-            return tokenizer.rstrip("/")
+        if tokenizer is not None and re.match(r"^https?://", tokenizer):  # a server, not a directory or hub id
+            return checked_url("tokenizer", tokenizer, "http://127.0.0.1:8080")
         return tokenizer
 
     @property
