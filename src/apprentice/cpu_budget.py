@@ -16,7 +16,7 @@ Idle threads sleep (`OMP_WAIT_POLICY=PASSIVE` in the server's and the trainers' 
 it): by default an OpenMP thread that finishes its share of an operation spins, waiting for the next one, and
 on cores shared with another process (the server beside the trainer, the orchestrator, anything else on the
 machine) spinning threads take the time slices their own pool's laggard needs. On this 2-core machine with other
-jobs running (load ~5), one 2-thread SmolLM2 training step took 8-22 s with the default policy and 5-7 s with
+jobs running (load ~5), one 2-thread SmolLM2 training step took 8-22 s with the default policy and 5-12 s with
 PASSIVE (bench/rl_vs_trl.py's settings; 1 thread: 8-9.5 s).
 """
 
