@@ -263,6 +263,9 @@ def _groups(samples: list[TrainingSample], capacity: int, share_prompts: bool) -
     lengths = [len(s) for s in samples]
     groups: list[_Group] = []
     for key, members in by_prefix.items():
+        if not key:  # nothing to share: each sample packs on its own
+            groups += [_Group([i], 0) for i in members]
+            continue
         current = _Group([], len(key))
         for i in members:
             if current.members and _Group([*current.members, i], current.prefix).size(lengths) > capacity:
