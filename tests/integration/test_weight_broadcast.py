@@ -87,6 +87,17 @@ def test_a_collective_update_reaches_the_server_exactly(tmp_path: Path) -> None:
             assert apply(base_url, 2).status_code == 200
             prompt, completion, served = sample(base_url)
             assert torch.allclose(torch.tensor(served), trainer_logprobs(model, prompt, completion), atol=1e-5, rtol=0.0)
+            # The trainer sends step 4 before the orchestrator (delayed by an evaluation) applies step 3: applying 3
+            # serves the newer update that replaced it, and says so; nothing older than what is asked is served.
+            sender.send(full_state_dict(model), step=3)
+            with torch.no_grad():
+                model.lm_head.weight.mul_(0.5)
+            sender.send(full_state_dict(model), step=4)
+            late = apply(base_url, 3)
+            assert late.status_code == 200 and late.json()["step"] == 4 and status(base_url)["step"] == 4
+            prompt, completion, served = sample(base_url)
+            assert torch.allclose(torch.tensor(served), trainer_logprobs(model, prompt, completion), atol=1e-5, rtol=0.0)
+            assert apply(base_url, 5).status_code == 409  # none staged
         finally:
             sender.close()
 

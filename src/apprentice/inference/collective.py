@@ -169,16 +169,18 @@ class Receiver:
             self.staged, self.receiving = _Staged(staging, req.step), None
 
     def apply(self, step: int) -> float:
-        """Serve the staged update of `step`; the seconds the swap took."""
+        """Serve the staged update of `step`, or the newer one that replaced it (the trainer may send step n+1
+        while the orchestrator, asking for n, waits for an evaluation); the seconds the swap took. The step
+        served is in `engine.weights`."""
         started = time.perf_counter()
         with self.lock:
             staged = self.staged
-            if staged is None or staged.step != step:
+            if staged is None or staged.step < step:
                 have = f"step {staged.step}" if staged else "none"
-                raise RequestError(409, f"no complete update of step {step} is staged (staged: {have}; last error: "
-                                        f"{self.error})", "step", code="not_staged")  # fmt: skip
+                raise RequestError(409, f"no complete update of step {step} or newer is staged (staged: {have}; "
+                                        f"last error: {self.error})", "step", code="not_staged")  # fmt: skip
             self.staged = None
-        self.engine.swap(staged.model, step=step, path=f"collective:step_{step}")
+        self.engine.swap(staged.model, step=staged.step, path=f"collective:step_{staged.step}")
         self.prepare()
         return time.perf_counter() - started
 

@@ -157,7 +157,8 @@ class PolicySync:
             await asyncio.sleep(0.5)
 
     async def reload_newest(self, need: int, step: int) -> int:
-        """Wait for published weights of step >= `need`, `reload` the newest; their step (`step` is for messages)."""
+        """Wait for published weights of step >= `need`, `reload` the newest; the step served (`step` is for
+        messages)."""
         start = time.monotonic()
         announced = False
         while (newest := await self.newest()) < need:
@@ -171,7 +172,7 @@ class PolicySync:
                 )
             await asyncio.sleep(POLL_S)
         await self.reload(newest)
-        return newest
+        return self.policy_step()  # newest, or a newer collective update that replaced it while reload waited
 
     async def newest(self) -> int:
         """The newest weights the server could sample from: published on disk, or (collective) staged in it."""
@@ -197,7 +198,7 @@ class PolicySync:
         self._idle.clear()  # new rollouts wait: each must be tagged with the weights that really sample it
         try:
             if step == self.staged:  # sent by the trainer over the collective (inference/collective.py)
-                server_s = await self._apply(step)
+                server_s, step = await self._apply(step)  # or a newer update that replaced it meanwhile
             else:
                 server_s = await self.backend.reload(self._http, self.base_url, path, step)
         finally:
@@ -207,13 +208,16 @@ class PolicySync:
         log.info("inference server now on the weights of step %d (%.1f s)", step, elapsed)
         self.loaded = step
 
-    async def _apply(self, step: int) -> float | None:
+    async def _apply(self, step: int) -> tuple[float | None, int]:
+        """Apply the staged update of `step` or newer: (the server's seconds, the step it now serves)."""
         response = await self._http.post(f"{self.base_url}/weights/apply", json={"step": step})
         if response.status_code >= 400:
             raise WeightReloadError(f"{self.base_url}/weights/apply (step {step}) answered HTTP "
                                     f"{response.status_code}: {response.text[:500]}")  # fmt: skip
-        seconds = response.json().get("reload_s")
-        return float(seconds) if isinstance(seconds, int | float) else None
+        body = response.json()
+        seconds, served = body.get("reload_s"), body.get("step")
+        return (float(seconds) if isinstance(seconds, int | float) else None,
+                served if isinstance(served, int) and served >= step else step)  # fmt: skip
 
     async def _server_step(self) -> int | None:
         """The published step the server holds, from GET /v1/weights (apprentice serve) when it can tell."""
