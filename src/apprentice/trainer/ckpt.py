@@ -176,11 +176,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Collective: every rank calls it. Returns the final directory; prunes to the newest `keep`."""
-    root = checkpoints_root(output_dir)
-    tmp, final = root / f".{step_name(step)}.tmp", root / step_name(step)
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fsio.make_dirs(tmp)
+    tmp, final = _save_dirs(output_dir, step, world)
     barrier(world)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     _write_state(tmp, model_sd, optim_sd, _rng_tensors(), world)
@@ -191,6 +187,16 @@ def save_checkpoint(
         _seal(output_dir, step, tmp, final, keep)
     barrier(world)
     return final
+
+
+def _save_dirs(output_dir: Path, step: int, world: World) -> tuple[Path, Path]:
+    """(the temporary directory a save of `step` writes into, emptied by rank 0; the directory it becomes)."""
+    root = checkpoints_root(output_dir)
+    tmp, final = root / f".{step_name(step)}.tmp", root / step_name(step)
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fsio.make_dirs(tmp)
+    return tmp, final
 
 
 def _write_state(tmp: Path, model_sd: Any, optim_sd: Any, rng: dict[str, torch.Tensor], world: World) -> None:
@@ -232,10 +238,7 @@ class BackgroundCheckpointer:
         if world.distributed:
             raise ValueError("background checkpoints are for single-process runs; use save_checkpoint")
         self.wait()
-        root = checkpoints_root(output_dir)
-        tmp, final = root / f".{step_name(step)}.tmp", root / step_name(step)
-        shutil.rmtree(tmp, ignore_errors=True)
-        fsio.make_dirs(tmp)
+        tmp, final = _save_dirs(output_dir, step, world)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         staged = _copy_tree((model_sd, optim_sd))  # the state of this step, whatever training does next
         rng, state = _rng_tensors(), json.dumps(_new_trainer_state(step, world, scheduler))

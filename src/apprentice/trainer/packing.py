@@ -155,13 +155,14 @@ class _Group:
         return self.prefix + sum(lengths[i] - self.prefix for i in self.members)
 
 
-def collate(samples: list[TrainingSample], prefix: int = 0) -> MicroBatch:
-    """Concatenate samples into one packed row (no padding). With `prefix` > 0 the samples' first `prefix` tokens
-    (identical, untrained, and not the last untrained one) are one shared segment that every sample continues."""
-    return _collate([(samples, prefix)])
+def collate(samples: list[TrainingSample]) -> MicroBatch:
+    """Concatenate samples into one packed row (no padding), each sample whole."""
+    return _collate([(samples, 0)])
 
 
 def _collate(groups: list[tuple[list[TrainingSample], int]]) -> MicroBatch:
+    """One packed row of groups (samples, prefix): with prefix > 0 the samples' first `prefix` tokens (identical,
+    untrained, and not the last untrained one) are one shared segment that every sample of the group continues."""
     ids: list[int] = []
     pos: list[int] = []
     tgt: list[int] = []
