@@ -23,6 +23,7 @@ from apprentice.inference.launch import free_port
 from apprentice.launcher import trainer_command
 from apprentice.metrics import read_metrics as read_metrics_file
 from apprentice.testing.tiny import save_tiny_student
+from apprentice.trainer import ckpt
 from apprentice.trainer.ckpt import complete_checkpoints
 from apprentice.trainer.metrics import metrics_path
 from apprentice.trainer.optim import NonFiniteError
@@ -113,7 +114,13 @@ def test_resume_matches_uninterrupted_in_process(student: Path, tmp_path: Path) 
     assert [m["step"] for m in read_metrics(two_part)] == [1, 2, 3, 4]
 
 
-def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(student: Path, tmp_path: Path) -> None:
+def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(
+    student: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow disk: step 1's checkpoint is still being written (background thread) when step 2 fails. The message
+    # must name it anyway, once it is complete (CI once caught the race and read "none yet").
+    seal = ckpt._seal
+    monkeypatch.setattr(ckpt, "_seal", lambda *a, **k: (time.sleep(1.0), seal(*a, **k)))
     out = tmp_path / "run"
     write_step_batch(out, 1, [step_samples(1)])
     bad = step_samples(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,27 @@ def test_a_failed_background_write_is_raised_by_the_next_save_or_wait(tmp_path: 
         writer.wait()
     assert ckpt.latest_checkpoint(tmp_path) is None  # nothing half-written looks complete
     writer.wait()  # the error was reported once
+
+
+def test_settle_finishes_the_write_in_flight_and_logs_its_error_instead_of_raising(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the way out of a failed run the checkpoint being written completes (a rerun resumes from it), and a
+    failure of that write does not replace the error that stopped the run."""
+    parts = Parts(0)
+    parts.train_step()
+    writer = ckpt.BackgroundCheckpointer()
+    seal = ckpt._seal
+    monkeypatch.setattr(ckpt, "_seal", lambda *a, **k: (time.sleep(0.5), seal(*a, **k)))
+    writer.save(tmp_path / "slow", 1, parts.model, parts.optimizer, parts.scheduler, WORLD, 3)
+    writer.settle()
+    assert ckpt.latest_checkpoint(tmp_path / "slow") == tmp_path / "slow" / "checkpoints" / "step_1"
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_seal", disk_full)
+    writer.save(tmp_path / "full", 1, parts.model, parts.optimizer, parts.scheduler, WORLD, 3)
+    with caplog.at_level("ERROR", logger="apprentice.trainer"):
+        writer.settle()
+    assert "failed too: [Errno 28] No space left on device" in caplog.text

@@ -264,6 +264,15 @@ class BackgroundCheckpointer:
             raise error
 
 
+    def settle(self) -> None:
+        """`wait` on the way out of a failed run: the write in flight completes; its own error is logged, not
+        raised, so the error that stopped the run is the one reported."""
+        try:
+            self.wait()
+        except Exception as e:
+            log.error("the checkpoint being written when the run stopped failed too: %s", e)
+
+
 def _copy_tree(value: Any) -> Any:
     """A deep copy of nested dicts/lists/tuples of tensors, tensors cloned to CPU memory."""
     if isinstance(value, torch.Tensor):

@@ -69,6 +69,8 @@ def main(cfg: Config) -> None:
     mesh = init_distributed(world, device, mesh=needs_mesh(precision, world.world_size))
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
+    # One process: checkpoints are written by a thread while training goes on (ckpt.BackgroundCheckpointer).
+    checkpointer = None if world.distributed else ckpt.BackgroundCheckpointer()
     try:
         # Model (fp32 master weights unless pure bf16), parallelism recipe, optimizer.
         model = load_model(cfg.model, device, precision.param_dtype)
@@ -93,9 +95,6 @@ def main(cfg: Config) -> None:
         collective = cfg.mode == "rl" and weight_broadcast(cfg) == "collective"
         sender = weight_sender(cfg) if collective and world.is_main else None
 
-        # One process: checkpoints are written by a thread while training goes on (ckpt.BackgroundCheckpointer).
-        checkpointer = None if world.distributed else ckpt.BackgroundCheckpointer()
-
         # The step loop.
         published: Path | None = None  # the last weights this process published (rl mode)
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
@@ -108,7 +107,7 @@ def main(cfg: Config) -> None:
             result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
                                 grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens,
                                 skipped_samples=skipped)  # fmt: skip
-            check_finite(step, result, output_dir, samples)
+            check_finite(step, result, output_dir, samples, checkpointer)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -144,6 +143,8 @@ def main(cfg: Config) -> None:
             checkpointer.wait()  # the last checkpoint is complete before the trainer reports success
         logger.close()
     except BaseException:
+        if checkpointer is not None:  # a checkpoint being written completes: it is the one a rerun resumes from
+            checkpointer.settle()
         shutdown(world, completed=False)
         raise
     shutdown(world, completed=True)
@@ -251,12 +252,15 @@ def first_non_finite(samples: list[TrainingSample]) -> str | None:
     return None
 
 
-def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[TrainingSample]) -> None:
+def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[TrainingSample],
+                 checkpointer: ckpt.BackgroundCheckpointer | None = None) -> None:  # fmt: skip
     """Stop before a NaN/inf update reaches the weights; the last complete checkpoint stays as it is. The message
     names the step batch, and says to delete it when it holds the non-finite values (a rerun would read it again)."""
     loss = result.metrics["loss/total"]
     if math.isfinite(loss) and math.isfinite(result.grad_norm):
         return
+    if checkpointer is not None:  # a checkpoint still being written is the last good one: finish it, then name it
+        checkpointer.wait()
     last = ckpt.latest_checkpoint(output_dir)
     batch = step_dir(output_dir, step)
     where = first_non_finite(samples)
