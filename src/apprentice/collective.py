@@ -1,8 +1,9 @@
 """The wire of `trainer.weight_broadcast = "collective"`: weights from the trainer to the inference server over a
-torch.distributed group of two processes, with no file per step.
+torch.distributed group, with no file per step.
 
-    rank 0  the trainer's rank 0 (the sender; hosts the group's TCPStore)
-    rank 1  the inference server (the receiver)
+    rank 0      the trainer's rank 0 (the sender; hosts the group's TCPStore)
+    rank 1..n   the inference server's processes (the receivers): `apprentice serve` is one; vLLM is one per
+                worker (GPU), each receiving every tensor whole (its own weight loader shards it)
 
 The group is its own `ProcessGroupGloo` built from a `TCPStore`, never the default process group: the trainer's
 ranks already have one (FSDP2), and the server has none. One update is, in order:
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import datetime
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import torch
@@ -33,12 +34,12 @@ ManifestEntry = tuple[str, list[int], str]
 """(parameter name, shape, dtype name) of one tensor of an update."""
 
 
-def open_group(host: str, port: int, rank: int, timeout_s: float) -> dist.ProcessGroupGloo:
-    """The two-process group; blocks until the other side has joined (or `timeout_s` passes: RuntimeError).
-    Rank 0 hosts the store on `port`; every collective on the group then fails after `timeout_s` without its peer."""
+def open_group(host: str, port: int, rank: int, timeout_s: float, size: int = 2) -> dist.ProcessGroupGloo:
+    """The group of `size` processes; blocks until every one has joined (or `timeout_s` passes: RuntimeError).
+    Rank 0 hosts the store on `port`; every collective on the group then fails after `timeout_s` without its peers."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, 2, rank == SENDER, timeout=timeout, wait_for_workers=False)
-    return dist.ProcessGroupGloo(store, rank, 2, timeout)
+    store = dist.TCPStore(host, port, size, rank == SENDER, timeout=timeout, wait_for_workers=False)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
 def manifest(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[ManifestEntry]:
@@ -54,6 +55,27 @@ def broadcast(group: dist.ProcessGroupGloo, tensor: torch.Tensor) -> None:
 
 def trailer(step: int, count: int) -> torch.Tensor:
     return torch.tensor([step, count], dtype=torch.int64)
+
+
+def receive_update(group: dist.ProcessGroupGloo, entries: list[ManifestEntry], step: int,
+                   target: Callable[[str, list[int], torch.dtype], torch.Tensor]) -> None:  # fmt: skip
+    """A receiver's side of one update: each tensor of `entries` into `target(name, shape, wire dtype)` (or into a
+    host buffer copied there when that tensor is not a contiguous CPU tensor of the wire dtype), then the
+    trailer. RuntimeError when the trailer does not close this update; the sender's errors (a peer gone, a timeout)
+    propagate. Either way the caller serves nothing of it."""
+    for name, shape, dtype in entries:
+        wire_dtype = DTYPE_NAMES[dtype]
+        into = target(name, shape, wire_dtype)
+        if into.dtype == wire_dtype and into.is_contiguous() and into.device.type == "cpu":
+            broadcast(group, into)
+        else:  # another dtype or device: receive on the host, then cast/copy
+            buffer = torch.empty(shape, dtype=wire_dtype)
+            broadcast(group, buffer)
+            into.copy_(buffer)
+    tail = trailer(0, 0)
+    broadcast(group, tail)
+    if tail.tolist() != [step, len(entries)]:
+        raise RuntimeError(f"trailer {tail.tolist()} does not close step {step} ({len(entries)} tensors)")
 
 
 def local_address_towards(base_url: str) -> str:

@@ -1,12 +1,10 @@
-"""`trainer.weight_broadcast`: what "auto" resolves to, and the rule against collective updates to vLLM."""
+"""`trainer.weight_broadcast`: what "auto" resolves to, and collective updates to vLLM."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from apprentice.config import Config, ConfigError, load_config
+from apprentice.config import Config, load_config
 from apprentice.config.rl import check_rl_config, weight_broadcast
 
 
@@ -38,6 +36,11 @@ def test_auto_is_collective_with_the_builtin_server_the_run_starts_and_filesyste
     assert weight_broadcast(config(tmp_path, ENDPOINT, "--trainer.weight_broadcast", "collective")) == "collective"
 
 
-def test_collective_updates_to_vllm_are_refused_with_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match='set trainer.weight_broadcast = "filesystem"'):
-        check_rl_config(config(tmp_path, VLLM, "--trainer.weight_broadcast", "collective"))
+def test_collective_updates_to_vllm_are_accepted_and_go_through_its_worker_extension(tmp_path: Path) -> None:
+    from apprentice.trainer.broadcast import weight_sender
+
+    cfg = config(tmp_path, VLLM, "--trainer.weight_broadcast", "collective")
+    check_rl_config(cfg)
+    assert weight_broadcast(cfg) == "collective"
+    sender = weight_sender(cfg)
+    assert sender is not None and sender.server == "vllm"

@@ -145,9 +145,10 @@ class TrainerConfig(Section):
     step, which the server reads (works across machines on a shared filesystem, any backend). "collective": sent
     from the trainer's memory to the server's over a torch.distributed group (gloo), no file per step; weights
     are written to disk only at checkpoint steps (what a resumed run starts from). Needs `apprentice serve`
-    (inference.backend = "builtin" or a student endpoint that is one) reachable from the trainer. "auto":
-    collective with the builtin server the run starts ([inference] backend = "builtin"; measured faster, see
-    docs/rl.md), filesystem otherwise."""
+    (inference.backend = "builtin" or a student endpoint that is one) or the vLLM server `apprentice rl` starts
+    (backend = "vllm": its workers receive through apprentice's worker extension) reachable from the trainer.
+    "auto": collective with the builtin server the run starts ([inference] backend = "builtin"; measured faster,
+    see docs/rl.md), filesystem otherwise."""
     loss: LossConfig = Field(default_factory=RLLossConfig)
     """The loss, chosen by `type` ("rl" default, "sft", or "distill")."""
     optim: OptimConfig = Field(default_factory=OptimConfig)

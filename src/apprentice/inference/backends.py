@@ -7,6 +7,11 @@
              `apprentice.inference.vllm_worker.WeightReloader.reload(path)` verifies the published directory and
              reads its safetensors into the running model in place (no restart), then the prefix cache is reset.
 
+With `trainer.weight_broadcast = "collective"` the trainer sends each step's weights over a torch.distributed
+group instead (trainer/broadcast.py); the orchestrator then asks for the staged update (`staged`) and serves it
+(`apply`): `apprentice serve` through GET /v1/weights and POST /v1/weights/apply (inference/collective.py), vLLM
+through its workers' `apprentice_status` / `apprentice_apply` (inference/vllm_worker.py).
+
 Both serve the OpenAI chat API with token ids (`return_token_ids`) and raw-model logprobs, which is all the
 orchestrator's token client needs.
 """
@@ -17,7 +22,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -41,6 +46,14 @@ class Backend(Protocol):
     async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
         """Make the server sample from the weights in `path` (published trainer step `step`) from now on; the
         seconds the server says the reload took, or None when it does not say."""
+        ...
+
+    async def staged(self, http: httpx.AsyncClient, base_url: str) -> int | None:
+        """collective: the step of the complete update the server holds staged (None: none, or no answer)."""
+        ...
+
+    async def apply(self, http: httpx.AsyncClient, base_url: str, step: int) -> tuple[float | None, int]:
+        """collective: serve the staged update of `step` or newer; (the server's seconds or None, the step served)."""
         ...
 
 
@@ -73,6 +86,21 @@ class BuiltinBackend:
         _raise_for(response, f"{base_url}/load_weights ({path})")
         seconds = response.json().get("reload_s")
         return float(seconds) if isinstance(seconds, int | float) else None
+
+    async def staged(self, http: httpx.AsyncClient, base_url: str) -> int | None:
+        try:
+            staged = (await http.get(f"{base_url}/weights", timeout=10.0)).json().get("staged")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return staged if isinstance(staged, int) else None
+
+    async def apply(self, http: httpx.AsyncClient, base_url: str, step: int) -> tuple[float | None, int]:
+        response = await http.post(f"{base_url}/weights/apply", json={"step": step})
+        _raise_for(response, f"{base_url}/weights/apply (step {step})")
+        body = response.json()
+        seconds, served = body.get("reload_s"), body.get("step")
+        return (float(seconds) if isinstance(seconds, int | float) else None,
+                served if isinstance(served, int) and served >= step else step)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,6 +135,37 @@ class VLLMBackend:
         # Cached KV blocks were computed by the old weights; a prefix hit would silently mix two policies.
         _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
         return None  # vLLM does not report it; the orchestrator times the requests instead
+
+    async def staged(self, http: httpx.AsyncClient, base_url: str) -> int | None:
+        try:
+            results = await collective_rpc(http, base_url, "apprentice_status", [], timeout=10.0)
+        except (httpx.HTTPError, WeightReloadError):
+            return None
+        steps = [r.get("staged") if isinstance(r, dict) else None for r in results]
+        # Every worker holds its shard of the same update, or none is servable.
+        return min(steps) if steps and all(isinstance(s, int) for s in steps) else None  # type: ignore[type-var]
+
+    async def apply(self, http: httpx.AsyncClient, base_url: str, step: int) -> tuple[float | None, int]:
+        results = await collective_rpc(http, base_url, "apprentice_apply", [step])
+        served = {int(r) for r in results}
+        if len(served) != 1:  # the workers staged different updates: never serve a mix (the trainer sends anew)
+            raise WeightReloadError(f"vLLM's workers applied different updates {sorted(served)} for step {step}")
+        root = base_url.removesuffix("/v1")
+        _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
+        return None, served.pop()
+
+
+async def collective_rpc(http: httpx.AsyncClient, base_url: str, method: str, args: list[Any],
+                         timeout: float | None = None) -> list[Any]:  # fmt: skip
+    """vLLM's dev-mode POST /collective_rpc: `method` of apprentice's worker extension on every worker; each
+    worker's result, in worker order."""
+    root = base_url.removesuffix("/v1")
+    response = await http.post(f"{root}/collective_rpc", json={"method": method, "args": args}, timeout=timeout)
+    _raise_for(response, f"{root}/collective_rpc {method}{tuple(args)}")
+    results = response.json().get("results") if response.content else None
+    if not isinstance(results, list) or not results:
+        raise WeightReloadError(f"{root}/collective_rpc {method} answered no worker results: {response.text[:200]}")
+    return results
 
 
 BACKENDS: dict[str, Backend] = {"builtin": BuiltinBackend(), "vllm": VLLMBackend()}

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -146,20 +145,8 @@ class Receiver:
         group = self.group
         try:
             staging = self._staging_model()  # the served model keeps serving while this one fills
-            targets = dict(staging.state_dict())
-            for name, shape, dtype in req.tensors:
-                target = targets[name]
-                wire_dtype = collective.DTYPE_NAMES[dtype]
-                if target.dtype == wire_dtype and target.is_contiguous() and target.device.type == "cpu":
-                    collective.broadcast(group, target.data)
-                else:  # another dtype or device: receive on the host, then cast/copy
-                    buffer = torch.empty(shape, dtype=wire_dtype)
-                    collective.broadcast(group, buffer)
-                    target.data.copy_(buffer)
-            tail = collective.trailer(0, 0)
-            collective.broadcast(group, tail)
-            if tail.tolist() != [req.step, len(req.tensors)]:
-                raise RuntimeError(f"trailer {tail.tolist()} does not close step {req.step} ({len(req.tensors)} tensors)")
+            targets = {name: t.data for name, t in staging.state_dict().items()}
+            collective.receive_update(group, req.tensors, req.step, lambda name, shape, dtype: targets[name])
         except Exception as e:  # a trainer that died or stopped halfway: nothing of this update is served
             log.warning("weight update of step %d failed, keeping the current weights: %s", req.step, e)
             with self.lock:

@@ -36,7 +36,7 @@ from apprentice.config import Config
 from apprentice.config.rl import weight_broadcast
 from apprentice.errors import ApprenticeError
 from apprentice.handoff.weights import latest_published, weights_dir
-from apprentice.inference.backends import Backend, WeightReloadError, backend_for
+from apprentice.inference.backends import Backend, backend_for
 from apprentice.orchestrator.advantages import assign_advantages
 from apprentice.orchestrator.client import rollout_endpoint
 from apprentice.trajectory import Trajectory
@@ -179,11 +179,8 @@ class PolicySync:
         published = latest_published(self.output_dir)
         if not self.collective:
             return published
-        try:
-            staged = (await self._http.get(f"{self.base_url}/weights", timeout=10.0)).json().get("staged")
-        except (httpx.HTTPError, ValueError):
-            staged = None
-        self.staged = staged if isinstance(staged, int) and staged >= published else None
+        staged = await self.backend.staged(self._http, self.base_url)
+        self.staged = staged if staged is not None and staged >= published else None
         return self.staged or published
 
     async def reload(self, step: int) -> None:
@@ -198,7 +195,7 @@ class PolicySync:
         self._idle.clear()  # new rollouts wait: each must be tagged with the weights that really sample it
         try:
             if step == self.staged:  # sent by the trainer over the collective (inference/collective.py)
-                server_s, step = await self._apply(step)  # or a newer update that replaced it meanwhile
+                server_s, step = await self.backend.apply(self._http, self.base_url, step)  # or a newer one
             else:
                 server_s = await self.backend.reload(self._http, self.base_url, path, step)
         finally:
@@ -207,17 +204,6 @@ class PolicySync:
         self._reload_s += elapsed if server_s is None else server_s
         log.info("inference server now on the weights of step %d (%.1f s)", step, elapsed)
         self.loaded = step
-
-    async def _apply(self, step: int) -> tuple[float | None, int]:
-        """Apply the staged update of `step` or newer: (the server's seconds, the step it now serves)."""
-        response = await self._http.post(f"{self.base_url}/weights/apply", json={"step": step})
-        if response.status_code >= 400:
-            raise WeightReloadError(f"{self.base_url}/weights/apply (step {step}) answered HTTP "
-                                    f"{response.status_code}: {response.text[:500]}")  # fmt: skip
-        body = response.json()
-        seconds, served = body.get("reload_s"), body.get("step")
-        return (float(seconds) if isinstance(seconds, int | float) else None,
-                served if isinstance(served, int) and served >= step else step)  # fmt: skip
 
     async def _server_step(self) -> int | None:
         """The published step the server holds, from GET /v1/weights (apprentice serve) when it can tell."""

@@ -12,8 +12,12 @@ A server that restarted (its group is gone: 409 no_group) is joined again. Any o
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import torch
@@ -37,43 +41,56 @@ class BroadcastError(ApprenticeError):
 
 
 class WeightSender:
-    """Rank 0's side: owns the group with the server at `base_url` (an OpenAI-style base URL ending in /v1)."""
+    """Rank 0's side: owns the group with the server at `base_url` (an OpenAI-style base URL ending in /v1), which
+    is `apprentice serve` (`server = "builtin"`) or vLLM with apprentice's worker extension (`"vllm"`)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 120.0, server: str = "builtin") -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.server = server
         self.group: dist.ProcessGroupGloo | None = None
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
 
     def send(self, state: dict[str, torch.Tensor], step: int) -> None:
         """Deliver `state` (full, unsharded weights) as the update of `step`; returns once the server staged it."""
         tensors = [(name, _on_wire(t)) for name, t in state.items()]
-        body = {"step": step, "tensors": collective.manifest(tensors)}
+        entries = collective.manifest(tensors)
+        try:
+            receiving: _Call | None = None  # vLLM: the workers' receive call; apprentice serve receives by itself
+            if self.server == "builtin":
+                self._begin_builtin(entries, step)
+            else:
+                receiving = self._begin_vllm(entries, step)
+            assert self.group is not None
+            for _, tensor in tensors:
+                collective.broadcast(self.group, tensor)
+            collective.broadcast(self.group, collective.trailer(step, len(tensors)))
+        except RuntimeError as e:  # a peer gone or timed out (gloo)
+            self.group = None
+            raise BroadcastError(f"weight update of step {step} to {self.base_url} failed: {e}") from e
+        except httpx.HTTPError as e:  # no server (yet): the caller publishes to disk, which any server reads
+            raise BroadcastError(f"the inference server at {self.base_url} is unreachable ({e})") from None
+        if receiving is None:
+            self._wait_staged(step)
+        else:
+            self._finish(receiving, f"receive step {step}")
+
+    def _begin_builtin(self, entries: list[collective.ManifestEntry], step: int) -> None:
+        """apprentice serve: POST the manifest; the server receives in the background (`_wait_staged` polls)."""
+        body = {"step": step, "tensors": entries}
         for attempt in (0, 1):
-            try:
-                if self.group is None:
-                    self._join()
-                response = self._http.post(f"{self.base_url}/weights/collective/receive", json=body)
-            except httpx.HTTPError as e:  # no server (yet): the caller publishes to disk, which any server reads
-                raise BroadcastError(f"the inference server at {self.base_url} is unreachable ({e})") from None
+            if self.group is None:
+                self._join_builtin()
+            response = self._http.post(f"{self.base_url}/weights/collective/receive", json=body)
             if response.status_code == 409 and attempt == 0 and "no_group" in response.text:
                 self.group = None  # the server restarted (a resumed run, a crash): join again
                 continue
             if response.status_code >= 400:
                 raise BroadcastError(f"{self.base_url}/weights/collective/receive answered HTTP "
                                      f"{response.status_code}: {response.text[:500]}")  # fmt: skip
-            break
-        assert self.group is not None
-        try:
-            for _, tensor in tensors:
-                collective.broadcast(self.group, tensor)
-            collective.broadcast(self.group, collective.trailer(step, len(tensors)))
-        except RuntimeError as e:
-            self.group = None
-            raise BroadcastError(f"weight update of step {step} to {self.base_url} failed: {e}") from e
-        self._wait_staged(step)
+            return
 
-    def _join(self) -> None:
+    def _join_builtin(self) -> None:
         host = collective.local_address_towards(self.base_url)
         port = free_port()
         response = self._http.post(f"{self.base_url}/weights/collective/join",
@@ -83,6 +100,43 @@ class WeightSender:
                                  f"{response.text[:500]}; is it `apprentice serve` (inference.backend = "
                                  f'"builtin")? Otherwise set trainer.weight_broadcast = "filesystem"')  # fmt: skip
         self.group = collective.open_group(host, port, collective.SENDER, self.timeout_s)
+
+    def _begin_vllm(self, entries: list[collective.ManifestEntry], step: int) -> _Call:
+        """vLLM: the workers' `apprentice_receive` blocks until the update is in, so it is called from a thread
+        while this one broadcasts. A worker without the group (vLLM restarted) is joined first."""
+        if self.group is not None:
+            status = self._rpc("apprentice_status", [])
+            if not all(isinstance(s, dict) and s.get("group") for s in status):
+                self.group = None
+        if self.group is None:
+            workers = len(self._rpc("apprentice_rank", []))
+            host = collective.local_address_towards(self.base_url)
+            port = free_port()
+            joining = _Call(self._rpc, "apprentice_join", [host, port, 1 + workers, self.timeout_s])
+            try:
+                self.group = collective.open_group(host, port, collective.SENDER, self.timeout_s, size=1 + workers)
+            finally:
+                self._finish(joining, "join")
+        return _Call(self._rpc, "apprentice_receive", [step, json.dumps(entries)])
+
+    def _rpc(self, method: str, args: list[Any]) -> list[Any]:
+        root = self.base_url.removesuffix("/v1")
+        response = self._http.post(f"{root}/collective_rpc", json={"method": method, "args": args})
+        if response.status_code >= 400:
+            hint = ("; is it vLLM started with --worker-extension-cls apprentice.inference.vllm_worker.WeightReloader "
+                    "and VLLM_SERVER_DEV_MODE=1 (what `apprentice rl` starts)?" if response.status_code == 404 else "")  # fmt: skip
+            raise BroadcastError(f"{root}/collective_rpc {method} answered HTTP {response.status_code}: "
+                                 f"{response.text[:500]}{hint}")  # fmt: skip
+        results = response.json().get("results")
+        if not isinstance(results, list) or not results:
+            raise BroadcastError(f"{root}/collective_rpc {method} answered no worker results: {response.text[:200]}")
+        return results
+
+    def _finish(self, call: _Call, what: str) -> None:
+        call.join(self.timeout_s)
+        if call.error is not None:
+            self.group = None
+            raise BroadcastError(f"the server failed to {what}: {call.error}")
 
     def _wait_staged(self, step: int) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -99,6 +153,27 @@ class WeightSender:
     def close(self) -> None:
         self._http.close()
         self.group = None
+
+
+class _Call:
+    """A blocking HTTP call (one vLLM collective_rpc) run in a thread while the caller broadcasts."""
+
+    def __init__(self, rpc: Callable[[str, list[Any]], list[Any]], method: str, args: list[Any]) -> None:
+        self.error: str | None = None
+
+        def run() -> None:
+            try:
+                rpc(method, args)
+            except (BroadcastError, httpx.HTTPError) as e:
+                self.error = str(e)
+
+        self._thread = threading.Thread(target=run, name=f"apprentice-rpc-{method}", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.error = f"no answer within {timeout_s:.0f} s"
 
 
 def _on_wire(tensor: torch.Tensor) -> torch.Tensor:
@@ -132,4 +207,5 @@ def weight_sender(cfg: Config) -> WeightSender | None:
     from apprentice.orchestrator.client import rollout_endpoint
 
     timeout_s = cfg.inference.startup_timeout_s if cfg.inference is not None else 600.0
-    return WeightSender(rollout_endpoint(cfg).base_url, timeout_s=timeout_s)
+    server = cfg.inference.backend if cfg.inference is not None else "builtin"
+    return WeightSender(rollout_endpoint(cfg).base_url, timeout_s=timeout_s, server=server)
