@@ -10,6 +10,8 @@ import importlib.util
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,8 +38,8 @@ def _answer(base_url: str) -> tuple[list[int], list[float]]:
     return choice["token_ids"], [c["logprob"] for c in choice["logprobs"]["content"]]
 
 
-def test_vllm_reloads_published_weights_without_restart(tmp_path: Path) -> None:
-    model_dir = smollm2.export_smollm2(tmp_path / "smollm2")
+@contextmanager
+def _vllm(tmp_path: Path, model_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     config = tmp_path / "rl.toml"
     config.write_text(f'output_dir = "{tmp_path / "out"}"\n[model]\nname = "student"\n[orchestrator]\nrollouts_per_prompt = 2\n'
@@ -57,6 +59,41 @@ def test_vllm_reloads_published_weights_without_restart(tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline
             time.sleep(2)
+        yield base_url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_vllm_takes_a_collective_update_in_place(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from apprentice.handoff.hfdir import full_state_dict
+    from apprentice.trainer.broadcast import WeightSender
+
+    model_dir = smollm2.export_smollm2(tmp_path / "smollm2")
+    with _vllm(tmp_path, model_dir) as (base_url, server):
+        ids, _ = _answer(base_url)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)
+        sender = WeightSender(base_url, timeout_s=300.0, server="vllm")
+        sender.send(full_state_dict(model), step=1)
+        assert _answer(base_url)[0] == ids  # staged, not served
+
+        async def apply() -> int:
+            async with httpx.AsyncClient(timeout=600) as http:
+                return (await VLLMBackend().apply(http, base_url, 1))[1]
+
+        assert asyncio.run(apply()) == 1
+        assert _answer(base_url)[0] != ids
+        assert server.poll() is None
+        sender.close()
+
+
+def test_vllm_reloads_published_weights_without_restart(tmp_path: Path) -> None:
+    model_dir = smollm2.export_smollm2(tmp_path / "smollm2")
+    with _vllm(tmp_path, model_dir) as (base_url, server):
         ids, logprobs = _answer(base_url)
         assert logprobs and all(lp <= 0.0 for lp in logprobs)
 
@@ -69,11 +106,8 @@ def test_vllm_reloads_published_weights_without_restart(tmp_path: Path) -> None:
 
         async def reload() -> None:
             async with httpx.AsyncClient(timeout=600) as http:
-                await backend.reload(http, base_url, weights_dir(tmp_path / "out", 1), 1)
+                await VLLMBackend().reload(http, base_url, weights_dir(tmp_path / "out", 1), 1)
 
         asyncio.run(reload())
         assert _answer(base_url)[0] != ids
         assert server.poll() is None  # reloaded in place, never restarted
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
