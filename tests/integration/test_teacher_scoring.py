@@ -150,6 +150,39 @@ def test_retries_counted_and_a_resumed_run_pays_nothing(teacher: tuple[str, Any]
     assert json.loads(damaged.read_text())["response"]["logprobs"][0] is None
 
 
+def test_identical_samples_scored_at_once_pay_one_request(teacher: tuple[str, Any], reference: tuple[Any, Any],
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """A GRPO group's four identical answers are scored at the same moment, before any answer is cached: one
+    request, four equal scores; an error reaches every copy, and a later identical request asks again."""
+    url, app = teacher
+    model, tokenizer = reference
+    ids, mask = sample_ids(tokenizer, CONVERSATION, "dlrow olleh")
+    other, other_mask = sample_ids(tokenizer, CONVERSATION, "olleh")
+
+    async def group(c: TeacherScoringClient) -> list[Any]:
+        return await asyncio.gather(*(c.score_sample(i, m) for i, m in [(ids, mask)] * 4 + [(other, other_mask)]),
+                                    return_exceptions=True)  # fmt: skip
+
+    first = client(url, tmp_path / "teacher_cache")
+    scores = asyncio.run(group(first))
+    m = first.metrics()
+    assert m["distill/requests"] == 2 and m["distill/shared_requests"] == 3 and m["distill/cache_hits"] == 0
+    assert all(s.logprobs == scores[0].logprobs for s in scores[:4]) and scores[4].logprobs != scores[0].logprobs
+    expected = direct_logprobs(model, ids)
+    assert all(abs(a - b) < 1e-4 for a, b, t in zip(scores[0].logprobs[1:], expected, mask[1:], strict=True) if t)
+
+    async def fail_then_recover(c: TeacherScoringClient) -> tuple[list[Any], Any]:
+        app.state.failures["left"] = 10  # more 503s than max_retries = 3: every copy gets the one error
+        failed = await group(c)
+        app.state.failures["left"] = 0
+        return failed, await c.score_sample(ids, mask)  # nothing failed is remembered: asked again
+
+    down = client(url, tmp_path / "cold")
+    failed, recovered = asyncio.run(fail_then_recover(down))
+    assert all(isinstance(e, ClientError) and e.kind == "server" for e in failed[:4])
+    assert down.metrics()["distill/shared_requests"] == 3 and recovered.logprobs == scores[0].logprobs
+
+
 def test_errors_are_counted_by_kind(teacher: tuple[str, Any]) -> None:
     url, app = teacher
 

@@ -27,17 +27,20 @@ or, for an answer that was paid for but set aside (empty, oversized, invalid tex
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from apprentice import fsio
 from apprentice.clients.logprobs import token_logprobs_problem
 
 log = logging.getLogger("apprentice.teacher_cache")
+
+T = TypeVar("T")
 
 
 def cache_digest(request: dict[str, Any], key: str) -> str:
@@ -139,3 +142,32 @@ def response_problem(response: Any) -> str | None:
     if ids is not None and lps is not None and len(ids) != len(lps):
         return f"has {len(ids)} completion ids but {len(lps)} logprobs"
     return None
+
+
+class SharedRequests:
+    """Identical cacheable requests in flight at once share one answer. The cache only helps once an answer is
+    stored; a GRPO group's identical samples (short answers at low temperature) are scored at the same moment,
+    and each copy would pay the teacher. Keys are `cache_digest`s; an error reaches every caller alike."""
+
+    def __init__(self, on_shared: Callable[[], None]) -> None:
+        self._running: dict[str, asyncio.Future[Any]] = {}
+        self._on_shared = on_shared
+        """Called for each caller that joins a request in flight instead of sending its own (a counter)."""
+
+    async def run(self, digest: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`'s answer: of the request with this digest in flight, or of a new one."""
+        running = self._running.get(digest)
+        if running is not None:
+            self._on_shared()
+            return await asyncio.shield(running)
+        task: asyncio.Future[T] = asyncio.ensure_future(call())
+        self._running[digest] = task
+
+        def forget(done: asyncio.Future[T]) -> None:
+            self._running.pop(digest, None)
+            if not done.cancelled():
+                done.exception()  # retrieved: a caller cancelled meanwhile must not leave it "never retrieved"
+
+        task.add_done_callback(forget)
+        # shield: one caller cancelled (its rollout dropped) does not cancel the answer the others wait for
+        return await asyncio.shield(task)

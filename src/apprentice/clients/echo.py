@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.clients.base import ClientError
-from apprentice.clients.cache import ResponseCache
+from apprentice.clients.cache import ResponseCache, SharedRequests, cache_digest
 from apprentice.clients.http import RawResponse
 from apprentice.clients.logprobs import BadLogprob, check_logprob
 from apprentice.clients.scoring import PromptScores, stored_scores_problem
@@ -64,6 +64,7 @@ class EchoScoringClient:
         )  # fmt: skip
         self._counters = self._session.counters
         self._cache = ResponseCache(cache_dir, check=stored_scores_problem) if cache_dir is not None else None
+        self._shared = SharedRequests(on_shared=lambda: self._session.count("shared_requests"))
 
     def build_score_request(self, prompt: list[int]) -> dict[str, Any]:
         """The exact JSON body of one scoring request (also the cache key's request part)."""
@@ -90,10 +91,16 @@ class EchoScoringClient:
                 raise ClientError("malformed", f"{self.endpoint.base_url}/completions (echo): {e}") from None
 
         max_bytes = self.endpoint.max_response_bytes or _BASE_RESPONSE_BYTES + _BYTES_PER_TOKEN * len(prompt)
-        result = await self._session.scoring_request(body, read, max_bytes=max_bytes)
-        if self._cache is not None:
-            self._cache.put(body, "", {"logprobs": result.logprobs, "token_ids": None})
-        return result
+
+        async def request() -> PromptScores:
+            result = await self._session.scoring_request(body, read, max_bytes=max_bytes)
+            if self._cache is not None:
+                self._cache.put(body, "", {"logprobs": result.logprobs, "token_ids": None})
+            return result
+
+        if self._cache is None:  # the probe's client: asks the teacher every time
+            return await request()
+        return await self._shared.run(cache_digest(body, ""), request)  # identical samples pay once
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
         """Counters under `distill/` (requests, retries, cache_hits, responses, errors/<kind>, latency_s, ...)."""

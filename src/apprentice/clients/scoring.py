@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from apprentice.clients.base import ClientError
-from apprentice.clients.cache import ResponseCache
+from apprentice.clients.cache import ResponseCache, SharedRequests, cache_digest
 from apprentice.clients.http import RawResponse
 from apprentice.clients.logprobs import BadLogprob, check_logprob, usable_logprob
 from apprentice.clients.session import EndpointSession
@@ -190,6 +190,7 @@ class TeacherScoringClient:
         )  # fmt: skip
         self._counters = self._session.counters
         self._cache = ResponseCache(cache_dir, check=stored_scores_problem) if cache_dir is not None else None
+        self._shared = SharedRequests(on_shared=lambda: self._session.count("shared_requests"))
 
     def build_score_request(self, prompt: list[int] | str, *, return_token_ids: bool = False) -> dict[str, Any]:
         """The exact JSON body of one scoring request (also the cache key's request part)."""
@@ -235,14 +236,19 @@ class TeacherScoringClient:
                 # A server that does not score prompts (or scores other tokens) does so on every request: no retry.
                 raise ClientError("malformed", f"{self.endpoint.base_url}/completions: {e}") from None
 
-        result = await self._session.scoring_request(body, read, max_bytes=self._max_bytes(prompt))
-        if use_cache:
-            assert self._cache is not None
-            stored_answer: dict[str, Any] = {"logprobs": result.logprobs, "token_ids": result.token_ids}
-            if result.topk_ids is not None:
-                stored_answer.update(topk_ids=result.topk_ids, topk_logprobs=result.topk_logprobs)
-            self._cache.put(body, "", stored_answer)
-        return result
+        async def request() -> PromptScores:
+            result = await self._session.scoring_request(body, read, max_bytes=self._max_bytes(prompt))
+            if use_cache:
+                assert self._cache is not None
+                stored_answer: dict[str, Any] = {"logprobs": result.logprobs, "token_ids": result.token_ids}
+                if result.topk_ids is not None:
+                    stored_answer.update(topk_ids=result.topk_ids, topk_logprobs=result.topk_logprobs)
+                self._cache.put(body, "", stored_answer)
+            return result
+
+        if not use_cache:  # text prompts and the probe's clients (which must ask the teacher every time)
+            return await request()
+        return await self._shared.run(cache_digest(body, ""), request)
 
     async def score_sample(self, token_ids: list[int], loss_mask: list[bool]) -> SampleScores:
         """A sample's teacher scores on its loss tokens. A loss token without a teacher logprob (or, with top_k, an
