@@ -94,3 +94,28 @@ def test_tokenize_chat_and_text_like_vllm(served: tuple[str, Any, Any]) -> None:
         {"messages": CONVERSATION, "continue_final_message": True},
     ):
         assert httpx.post(f"{url}/tokenize", json=bad, timeout=60).status_code == 400, bad
+
+
+def test_the_echo_client_scores_identical_prompts_in_flight_once(served: tuple[str, Any, Any], tmp_path: Path) -> None:
+    import asyncio
+
+    from apprentice.clients.echo import EchoScoringClient
+    from apprentice.config import EndpointConfig
+
+    url, model, tokenizer = served
+    text = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    client = EchoScoringClient(EndpointConfig(base_url=url, model="tiny"), max_concurrency=4, cache_dir=tmp_path)
+
+    async def three() -> list[Any]:
+        try:
+            return await asyncio.gather(*(client.score(ids) for _ in range(3)))
+        finally:
+            await client.aclose()
+
+    scores = asyncio.run(three())
+    m = client.metrics()
+    assert m["distill/requests"] == 1 and m["distill/shared_requests"] == 2
+    assert scores[0].logprobs == scores[1].logprobs == scores[2].logprobs
+    expected = direct_logprobs(model, ids)
+    assert all(abs(a - b) < 1e-4 for a, b in zip(scores[0].logprobs[1:], expected, strict=True))
