@@ -112,3 +112,44 @@ def tiny_gguf(tokenizer: Any, out: Path) -> Path:
     subprocess.run([sys.executable, str(converter), str(out / "hf"), "--outfile", str(gguf), "--outtype", "f32"],
                    check=True, env=env, capture_output=True)  # fmt: skip
     return gguf
+
+
+def tiny_gguf_from_vocab(vocab: Path, out: Path) -> Path:
+    """A one-layer random llama-architecture model carrying the vocabulary of `vocab` (one of llama.cpp's
+    `models/ggml-vocab-*.gguf`: every tokenizer.* key, its chat template included, copied as it is), written with
+    gguf-py: what a llama-server reads for a SentencePiece vocabulary that no converter here can produce."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(vocab))
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    writer = GGUFWriter(str(out / "model.gguf"), "llama")
+    n_embd, n_ff, n_head = 32, 64, 2
+    for key, value in {"context_length": 2048, "embedding_length": n_embd, "block_count": 1, "feed_forward_length": n_ff,
+                       "attention.head_count": n_head, "attention.head_count_kv": n_head, "vocab_size": n_vocab,
+                       "rope.dimension_count": n_embd // n_head}.items():  # fmt: skip
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == GGUFValueType.ARRAY:
+            writer.add_key_value(name, field.contents(), kind, sub_type=field.types[-1])
+        else:
+            writer.add_key_value(name, field.contents(), kind)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (n_vocab, n_embd), "output.weight": (n_vocab, n_embd), "output_norm.weight": (n_embd,),
+              "blk.0.attn_norm.weight": (n_embd,), "blk.0.ffn_norm.weight": (n_embd,),
+              "blk.0.attn_q.weight": (n_embd, n_embd), "blk.0.attn_k.weight": (n_embd, n_embd),
+              "blk.0.attn_v.weight": (n_embd, n_embd), "blk.0.attn_output.weight": (n_embd, n_embd),
+              "blk.0.ffn_gate.weight": (n_ff, n_embd), "blk.0.ffn_up.weight": (n_ff, n_embd),
+              "blk.0.ffn_down.weight": (n_embd, n_ff)}  # fmt: skip
+    for name, shape in shapes.items():
+        weights = np.ones(shape, np.float32) if name.endswith("norm.weight") else rng.normal(0, 0.02, shape).astype(np.float32)
+        writer.add_tensor(name, weights)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out / "model.gguf"

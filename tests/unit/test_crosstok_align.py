@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from render_helpers import family
+from render_helpers import family, smollm2_tokenizer
 
 from apprentice.crosstok.align import (
     SPREADS,
@@ -33,18 +33,20 @@ FRAGMENTS = [
 ]  # fmt: skip
 TEXTS = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=6)), min_size=0, max_size=12).map("".join)
 
-# Real tokenizers the suite carries (Qwen2's ranks, Llama 3.2, SmolLM2 via the "phi3.5" stand-in's base) and two
-# built here: tiny byte-level BPE and a SentencePiece-style BPE with byte fallback.
+# Real tokenizers the suite carries (Qwen2's ranks, Llama 3.2, SmolLM2) and two built here: tiny byte-level BPE and
+# a SentencePiece-style BPE with byte fallback. (Phi-3's real SentencePiece vocabulary writes a space before text
+# tokenized on its own, so this text-alone property does not apply to it; its pieces are checked in
+# test_crosstok_endpoint_pieces.py and its teacher side in context in test_llamacpp_replay.py.)
 TOKENIZERS: dict[str, Any] = {
     "qwen2.5": lambda: family("qwen2.5"),
     "llama3.2": lambda: family("llama3.2"),
-    "smollm2": lambda: family("phi3.5"),
+    "smollm2": smollm2_tokenizer,
     "tiny-bpe": lambda: build_tiny_tokenizer(),
     "tiny-sp-bytefallback": lambda: build_tiny_sp_tokenizer(),
 }
 PAIRS = [("qwen2.5", "llama3.2"), ("llama3.2", "smollm2"), ("smollm2", "qwen2.5"), ("tiny-bpe", "qwen2.5"),
          ("tiny-sp-bytefallback", "llama3.2"), ("qwen2.5", "tiny-sp-bytefallback")]  # fmt: skip
-EOT = {"qwen2.5": "<|im_end|>", "llama3.2": "<|eot_id|>", "smollm2": "<|end|>", "tiny-bpe": "<|im_end|>",
+EOT = {"qwen2.5": "<|im_end|>", "llama3.2": "<|eot_id|>", "smollm2": "<|im_end|>", "tiny-bpe": "<|im_end|>",
        "tiny-sp-bytefallback": "<|end|>"}  # fmt: skip
 
 _loaded: dict[str, tuple[Any, TokenBytes]] = {}

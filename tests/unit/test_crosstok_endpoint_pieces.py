@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from render_helpers import family
+from render_helpers import family, smollm2_tokenizer
 
 from apprentice.crosstok.token_bytes import TokenBytes, decoder_scheme
 from apprentice.crosstok.vllm_tokenize import Scheme, piece_bytes, tokenize_root
@@ -21,7 +21,8 @@ TEXTS = ["naïve café — 東京 🙂🙂", "x = [i**2 for i in range(3)]\n\tdo
 TOKENIZERS: dict[str, Callable[[], Any]] = {
     "qwen2.5": lambda: family("qwen2.5"),
     "llama3.2": lambda: family("llama3.2"),
-    "smollm2": lambda: family("phi3.5"),
+    "smollm2": smollm2_tokenizer,
+    "phi3": lambda: family("phi3.5"),
     "tiny-bpe": build_tiny_tokenizer,
     "tiny-sp-bytefallback": build_tiny_sp_tokenizer,
 }

@@ -90,7 +90,10 @@ def test_phi_turns_end_at_end_token_and_merge() -> None:
     tok = family("phi3.5")  # its template writes eos only after the last turn: "<|end|>\n<|endoftext|>"
     chat = next(c for c in agent_traces() if c["name"] == "chat_multi_turn_whitespace")
     (sample,) = render_trajectory(as_trajectory(chat), tok)
-    assert masked_texts(tok, sample) == [" 7 is prime.<|end|>", "\n2 — the only even prime. <|end|>", "You're welcome.<|end|>"]
+    # SentencePiece decodes a slice without its leading "▁", so the answer's leading space is checked as a token.
+    assert masked_texts(tok, sample) == ["7 is prime.<|end|>", "\n2 — the only even prime. <|end|>", "You're welcome.<|end|>"]
+    first = sample.loss_mask.index(True)
+    assert tok.convert_ids_to_tokens(sample.token_ids[first - 3 : first + 2]) == ["<|assistant|>", "▁", "<0x0A>", "▁", "7"]
     assert "<|endoftext|>" not in tok.decode(sample.token_ids)
 
 
