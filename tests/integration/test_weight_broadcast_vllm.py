@@ -3,8 +3,8 @@ VLLMBackend.staged/apply and apprentice's vLLM worker extension (inference/vllm_
 and real HTTP on loopback.
 
 vLLM itself cannot run here (no GPU, and its wheels pull a CUDA torch), so a small stand-in plays its part: the
-dev-mode POST /collective_rpc that runs a method on every worker at once and answers {"results": [...]} (HTTP 500
-when a worker raises), POST /reset_prefix_cache, and workers whose `model_runner.model.load_weights` takes
+dev-mode POST /collective_rpc that runs a method on every worker at once and answers {"results": [...]} (as
+vLLM's router writes them; HTTP 500 when a worker raises), POST /reset_prefix_cache, and workers whose `model_runner.model.load_weights` takes
 (Hugging Face name, tensor) pairs as vLLM's model classes do. Two workers stand for tensor parallelism: each
 receives every tensor. What this cannot show (NCCL, vLLM's own loaders and scheduler) is left to
 tests/integration/test_rl_vllm.py on a GPU machine.
@@ -79,7 +79,8 @@ def stand_in_vllm(workers: list[StandInWorker]) -> tuple[FastAPI, dict[str, int]
         await asyncio.to_thread(lambda: [t.start() for t in threads] and [t.join() for t in threads])
         if errors:
             return JSONResponse({"error": f"{type(errors[0]).__name__}: {errors[0]}"}, status_code=500)
-        return JSONResponse({"results": results})
+        # vLLM passes None, dicts and lists through and answers str() of anything else (an int comes back "3").
+        return JSONResponse({"results": [r if r is None or isinstance(r, dict | list) else str(r) for r in results]})
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> JSONResponse:
