@@ -110,7 +110,7 @@ def test_a_partial_update_never_serves_mixed_weights(tmp_path: Path) -> None:
         prompt, completion, original = sample(base_url)
         # A trainer that dies halfway: it sends the manifest and half of the tensors, then its group goes away.
         sender = WeightSender(base_url, timeout_s=5.0)
-        sender._join()
+        sender._join_builtin()
         tensors = list(state.items())
         response = httpx.post(f"{base_url}/weights/collective/receive",
                               json={"step": 1, "tensors": collective.manifest(tensors)}, timeout=30.0)  # fmt: skip
