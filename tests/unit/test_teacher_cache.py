@@ -1,7 +1,9 @@
-"""The teacher cache trusts nothing it reads back: a damaged entry is a miss with one warning naming the file."""
+"""The teacher cache trusts nothing it reads back: a damaged entry is a miss with one warning naming the file.
+Identical requests in flight at once share one call (SharedRequests)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 
 from apprentice import fsio
-from apprentice.clients.cache import ResponseCache
+from apprentice.clients.cache import ResponseCache, SharedRequests
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0}
 GOOD = {"message": {"role": "assistant", "content": "ih"}, "finish_reason": "stop",
@@ -57,3 +59,29 @@ def test_lone_surrogate_is_stored_losslessly_and_modes_are_standard(tmp_path: Pa
     path = cache.put(REQUEST, "k", odd)
     assert cache.get(REQUEST, "k") == odd
     assert os.stat(path).st_mode & 0o777 == fsio.FILE_MODE & ~fsio._umask()
+
+
+def test_shared_requests_survive_the_first_caller_being_cancelled() -> None:
+    """Identical requests in flight share one call; the caller that started it being cancelled (its rollout
+    dropped) neither cancels the answer the others wait for nor leaves the digest marked as in flight."""
+    calls: list[int] = []
+    shared: list[int] = []
+    requests = SharedRequests(on_shared=lambda: shared.append(1))
+
+    async def answer() -> str:
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return "scores"
+
+    async def run() -> tuple[str, str]:
+        first = asyncio.create_task(requests.run("d", answer))
+        await asyncio.sleep(0)  # the first call is in flight
+        second = asyncio.create_task(requests.run("d", answer))
+        await asyncio.sleep(0.01)
+        first.cancel()
+        got = await second
+        assert first.cancelled()
+        return got, await requests.run("d", answer)  # done: a new call, not a stale one
+
+    assert asyncio.run(run()) == ("scores", "scores")
+    assert len(calls) == 2 and len(shared) == 1
