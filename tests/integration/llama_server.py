@@ -7,15 +7,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+from apprentice.inference.launch import free_port, running
 
 REPO = Path(__file__).resolve().parents[2]
 SKIP_REASON = ("no llama-server binary: build it with `make llama-server` (CPU, from the llama-cpp-python sdist, "
@@ -29,12 +27,6 @@ def llama_server_binary() -> str | None:
     return shutil.which("llama-server")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def llama_server(gguf: Path, *extra: str, ready_timeout_s: float = 120.0) -> Iterator[str]:
     """llama-server serving `gguf` on a free loopback port (one slot, one thread); yields "http://127.0.0.1:PORT"."""
@@ -43,30 +35,16 @@ def llama_server(gguf: Path, *extra: str, ready_timeout_s: float = 120.0) -> Ite
     port = free_port()
     cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", "2048", "-t", "1",
            "--parallel", "1", "--jinja", *extra]  # fmt: skip
-    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not become healthy within {ready_timeout_s:.0f} s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a full pipe would stall the server
+
+        def tail() -> str:
+            log.seek(0)
+            return ":\n" + log.read()[-4000:]
+
+        # /health answers 503 while the model loads, 200 once it serves
+        with running(cmd, f"{url}/health", name="llama-server", timeout_s=ready_timeout_s, stdout=log, exit_detail=tail):
+            yield url
 
 
 def llama_cpp_converter() -> Path | None:

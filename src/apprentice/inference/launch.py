@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -21,30 +22,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(model: str | Path, *, extra_args: list[str] | None = None, timeout_s: float = 300.0, log_path: Path | None = None) -> Iterator[str]:
-    """Serve `model` on 127.0.0.1 for the duration of the block; yields the base URL (".../v1")."""
-    port = free_port()
-    command = [sys.executable, "-m", "apprentice", "serve", str(model), "--port", str(port), *(extra_args or [])]
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base_url = f"http://127.0.0.1:{port}/v1"
+def running(command: list[str], ready_url: str, *, name: str, timeout_s: float, stdout: Any = subprocess.DEVNULL,
+            exit_detail: Callable[[], str] = lambda: "") -> Iterator[subprocess.Popen[Any]]:  # fmt: skip
+    """Run `command` for the duration of the block, once GET `ready_url` answers below 500. RuntimeError when it
+    exits first (`exit_detail()` appended: where its log is), TimeoutError after `timeout_s`; terminated (then
+    killed) at the end."""
+    proc = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                where = f"; its log is {log_path}" if log_path else ""
-                raise RuntimeError(f"`apprentice serve {model}` exited with code {proc.returncode} before it was ready{where}")
-            try:
-                if httpx.get(f"{base_url}/models", timeout=2.0).status_code < 500:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} before it was ready{exit_detail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=2.0).status_code < 500:
                     break
-            except httpx.HTTPError:
-                pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"`apprentice serve {model}` did not answer within {timeout_s:.0f} s")
-            time.sleep(0.5)
-        yield base_url
+                raise TimeoutError(f"{name} did not answer within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -52,5 +47,19 @@ def local_server(model: str | Path, *, extra_args: list[str] | None = None, time
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if log_path:
-            log.close()  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def local_server(model: str | Path, *, extra_args: list[str] | None = None, timeout_s: float = 300.0, log_path: Path | None = None) -> Iterator[str]:
+    """Serve `model` on 127.0.0.1 for the duration of the block; yields the base URL (".../v1")."""
+    port = free_port()
+    command = [sys.executable, "-m", "apprentice", "serve", str(model), "--port", str(port), *(extra_args or [])]
+    base_url = f"http://127.0.0.1:{port}/v1"
+    with contextlib.ExitStack() as stack:
+        log: Any = subprocess.DEVNULL
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(log_path, "a"))
+        with running(command, f"{base_url}/models", name=f"`apprentice serve {model}`", timeout_s=timeout_s, stdout=log,
+                     exit_detail=lambda: f"; its log is {log_path}" if log_path else ""):  # fmt: skip
+            yield base_url
