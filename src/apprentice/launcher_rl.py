@@ -58,18 +58,10 @@ def thread_budget(cfg: Config) -> tuple[int | None, int | None]:
     return server, trainer
 
 
-def run_rl(cfg: Config) -> int:
-    check_rl_config(cfg)
-    output_dir = Path(cfg.output_dir)
-    resumed = check_resumable(cfg)
-    config_path = write_resolved(cfg)
-    resume_point(output_dir)
-    policy = latest_verified(output_dir, report=lambda problem: print(f"apprentice rl: {problem}", flush=True))
-    model = weights_dir(output_dir, policy) if policy else cfg.model.name
-    print(f"apprentice rl: {'resuming' if resumed else 'starting'} run in {output_dir} (config: {config_path}); "
-          f"policy weights of step {policy} ({model})", flush=True)  # fmt: skip
-    env = dict(os.environ)
-    env.setdefault("TQDM_MININTERVAL", "5")
+def processes(cfg: Config, config_path: Path, model: str | Path) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """The run's processes: name -> command line, and name -> the environment variables it gets on top of ours
+    (the inference server's backend variables; each trainer rank's torchrun variables; the CPU budget's threads
+    and OMP_WAIT_POLICY for server and trainers)."""
     commands: dict[str, list[str]] = {}
     envs: dict[str, dict[str, str]] = {}
     server_threads, trainer_threads = thread_budget(cfg)
@@ -89,12 +81,30 @@ def run_rl(cfg: Config) -> int:
             envs.setdefault(name, {})["OMP_NUM_THREADS"] = str(trainer_threads)
     for name in [*trainers, *(["inference"] if "inference" in commands else [])]:
         envs.setdefault(name, {}).update(wait_policy())
+    return commands, envs
+
+
+def run_rl(cfg: Config) -> int:
+    check_rl_config(cfg)
+    output_dir = Path(cfg.output_dir)
+    resumed = check_resumable(cfg)
+    config_path = write_resolved(cfg)
+    resume_point(output_dir)
+    policy = latest_verified(output_dir, report=lambda problem: print(f"apprentice rl: {problem}", flush=True))
+    model = weights_dir(output_dir, policy) if policy else cfg.model.name
+    print(f"apprentice rl: {'resuming' if resumed else 'starting'} run in {output_dir} (config: {config_path}); "
+          f"policy weights of step {policy} ({model})", flush=True)  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("TQDM_MININTERVAL", "5")
+    commands, envs = processes(cfg, config_path, model)
+    server_threads, trainer_threads = thread_budget(cfg)
     print(f"apprentice rl: CPU threads: inference server {server_threads}, trainer "
           f"{trainer_threads or os.environ.get('OMP_NUM_THREADS', 'torch default')} per rank "
           f"({usable_cores()} usable cores)", flush=True)  # fmt: skip
+    trainers = tuple(name for name in commands if name.startswith("trainer"))
     code = supervise(commands, env=env, envs=envs, must_finish="trainer", services=("inference",),
                      grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG},
-                     peers=tuple(trainers))  # fmt: skip
+                     peers=trainers)  # fmt: skip
     if code == 0:
         print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
     return code

@@ -67,3 +67,25 @@ def test_idle_threads_sleep_unless_the_user_chose_a_wait_policy(monkeypatch: pyt
     assert wait_policy() == {"OMP_WAIT_POLICY": "PASSIVE"}
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert wait_policy() == {}
+
+
+def test_the_launched_processes_get_the_budget_and_sleeping_idle_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `apprentice rl` starts: the server's --threads and the trainer ranks' OMP_NUM_THREADS from the budget,
+    OMP_WAIT_POLICY=PASSIVE for both (not the orchestrator), unless the user set a wait policy."""
+    from apprentice.launcher_rl import processes
+
+    monkeypatch.setattr("apprentice.launcher_rl.usable_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    config = write_config(tmp_path)
+    commands, envs = processes(load_config([config], ["--trainer.num_processes", "2"]), config, "m")
+    assert set(commands) == {"inference", "orchestrator", "trainer", "trainer.1"}
+    server = commands["inference"]
+    assert server[server.index("--threads") + 1] == "4"
+    for name in ("inference", "trainer", "trainer.1"):
+        assert envs[name]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert envs["trainer"]["OMP_NUM_THREADS"] == envs["trainer.1"]["OMP_NUM_THREADS"] == "2"
+    assert "orchestrator" not in envs
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice reaches them unchanged
+    commands, envs = processes(load_config([config]), config, "m")
+    assert all("OMP_WAIT_POLICY" not in env for env in envs.values())
