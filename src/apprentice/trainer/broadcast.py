@@ -1,13 +1,20 @@
 """The trainer's sending end of `trainer.weight_broadcast = "collective"` (the wire: apprentice/collective.py).
 
-After each optimizer step, rank 0 sends the full weights to the inference server over their two-process group
-instead of writing OUTPUT/weights/step_{n}: join once (POST /v1/weights/collective/join, then build the group),
-then per step POST /v1/weights/collective/receive with the manifest, broadcast every tensor and the trailer,
-and wait until the server reports the update staged. The orchestrator applies it (POST /v1/weights/apply)
-when the step it opens may use it, as it loads weights from disk in the filesystem mode.
+After each optimizer step, rank 0 sends the full weights to the inference server over their group instead of
+writing OUTPUT/weights/step_{n}: join once, then per step announce the update (its manifest), broadcast every
+tensor and the trailer, and return once the server holds it staged. The orchestrator applies it when the step
+it opens may use it, as it loads weights from disk in the filesystem mode (inference/backends.py).
 
-A server that restarted (its group is gone: 409 no_group) is joined again. Any other failure is a
-`BroadcastError`; the train loop then publishes that step to disk instead (`send_weights`), so the run goes on.
+    apprentice serve  POST /v1/weights/collective/join, then build the two-process group; per step POST
+                      /v1/weights/collective/receive (the server receives in the background), broadcast, and
+                      poll GET /v1/weights until it says staged (inference/collective.py)
+    vLLM              through its dev-mode POST /collective_rpc on every worker (inference/vllm_worker.py):
+                      count the workers (`apprentice_rank`), `apprentice_join` in a thread while the group of
+                      1 + workers forms; per step `apprentice_receive` in a thread while broadcasting: its
+                      answer says staged
+
+A server that restarted (its group is gone) is joined again. Any other failure is a `BroadcastError`; the train
+loop then publishes that step to disk instead (`send_weights`), so the run goes on.
 """
 
 from __future__ import annotations
