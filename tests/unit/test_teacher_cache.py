@@ -85,3 +85,30 @@ def test_shared_requests_survive_the_first_caller_being_cancelled() -> None:
 
     assert asyncio.run(run()) == ("scores", "scores")
     assert len(calls) == 2 and len(shared) == 1
+
+
+def test_remembered_answers_stay_and_failures_do_not() -> None:
+    """`remember` (the endpoint teacher side's prompt requests): an answer stays for later calls, a failure is
+    asked again, and more than `remember` answers drop them all."""
+    calls: list[str] = []
+
+    async def answer(key: str) -> str:
+        calls.append(key)
+        await asyncio.sleep(0)
+        if key == "bad" and calls.count("bad") == 1:
+            raise RuntimeError("refused once")
+        return key.upper()
+
+    async def run() -> None:
+        requests = SharedRequests(remember=2)
+        assert await requests.run("a", lambda: answer("a")) == "A"
+        assert await requests.run("a", lambda: answer("a")) == "A"  # remembered: no second call
+        with pytest.raises(RuntimeError, match="refused once"):
+            await requests.run("bad", lambda: answer("bad"))
+        assert await requests.run("bad", lambda: answer("bad")) == "BAD"  # the failure was not remembered
+        assert await requests.run("c", lambda: answer("c")) == "C"
+        assert await requests.run("d", lambda: answer("d")) == "D"  # three held: all dropped first
+        assert await requests.run("a", lambda: answer("a")) == "A"
+
+    asyncio.run(run())
+    assert calls == ["a", "bad", "bad", "c", "d", "a"]

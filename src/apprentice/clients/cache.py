@@ -145,29 +145,35 @@ def response_problem(response: Any) -> str | None:
 
 
 class SharedRequests:
-    """Identical cacheable requests in flight at once share one answer. The cache only helps once an answer is
-    stored; a GRPO group's identical samples (short answers at low temperature) are scored at the same moment,
-    and each copy would pay the teacher. Keys are `cache_digest`s; an error reaches every caller alike."""
+    """Identical requests in flight at once share one answer. The cache only helps once an answer is stored; a
+    GRPO group's identical samples (short answers at low temperature) are scored at the same moment, and each
+    copy would pay the teacher. An error reaches every caller alike and is not remembered (a later call asks
+    again). With `remember` > 0 the last answers also stay (an in-memory cache; all dropped once more than
+    `remember` are held)."""
 
-    def __init__(self, on_shared: Callable[[], None]) -> None:
+    def __init__(self, on_shared: Callable[[], None] = lambda: None, *, remember: int = 0) -> None:
         self._running: dict[str, asyncio.Future[Any]] = {}
         self._on_shared = on_shared
-        """Called for each caller that joins a request in flight instead of sending its own (a counter)."""
+        """Called for each caller that joins a request in flight (or a remembered answer) instead of sending one."""
+        self.remember = remember
 
-    async def run(self, digest: str, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()`'s answer: of the request with this digest in flight, or of a new one."""
-        running = self._running.get(digest)
+    async def run(self, key: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`'s answer: of the request with this key in flight (or remembered), or of a new one."""
+        running = self._running.get(key)
         if running is not None:
             self._on_shared()
             return await asyncio.shield(running)
+        if self.remember and len(self._running) > self.remember:
+            self._running.clear()
         task: asyncio.Future[T] = asyncio.ensure_future(call())
-        self._running[digest] = task
+        self._running[key] = task
 
-        def forget(done: asyncio.Future[T]) -> None:
-            self._running.pop(digest, None)
-            if not done.cancelled():
-                done.exception()  # retrieved: a caller cancelled meanwhile must not leave it "never retrieved"
+        def settle(done: asyncio.Future[T]) -> None:
+            # retrieved: a caller cancelled meanwhile must not leave it "never retrieved"
+            failed = done.cancelled() or done.exception() is not None
+            if (failed or not self.remember) and self._running.get(key) is done:
+                del self._running[key]
 
-        task.add_done_callback(forget)
+        task.add_done_callback(settle)
         # shield: one caller cancelled (its rollout dropped) does not cancel the answer the others wait for
         return await asyncio.shield(task)

@@ -19,13 +19,13 @@ the template's control tokens found there are what a student text may not hold (
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from apprentice.clients.base import ClientError
+from apprentice.clients.cache import SharedRequests
 from apprentice.clients.session import EndpointSession
 from apprentice.config import EndpointConfig, TeacherEndpointConfig
 from apprentice.crosstok.align import AlignError
@@ -143,20 +143,15 @@ class EndpointTeacherSide(TeacherSide):
         self.student_special = {int(i) for i, t in student_tokenizer.added_tokens_decoder.items() if t.special}
         self.teacher_control = controls
         self.end_of_turn, self.end_of_turn_bytes = end_of_turn
-        self._prompts: dict[str, asyncio.Task[Pieces]] = {}
+        # The samples of a group share their prompt: one request for all, even scored concurrently; a failure is
+        # not remembered (a later step asks again).
+        self._prompts = SharedRequests(remember=4096)
 
     async def _prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> Pieces:
         key = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False)
-        task = self._prompts.get(key)
-        if task is None:  # the samples of a group share their prompt: one request for all, even scored concurrently
-            if len(self._prompts) > 4096:
-                self._prompts.clear()
-            task = self._prompts[key] = asyncio.ensure_future(self.remote.chat(messages, tools))
         try:
-            return await asyncio.shield(task)  # one sample cancelled must not cancel the others' request
+            return await self._prompts.run(key, lambda: self.remote.chat(messages, tools))
         except ClientError as e:
-            if self._prompts.get(key) is task:  # a failure is not remembered: a later step asks again
-                del self._prompts[key]
             if e.kind == "bad_request":  # the template refuses the conversation
                 raise AlignError("teacher_template", f"the teacher's chat template refused the conversation: {e}") from None
             raise
