@@ -173,3 +173,21 @@ def test_a_partial_update_to_vllm_never_loads_and_the_next_one_rejoins(tmp_path:
         assert apply(base_url, 2) == 2
         assert all(holds(w, state) for w in workers)
         sender.close()
+
+
+def test_a_vllm_that_never_answers_an_apply_times_out_on_the_clients_timeout(tmp_path: Path) -> None:
+    """The orchestrator's client timeout bounds every collective_rpc: a hung vLLM is an error, not a hang."""
+    student = save_tiny_student(tmp_path / "student", seed=0)
+    with vllm_server(student, n_workers=1) as (base_url, workers, _):
+        release = threading.Event()
+        workers[0].apprentice_apply = lambda step: release.wait(30.0)  # type: ignore[method-assign]
+
+        async def go() -> None:
+            async with httpx.AsyncClient(timeout=1.0) as http:
+                await asyncio.wait_for(VLLMBackend().apply(http, base_url, 1), timeout=20.0)
+
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                asyncio.run(go())
+        finally:
+            release.set()

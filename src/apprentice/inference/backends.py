@@ -128,12 +128,8 @@ class VLLMBackend:
         return {"VLLM_SERVER_DEV_MODE": "1"}  # enables /collective_rpc and /reset_prefix_cache
 
     async def reload(self, http: httpx.AsyncClient, base_url: str, path: Path, step: int) -> float | None:
-        root = base_url.removesuffix("/v1")
-        body = {"method": "reload", "args": [str(path)]}
-        response = await http.post(f"{root}/collective_rpc", json=body)
-        _raise_for(response, f"{root}/collective_rpc reload({path})")
-        # Cached KV blocks were computed by the old weights; a prefix hit would silently mix two policies.
-        _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
+        await collective_rpc(http, base_url, "reload", [str(path)])
+        await _reset_prefix_cache(http, base_url)
         return None  # vLLM does not report it; the orchestrator times the requests instead
 
     async def staged(self, http: httpx.AsyncClient, base_url: str) -> int | None:
@@ -141,31 +137,38 @@ class VLLMBackend:
             results = await collective_rpc(http, base_url, "apprentice_status", [], timeout=10.0)
         except (httpx.HTTPError, WeightReloadError):
             return None
-        steps = [r.get("staged") if isinstance(r, dict) else None for r in results]
+        steps = [r["staged"] for r in results if isinstance(r, dict) and isinstance(r.get("staged"), int)]
         # Every worker holds its shard of the same update, or none is servable.
-        return min(steps) if steps and all(isinstance(s, int) for s in steps) else None  # type: ignore[type-var]
+        return min(steps) if len(steps) == len(results) else None
 
     async def apply(self, http: httpx.AsyncClient, base_url: str, step: int) -> tuple[float | None, int]:
         results = await collective_rpc(http, base_url, "apprentice_apply", [step])
         served = {int(r) for r in results}
         if len(served) != 1:  # the workers staged different updates: never serve a mix (the trainer sends anew)
             raise WeightReloadError(f"vLLM's workers applied different updates {sorted(served)} for step {step}")
-        root = base_url.removesuffix("/v1")
-        _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
+        await _reset_prefix_cache(http, base_url)
         return None, served.pop()
 
 
 async def collective_rpc(http: httpx.AsyncClient, base_url: str, method: str, args: list[Any],
                          timeout: float | None = None) -> list[Any]:  # fmt: skip
     """vLLM's dev-mode POST /collective_rpc: `method` of apprentice's worker extension on every worker; each
-    worker's result, in worker order."""
+    worker's result, in worker order. `timeout`: seconds (None: the client's own timeout, never none at all)."""
     root = base_url.removesuffix("/v1")
-    response = await http.post(f"{root}/collective_rpc", json={"method": method, "args": args}, timeout=timeout)
+    body = {"method": method, "args": args}
+    url = f"{root}/collective_rpc"
+    response = await (http.post(url, json=body) if timeout is None else http.post(url, json=body, timeout=timeout))
     _raise_for(response, f"{root}/collective_rpc {method}{tuple(args)}")
     results = response.json().get("results") if response.content else None
     if not isinstance(results, list) or not results:
         raise WeightReloadError(f"{root}/collective_rpc {method} answered no worker results: {response.text[:200]}")
     return results
+
+
+async def _reset_prefix_cache(http: httpx.AsyncClient, base_url: str) -> None:
+    """Cached KV blocks were computed by the old weights; a prefix hit would silently mix two policies."""
+    root = base_url.removesuffix("/v1")
+    _raise_for(await http.post(f"{root}/reset_prefix_cache"), f"{root}/reset_prefix_cache")
 
 
 BACKENDS: dict[str, Backend] = {"builtin": BuiltinBackend(), "vllm": VLLMBackend()}
