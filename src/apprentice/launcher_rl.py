@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from apprentice.config import Config, write_resolved
@@ -58,10 +59,22 @@ def thread_budget(cfg: Config) -> tuple[int | None, int | None]:
     return server, trainer
 
 
-def processes(cfg: Config, config_path: Path, model: str | Path) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
-    """The run's processes: name -> command line, and name -> the environment variables it gets on top of ours
-    (the inference server's backend variables; each trainer rank's torchrun variables; the CPU budget's threads
-    and OMP_WAIT_POLICY for server and trainers)."""
+@dataclass
+class Processes:
+    commands: dict[str, list[str]]
+    """Name -> command line."""
+    envs: dict[str, dict[str, str]]
+    """Name -> the environment variables it gets on top of ours."""
+    trainers: tuple[str, ...]
+    """The trainer ranks' names (rank 0 is "trainer")."""
+    server_threads: int | None
+    trainer_threads: int | None
+    """The CPU budget (`thread_budget`)."""
+
+
+def processes(cfg: Config, config_path: Path, model: str | Path) -> Processes:
+    """The run's processes: the inference server (its backend's variables), the orchestrator, each trainer rank
+    (torchrun's variables), with the CPU budget's threads and OMP_WAIT_POLICY for server and trainers."""
     commands: dict[str, list[str]] = {}
     envs: dict[str, dict[str, str]] = {}
     server_threads, trainer_threads = thread_budget(cfg)
@@ -81,7 +94,7 @@ def processes(cfg: Config, config_path: Path, model: str | Path) -> tuple[dict[s
             envs.setdefault(name, {})["OMP_NUM_THREADS"] = str(trainer_threads)
     for name in [*trainers, *(["inference"] if "inference" in commands else [])]:
         envs.setdefault(name, {}).update(wait_policy())
-    return commands, envs
+    return Processes(commands, envs, tuple(trainers), server_threads, trainer_threads)
 
 
 def run_rl(cfg: Config) -> int:
@@ -96,15 +109,13 @@ def run_rl(cfg: Config) -> int:
           f"policy weights of step {policy} ({model})", flush=True)  # fmt: skip
     env = dict(os.environ)
     env.setdefault("TQDM_MININTERVAL", "5")
-    commands, envs = processes(cfg, config_path, model)
-    server_threads, trainer_threads = thread_budget(cfg)
-    print(f"apprentice rl: CPU threads: inference server {server_threads}, trainer "
-          f"{trainer_threads or os.environ.get('OMP_NUM_THREADS', 'torch default')} per rank "
+    plan = processes(cfg, config_path, model)
+    print(f"apprentice rl: CPU threads: inference server {plan.server_threads}, trainer "
+          f"{plan.trainer_threads or os.environ.get('OMP_NUM_THREADS', 'torch default')} per rank "
           f"({usable_cores()} usable cores)", flush=True)  # fmt: skip
-    trainers = tuple(name for name in commands if name.startswith("trainer"))
-    code = supervise(commands, env=env, envs=envs, must_finish="trainer", services=("inference",),
+    code = supervise(plan.commands, env=env, envs=plan.envs, must_finish="trainer", services=("inference",),
                      grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG},
-                     peers=trainers)  # fmt: skip
+                     peers=plan.trainers)  # fmt: skip
     if code == 0:
         print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
     return code

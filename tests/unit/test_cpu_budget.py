@@ -78,7 +78,9 @@ def test_the_launched_processes_get_the_budget_and_sleeping_idle_threads(tmp_pat
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     config = write_config(tmp_path)
-    commands, envs = processes(load_config([config], ["--trainer.num_processes", "2"]), config, "m")
+    plan = processes(load_config([config], ["--trainer.num_processes", "2"]), config, "m")
+    commands, envs = plan.commands, plan.envs
+    assert plan.trainers == ("trainer", "trainer.1")
     assert set(commands) == {"inference", "orchestrator", "trainer", "trainer.1"}
     server = commands["inference"]
     assert server[server.index("--threads") + 1] == "4"
@@ -87,5 +89,5 @@ def test_the_launched_processes_get_the_budget_and_sleeping_idle_threads(tmp_pat
     assert envs["trainer"]["OMP_NUM_THREADS"] == envs["trainer.1"]["OMP_NUM_THREADS"] == "2"
     assert "orchestrator" not in envs
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice reaches them unchanged
-    commands, envs = processes(load_config([config]), config, "m")
-    assert all("OMP_WAIT_POLICY" not in env for env in envs.values())
+    plan = processes(load_config([config]), config, "m")
+    assert all("OMP_WAIT_POLICY" not in env for env in plan.envs.values())
