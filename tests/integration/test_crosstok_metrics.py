@@ -18,6 +18,7 @@ from apprentice.config import TeacherEndpointConfig
 from apprentice.config.orchestrator import OnPolicyDistillConfig
 from apprentice.crosstok.align import SPREADS
 from apprentice.inference.server import build_app
+from apprentice.orchestrator import on_policy
 from apprentice.orchestrator.on_policy import OnPolicyDistiller
 from apprentice.render.tokens import render_tokens
 from apprentice.testing.tiny import build_tiny_tokenizer
@@ -84,7 +85,7 @@ def test_tokenize_requests_are_counted_per_step(served: tuple[str, Path]) -> Non
         assert 0.0 < m["distill/multi_token_chunks"] <= 1.0
 
 
-def test_spread_rule_from_config_and_the_local_teacher_side(served: tuple[str, Path]) -> None:
+def test_spread_rule_from_config_and_the_local_teacher_side(served: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     url, teacher_dir = served
     tok = build_tiny_tokenizer()
     trajs = trajectories(tok)
@@ -101,7 +102,12 @@ def test_spread_rule_from_config_and_the_local_teacher_side(served: tuple[str, P
     assert flat["even"] != pytest.approx(flat["last"], abs=1e-3)  # multi-token chunks: the rules differ
     local = TeacherEndpointConfig(base_url=url, model="sp", max_retries=0, timeout_s=60, spread="last",
                                   tokenizer=str(teacher_dir), use_endpoint_tokenize=False)  # fmt: skip
+    built: list[str] = []  # tokenizing clients: none is built (one that were would be left unclosed)
+    for name in ("VllmTokenizer", "LlamaCppTokenizer"):
+        cls = getattr(on_policy, name)
+        monkeypatch.setattr(on_policy, name, lambda *a, _cls=cls, _name=name, **k: built.append(_name) or _cls(*a, **k))
     distiller, kept, (first, _) = asyncio.run(two_steps(local, tok, trajs))
+    assert built == []
     assert type(distiller.cross.side).__name__ == "TeacherSide" and distiller.remote is None
     assert not any(k.startswith("distill/tokenize/") for k in first)
     for got, want in zip(values(kept), per_rule["last"], strict=True):

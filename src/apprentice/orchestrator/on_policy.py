@@ -177,11 +177,11 @@ class OnPolicyDistiller:
         the fix. The probe's own clients have no cache: the self-test asks the teacher itself twice."""
         probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k)
         echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)
-        server = tokenizer_server(self.endpoint)
-        remotes: list[RemoteTokenizer] = [VllmTokenizer(server, max_concurrency=self.max_concurrency),
-                                          LlamaCppTokenizer(server, max_concurrency=self.max_concurrency)]  # fmt: skip
-        if not self.endpoint.use_endpoint_tokenize:  # the local tokenizer only (config checks it is set)
-            remotes = []
+        remotes: list[RemoteTokenizer] = []  # use_endpoint_tokenize = false: the local tokenizer only (config checks it)
+        if self.endpoint.use_endpoint_tokenize:
+            server = tokenizer_server(self.endpoint)
+            remotes = [VllmTokenizer(server, max_concurrency=self.max_concurrency),
+                       LlamaCppTokenizer(server, max_concurrency=self.max_concurrency)]  # fmt: skip
         found = None
         try:
             found = await probe_teacher(self.endpoint, probing, echo, student_tokenizer, remotes)
