@@ -263,7 +263,6 @@ class BackgroundCheckpointer:
             error, self._error = self._error, None
             raise error
 
-
     def settle(self) -> None:
         """`wait` on the way out of a failed run: the write in flight completes; its own error is logged, not
         raised, so the error that stopped the run is the one reported."""
