@@ -21,6 +21,8 @@ from apprentice import fsio
 from apprentice.errors import ApprenticeError
 from apprentice.handoff.paths import MANIFEST
 from apprentice.trainer import ckpt
+from apprentice.trainer.optim import NonFiniteError
+from apprentice.trainer.train import StepResult, check_finite
 from apprentice.trainer.world import World
 
 WORLD = World()
@@ -230,4 +232,27 @@ def test_settle_finishes_the_write_in_flight_and_logs_its_error_instead_of_raisi
     writer.save(tmp_path / "full", 1, parts.model, parts.optimizer, parts.scheduler, WORLD, 3)
     with caplog.at_level("ERROR", logger="apprentice.trainer"):
         writer.settle()
+    assert "failed too: [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_non_finite_step_is_reported_even_when_the_checkpoint_being_written_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NaN step while step 1's checkpoint is still being written: the NaN is the error raised (with what to do),
+    the failed write is logged beside it, and step 1 is not named as a good checkpoint."""
+    parts = Parts(0)
+    parts.train_step()
+    writer = ckpt.BackgroundCheckpointer()
+
+    def slow_disk_full(*args: object) -> None:
+        time.sleep(0.3)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_seal", slow_disk_full)
+    writer.save(tmp_path, 1, parts.model, parts.optimizer, parts.scheduler, WORLD, 3)
+    nan = StepResult(metrics={"loss/total": float("nan")}, grad_norm=1.0, tokens=8, pad_tokens=0)
+    with caplog.at_level("ERROR", logger="apprentice.trainer"), pytest.raises(NonFiniteError) as raised:
+        check_finite(2, nan, tmp_path, [], writer)
+    assert "step 2: non-finite loss (nan)" in str(raised.value)
+    assert "Last good checkpoint: none yet" in str(raised.value)
     assert "failed too: [Errno 28] No space left on device" in caplog.text

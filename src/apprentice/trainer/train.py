@@ -260,7 +260,7 @@ def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[
     if math.isfinite(loss) and math.isfinite(result.grad_norm):
         return
     if checkpointer is not None:  # a checkpoint still being written is the last good one: finish it, then name it
-        checkpointer.wait()
+        checkpointer.settle()  # a failed write is logged; the non-finite step is the error this run reports
     last = ckpt.latest_checkpoint(output_dir)
     batch = step_dir(output_dir, step)
     where = first_non_finite(samples)
