@@ -11,6 +11,9 @@ than that checkpoint are deleted first: those steps are trained again, and the s
 weights that are about to be replaced; it republishes the checkpoint's own weights when they are missing or
 damaged), the orchestrator after its newest complete batch, and the server from the newest remaining weights
 that verify (damaged ones are named and set aside).
+
+Exit codes: 0 done; 3 stopped cleanly at the scoring teacher's spend cap (on-policy distillation: the trainer
+trained every written step first; raise the cap and rerun); otherwise the failing process's code.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from apprentice.config import Config, write_resolved
 from apprentice.config.resume import check_resumable
 from apprentice.config.rl import check_rl_config
 from apprentice.cpu_budget import split_cores, usable_cores, wait_policy
+from apprentice.handoff.rollouts import latest_step_batch
 from apprentice.handoff.weights import latest_verified, remove_after, weights_dir
 from apprentice.inference.backends import backend_for
-from apprentice.launcher import supervise, trainer_processes
+from apprentice.launcher import supervise, trainer_drained, trainer_processes
+from apprentice.orchestrator.spend import EXIT_SPEND_CAP
 from apprentice.trainer import ckpt
 
 ACCESS_LOG = re.compile(r'"(POST|GET) /v1/(chat/completions|models|weights) HTTP/1\.1" 200')
@@ -113,9 +118,15 @@ def run_rl(cfg: Config) -> int:
     print(f"apprentice rl: CPU threads: inference server {plan.server_threads}, trainer "
           f"{plan.trainer_threads or os.environ.get('OMP_NUM_THREADS', 'torch default')} per rank "
           f"({usable_cores()} usable cores)", flush=True)  # fmt: skip
+    # An orchestrator stopped by the scoring teacher's spend cap (on-policy distillation) is a clean stop: the
+    # trainer trains the steps already written first.
     code = supervise(plan.commands, env=env, envs=plan.envs, must_finish="trainer", services=("inference",),
                      grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG},
-                     peers=plan.trainers)  # fmt: skip
+                     peers=plan.trainers, stop_code=EXIT_SPEND_CAP, drained=lambda: trainer_drained(output_dir))  # fmt: skip
     if code == 0:
         print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
+    elif code == EXIT_SPEND_CAP:
+        print(f"apprentice rl: stopped at the teacher spend cap after step {latest_step_batch(output_dir)} (exit code "
+              f"{EXIT_SPEND_CAP}; see the orchestrator's message above). Raise orchestrator.teacher_model."
+              f"max_tokens_total (or max_cost) and rerun the same command to resume.", file=sys.stderr, flush=True)  # fmt: skip
     return code

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fault_teacher import Fault, FaultTeacher
 
-from apprentice.clients.base import ChatResponse, ClientError, TeacherAuthError
+from apprentice.clients.base import ChatResponse, ClientError, TeacherAuthError, Usage
 from apprentice.clients.openai_client import OpenAIChatClient
 from apprentice.config import EndpointConfig, SamplingConfig
 
@@ -278,3 +278,27 @@ def test_earlier_turns_reasoning_stays_out_of_teacher_requests(teacher: FaultTea
     assert request.body is not None
     assert request.body["messages"][1] == {"role": "assistant", "content": "hi"}
     assert history[1]["reasoning_content"] == "The user greets me."  # the caller's trajectory is untouched
+
+
+def test_answers_paid_for_but_unusable_are_charged(teacher: FaultTeacher) -> None:
+    """Every answer the endpoint returned was billed: one retried as malformed (JSON without choices) adds to the
+    usage of the answer that follows it; one refused for an absurd logprob carries its usage on the ClientError."""
+    plain = chat(make_client(teacher), key="plain").usage
+    assert plain is not None and plain.prompt_tokens > 0
+    teacher.push(Fault.raw(json.dumps({"object": "chat.completion", "usage": {"prompt_tokens": 11, "completion_tokens": 3}}).encode()))
+    client = make_client(teacher)
+    response = chat(client, key="retried")
+    assert response.usage == plain + Usage(11, 3)
+    m = client.metrics()
+    assert m["teacher/retries/malformed"] == 1 and m["teacher/prompt_tokens"] == plain.prompt_tokens + 11
+
+    absurd = {"content": [{"token": "hi", "logprob": -1e30, "bytes": [104, 105], "top_logprobs": []}]}
+    teacher.push(Fault.raw(json.dumps({
+        "object": "chat.completion", "usage": {"prompt_tokens": 7, "completion_tokens": 1},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop", "logprobs": absurd}],
+    }).encode()))  # fmt: skip
+    client = make_client(teacher, top_logprobs=2)
+    with pytest.raises(ClientError) as info:
+        chat(client, key="absurd")
+    assert info.value.kind == "absurd_logprob" and info.value.usage == Usage(7, 1)
+    assert client.metrics()["teacher/prompt_tokens"] == 7

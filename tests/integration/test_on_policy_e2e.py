@@ -3,6 +3,7 @@ by `apprentice serve` on loopback; tiny student and a tiny teacher of the same t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,15 +17,14 @@ from apprentice.testing.tiny import save_tiny_student
 from apprentice.testing.tiny_sp import save_ascii_student, save_tiny_sp_model
 
 
-def run_opd(tmp_path: Path, student: Path, teacher_dir: Path, teacher_keys: str = "") -> tuple[Path, list, list]:
-    """`apprentice rl` for 2 steps of 4 reverse-text samples, the student scored by `teacher_dir` served on
-    loopback (`teacher_keys`: extra [orchestrator.teacher_model] lines); (output dir, orchestrator and trainer
-    metrics)."""
-    output = tmp_path / "run"
+def apprentice_rl(tmp_path: Path, student: Path, teacher_dir: Path, teacher_keys: str = "",
+                  max_steps: int = 2) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`apprentice rl` for `max_steps` steps of 4 reverse-text samples into tmp_path/run (rerun: resume), the
+    student scored by `teacher_dir` served on loopback (`teacher_keys`: extra [orchestrator.teacher_model] lines)."""
     config = tmp_path / "opd.toml"
     with local_server(teacher_dir, extra_args=["--served-model-name", "teacher", "--threads", "1"]) as teacher_url:
         config.write_text(f"""
-output_dir = "{output}"
+output_dir = "{tmp_path / "run"}"
 [model]
 name = "{student}"
 [inference]
@@ -43,15 +43,21 @@ max_tokens = 8
 [[orchestrator.env]]
 id = "reverse-text"
 [trainer]
-max_steps = 2
+max_steps = {max_steps}
 micro_batch_tokens = 1024
 [trainer.loss]
 type = "rl"
 """)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-m", "apprentice", "rl", str(config)], env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "apprentice", "rl", str(config)], env=env, capture_output=True,
                               text=True, timeout=300)  # fmt: skip
+
+
+def run_opd(tmp_path: Path, student: Path, teacher_dir: Path, teacher_keys: str = "") -> tuple[Path, list, list]:
+    """`apprentice_rl` for 2 steps, which must succeed; (output dir, orchestrator and trainer metrics)."""
+    done = apprentice_rl(tmp_path, student, teacher_dir, teacher_keys)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = tmp_path / "run"
     orch = read_metrics(output / "orchestrator" / "metrics.jsonl")
     trainer = read_metrics(output / "trainer" / "metrics.jsonl")
     assert [m["step"] for m in orch] == [1, 2] and [m["step"] for m in trainer] == [1, 2]
@@ -90,3 +96,27 @@ def test_apprentice_rl_with_a_teacher_on_another_tokenizer(tmp_path: Path) -> No
     # per-token advantage, the reverse KL the orchestrator measured from the byte-aligned teacher scores.
     assert trainer[0]["loss/pg"] == pytest.approx(orch[0]["distill/reverse_kl"], abs=1e-3)
     assert (output / "final" / "config.json").is_file()
+
+
+def test_a_spend_cap_on_the_scoring_teacher_stops_apprentice_rl_cleanly_and_a_raised_cap_resumes(tmp_path: Path) -> None:
+    """max_tokens_total on [orchestrator.teacher_model] is enforced (it was once accepted and ignored): with a cap
+    of 100 tokens the startup probe's first request spends it, nothing more is sent, and `apprentice rl` stops
+    with exit code 3 naming the key; the ledger keeps what was paid. Raised, the same command runs the steps."""
+    student = save_tiny_student(tmp_path / "student", seed=0)
+    teacher_dir = save_tiny_student(tmp_path / "teacher", seed=5)
+    done = apprentice_rl(tmp_path, student, teacher_dir, "max_tokens_total = 100", max_steps=1)
+    said = done.stdout + done.stderr
+    assert done.returncode == 3, said[-3000:]
+    assert "orchestrator.teacher_model.max_tokens_total = 100" in said and "apprentice rl: stopped at the teacher spend cap" in said
+    output = tmp_path / "run"
+    paid = json.loads((output / "orchestrator" / "usage.json").read_text())
+    assert paid["prompt_tokens"] + paid["completion_tokens"] >= 100
+    assert not (output / "rollouts" / "step_1").exists() and not (output / "final").exists()
+
+    done = apprentice_rl(tmp_path, student, teacher_dir, "max_tokens_total = 1_000_000", max_steps=1)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    orch = read_metrics(output / "orchestrator" / "metrics.jsonl")
+    assert [m["step"] for m in orch] == [1] and orch[0]["distill/scored_samples"] == 4
+    total = json.loads((output / "orchestrator" / "usage.json").read_text())
+    assert total["prompt_tokens"] > paid["prompt_tokens"]
+    assert orch[0]["teacher/usage_total/prompt_tokens"] == total["prompt_tokens"]

@@ -262,3 +262,51 @@ def test_completions_without_prompt_logprobs_generate_through_the_engine(teacher
                        ({"prompt": []}, "prompt"), ({"prompt_logprobs": 21}, "prompt_logprobs")):  # fmt: skip
         response = httpx.post(f"{url}/completions", json={**body, **bad}, timeout=60)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, (bad, response.text)
+
+
+def test_a_spend_cap_on_the_scoring_teacher_counts_every_answer_and_then_sends_nothing(
+    teacher: tuple[str, Any], reference: tuple[Any, Any], tmp_path: Path
+) -> None:
+    """`[orchestrator.teacher_model] max_tokens_total` bounds what on-policy distillation pays: every scoring answer
+    is charged (a 503 is not), cache hits stay free, and once the cap is reached no request leaves: the distiller
+    raises SpendCapReached (the run stops cleanly) instead of setting the samples aside."""
+    from apprentice.config.orchestrator import OnPolicyDistillConfig
+    from apprentice.orchestrator.on_policy import OnPolicyDistiller
+    from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
+    from apprentice.types import TrainingSample
+
+    url, app = teacher
+    _, tokenizer = reference
+    samples = []
+    for word in ("abc", "hello", "fox", "owl"):
+        ids, mask = sample_ids(tokenizer, [{"role": "user", "content": f"Reverse: {word}"}], word[::-1])
+        samples.append(TrainingSample(ids, mask, [-1.0 if m else 0.0 for m in mask], advantage=0.0))
+    cost = [len(s.token_ids) + 1 for s in samples]  # apprentice serve bills the prompt and its one generated token
+
+    def ledger(cap: int) -> SpendLedger:
+        return SpendLedger(tmp_path / "usage.json", EndpointConfig(base_url=url, model="tiny", max_tokens_total=cap),
+                           "orchestrator.teacher_model")  # fmt: skip
+
+    async def apply(spend: SpendLedger, batch: list[TrainingSample]) -> tuple[list[TrainingSample], dict[str, float]]:
+        distiller = OnPolicyDistiller(EndpointConfig(base_url=url, model="tiny", max_retries=3), OnPolicyDistillConfig(),
+                                      max_concurrency=1, cache_dir=tmp_path / "cache", budget=spend)  # fmt: skip
+        distiller.client._session.backoff_base_s = 0.01
+        try:
+            return await distiller.apply(batch)
+        finally:
+            await distiller.aclose()
+
+    spend = ledger(cost[0] + cost[1] + 1)
+    app.state.failures["left"] = 2  # two 503s first: retried, never billed
+    kept, metrics = asyncio.run(apply(spend, samples[:2]))
+    assert len(kept) == 2 and metrics["distill/retries"] == 2
+    assert spend.total.total_tokens == cost[0] + cost[1] == metrics["distill/prompt_tokens"] + 2
+
+    # One token of budget left: the next request goes out (the cap is checked before sending), the one after not.
+    with pytest.raises(SpendCapReached, match=r"orchestrator\.teacher_model\.max_tokens_total"):
+        asyncio.run(apply(spend, samples[2:]))
+    assert spend.total.total_tokens == cost[0] + cost[1] + cost[2]
+
+    kept, metrics = asyncio.run(apply(spend, samples[:3]))  # all three answers paid for are cached: free
+    assert len(kept) == 3 and metrics["distill/requests"] == 0 and metrics["distill/cache_hits"] == 3
+    assert spend.total.total_tokens == sum(cost[:3])

@@ -109,6 +109,18 @@ class TeacherAuthError(ApprenticeError):
     kind = "auth"
 
 
+class Budget(Protocol):
+    """What an endpoint may still be paid (the run's spend ledger, orchestrator/spend.py). A session with a budget
+    asks `check` before every attempt and charges it the usage of every answer the endpoint returned, usable or
+    not: a malformed answer that is retried, or one with a bad logprob, was billed all the same."""
+
+    def check(self) -> None:
+        """Raise (`SpendCapReached`) when no further request may be sent."""
+        ...
+
+    def add(self, usage: Usage) -> None: ...
+
+
 class ChatClient(Protocol):
     async def chat(
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, key: str = ""

@@ -21,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from apprentice.clients.base import ClientError
+from apprentice.clients.base import Budget, ClientError
 from apprentice.clients.cache import ResponseCache, SharedRequests, cache_digest
 from apprentice.clients.http import RawResponse
 from apprentice.clients.logprobs import BadLogprob, check_logprob
@@ -55,12 +55,12 @@ class EchoScoringClient:
     """Scores token-id prompts with `echo` + `logprobs`; the same `score(ids)` as TeacherScoringClient."""
 
     def __init__(self, endpoint: EndpointConfig, *, max_concurrency: int, cache_dir: Path | None,
-                 backoff_base_s: float = 0.5, jitter_seed: int | None = None) -> None:  # fmt: skip
+                 backoff_base_s: float = 0.5, jitter_seed: int | None = None, budget: Budget | None = None) -> None:  # fmt: skip
         self.endpoint = endpoint
         self._session = EndpointSession(
             endpoint, f"{endpoint.base_url}/completions", max_concurrency=max_concurrency,
             max_response_bytes=endpoint.max_response_bytes or _BASE_RESPONSE_BYTES, backoff_base_s=backoff_base_s,
-            jitter_seed=jitter_seed, section="orchestrator.teacher_model",
+            jitter_seed=jitter_seed, section="orchestrator.teacher_model", budget=budget,
         )  # fmt: skip
         self._counters = self._session.counters
         self._cache = ResponseCache(cache_dir, check=stored_scores_problem) if cache_dir is not None else None

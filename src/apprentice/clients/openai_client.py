@@ -174,6 +174,8 @@ class OpenAIChatClient:
                 self._cache.put(cache_request, key, {"set_aside": {"kind": aside.kind, "message": str(aside)}, "usage": aside.usage.as_dict()})
             raise ClientError(aside.kind, str(aside), aside.usage) from None
         except ClientError as e:
+            if e.usage is not None:
+                self._paid(key, e.usage)
             self._counters[f"teacher/errors/{e.kind}"] += 1
             raise
         except TeacherAuthError:
@@ -227,11 +229,26 @@ class OpenAIChatClient:
         )
 
     async def _request_with_retries(self, body: dict[str, Any]) -> ChatResponse:
+        """The answer, its `usage` the sum over every answer the endpoint returned for it: an attempt retried as
+        malformed was billed too. A failure after an answer carries that sum (`ClientError.usage`)."""
+        spent = [Usage()]
+
         def read(raw: RawResponse, data: Any) -> ChatResponse:
             self._check_server(raw, data, body)
+            if isinstance(data, dict):
+                spent[0] = spent[0] + Usage.from_json(data.get("usage"))
             return self._parse(data)
 
-        return await self._session.request(body, read)
+        try:
+            response = await self._session.request(body, read)
+        except _SetAside as aside:
+            raise _SetAside(aside.kind, str(aside), spent[0]) from None
+        except ClientError as e:  # a bad logprob, a malformed answer retried to the end: paid all the same
+            if e.usage is None and spent[0] != Usage():
+                e.usage = spent[0]
+            raise
+        response.usage = spent[0]
+        return response
 
     def _parse(self, data: dict[str, Any]) -> ChatResponse:
         usage = Usage.from_json(data.get("usage"))
@@ -246,7 +263,7 @@ class OpenAIChatClient:
         except ValueError as e:
             self._counters["teacher/malformed"] += 1
             raise _Retryable("malformed", f"malformed response: {e}") from None
-        response.usage = usage
+        response.usage = usage  # this answer's; the caller replaces it by the sum over the request's attempts
         try:
             check_text(response.message)
             check_size(response, usage.completion_tokens, max_tokens=self.sampling.max_tokens, tolerance=self.sampling.max_tokens_tolerance)

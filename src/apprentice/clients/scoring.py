@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apprentice.clients.base import ClientError
+from apprentice.clients.base import Budget, ClientError
 from apprentice.clients.cache import ResponseCache, SharedRequests, cache_digest
 from apprentice.clients.http import RawResponse
 from apprentice.clients.logprobs import BadLogprob, check_logprob, usable_logprob
@@ -180,13 +180,14 @@ class TeacherScoringClient:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         jitter_seed: int | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.top_k = top_k
         self._session = EndpointSession(
             endpoint, f"{endpoint.base_url}/completions", max_concurrency=max_concurrency,
             max_response_bytes=endpoint.max_response_bytes or _BASE_RESPONSE_BYTES, backoff_base_s=backoff_base_s,
-            backoff_max_s=backoff_max_s, jitter_seed=jitter_seed, section="orchestrator.teacher_model",
+            backoff_max_s=backoff_max_s, jitter_seed=jitter_seed, section="orchestrator.teacher_model", budget=budget,
         )  # fmt: skip
         self._counters = self._session.counters
         self._cache = ResponseCache(cache_dir, check=stored_scores_problem) if cache_dir is not None else None

@@ -7,7 +7,8 @@
     `endpoint.max_retry_after_s`), 5xx, timeouts, dropped connections and bodies that are not JSON;
   - no retry for other 4xx (`ClientError`), nor a 5xx saying the request cannot be parsed;
   - 401/403 or an unset API-key variable: `TeacherAuthError` (the run stops, naming the variable);
-  - counters (`<prefix>requests`, `retries`, `retries/<kind>`, `retry_wait_s`, `malformed`) and latencies.
+  - counters (`<prefix>requests`, `retries`, `retries/<kind>`, `retry_wait_s`, `malformed`) and latencies;
+  - with a `budget` (clients/base.py): no attempt once it is spent, and every answer's usage charged to it.
 
 What a request asks and how its answer is read are the caller's: `request(body, read)` posts `body` and hands
 the decoded JSON to `read(raw, data)`, which returns the result or raises `Retryable` (worth another attempt)
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from apprentice.clients.base import ClientError, TeacherAuthError, Usage
+from apprentice.clients.base import Budget, ClientError, TeacherAuthError, Usage
 from apprentice.clients.http import BodyTooLarge, RawResponse, post
 from apprentice.clients.parse import Unusable, decode_body
 from apprentice.clients.ratelimit import RateLimiter, backoff_delay, parse_retry_after
@@ -84,8 +85,10 @@ class EndpointSession:
         jitter_seed: int | None = None,
         prefix: str = "teacher/",
         section: str = "orchestrator.rollout_model",
+        budget: Budget | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.budget = budget
         self.url = url
         self.max_response_bytes = max_response_bytes
         self.backoff_base_s = backoff_base_s
@@ -159,6 +162,8 @@ class EndpointSession:
             try:
                 async with self._semaphore:
                     await self._limiter.acquire()
+                    if self.budget is not None:  # checked at the last moment: requests queued here see the cap
+                        self.budget.check()
                     return await self._attempt(payload, headers, api_key, read, max_bytes or self.max_response_bytes)
             except Retryable as failure:
                 if attempt == max_retries:
@@ -232,6 +237,8 @@ class EndpointSession:
             self.count("malformed")
             raise Retryable("malformed", f"response body is not JSON: {raw.body[:200]!r}") from None
         self.latencies_s.append(time.monotonic() - start)
+        if self.budget is not None and isinstance(data, dict):  # billed before it is read: usable or not
+            self.budget.add(Usage.from_json(data.get("usage")))
         return read(raw, data)
 
     def _raise_for_status(self, raw: RawResponse, api_key: str | None) -> None:

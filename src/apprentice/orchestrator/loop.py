@@ -148,20 +148,29 @@ async def run(cfg: Config) -> None:
         check_rl_config(cfg)
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
     tokenizer = load_student_tokenizer(cfg)
+    if removed := remove_partial_steps(output_dir):  # a killed run's half-written steps: rewritten below
+        log.info("removed %d partial rollouts step directories left by an earlier run: %s", len(removed), removed)
+    first, last = latest_step_batch(output_dir) + 1, cfg.trainer.max_steps
+    # The paid endpoint: distill mode's teacher (rollout_model) or on-policy distillation's (teacher_model).
+    paid, section = ((orch.teacher_model, "orchestrator.teacher_model") if orch.teacher_model is not None
+                     else (orch.rollout_model, "orchestrator.rollout_model"))  # fmt: skip
+    ledger = SpendLedger(usage_path(output_dir), paid, section)
+    if first <= last and (reason := ledger.exhausted()) is not None:
+        raise SpendCapReached(f"{reason}; nothing was sent. {_resume_hint(first, section)}")
     distiller = None  # on-policy distillation: the teacher scores every sampled token (orchestrator/on_policy.py);
     # it is probed first (tokenizer, protocol, noise): a config mistake should fail before anything else waits
     if orch.teacher_model is not None:
         distiller = OnPolicyDistiller(orch.teacher_model, orch.on_policy_distill, max_concurrency=orch.max_concurrency,
-                                      cache_dir=output_dir / "teacher_cache")  # fmt: skip
-        await distiller.probe(tokenizer)
+                                      cache_dir=output_dir / "teacher_cache", budget=ledger)  # fmt: skip
+        try:
+            await distiller.probe(tokenizer)
+        except SpendCapReached as e:
+            raise SpendCapReached(f"{e}, during the startup probe of the teacher. {_resume_hint(first, section)}") from None
+        finally:
+            ledger.save()  # the probe's requests are paid too
     scheduler = TaskScheduler(envs, [e.weight for e in orch.env], orch.tasks_per_step, orch.rollouts_per_prompt, orch.seed)
-    if removed := remove_partial_steps(output_dir):  # a killed run's half-written steps: rewritten below
-        log.info("removed %d partial rollouts step directories left by an earlier run: %s", len(removed), removed)
-    first, last = latest_step_batch(output_dir) + 1, cfg.trainer.max_steps
-    ledger = SpendLedger(usage_path(output_dir), orch.rollout_model)
-    if first <= last and (reason := ledger.exhausted()) is not None:
-        raise SpendCapReached(f"{reason}; nothing was sent. {_resume_hint(first)}")
-    client = MeteredClient(build_client(cfg), ledger)
+    # rl mode samples from the student's own server: not paid, so its usage stays off the teacher's ledger.
+    client = MeteredClient(build_client(cfg), ledger if orch.rollout_model is not None else None)
     vocab = None  # off-policy soft targets: the teacher's tokens must map onto the student's (probed once)
     if orch.rollout_model is not None and orch.sampling.top_logprobs:
         vocab = StudentVocab(tokenizer)
@@ -207,7 +216,8 @@ async def run(cfg: Config) -> None:
                 interval = max(now - written_at, 1e-9)
                 metrics.update(client.metrics(reset=True))
                 metrics.update(done.account.metrics())
-                metrics.update(ledger.metrics())
+                if paid is not None:
+                    metrics.update(ledger.metrics())
                 metrics["teacher/inflight_mean"] = (now_area - area) / interval
                 metrics["teacher/inflight_busy"] = metrics["teacher/inflight_mean"] / orch.max_concurrency
                 metrics["perf/wait_trainer_s"] = done.wait_trainer_s
@@ -232,7 +242,8 @@ async def run(cfg: Config) -> None:
                             "perf/eval_s": time.monotonic() - evaluated})  # fmt: skip
     except SpendCapReached as e:
         done_step = latest_step_batch(output_dir)
-        raise SpendCapReached(f"{e}; stopped after step {done_step}, the last complete one. {_resume_hint(done_step + 1)}") from None
+        raise SpendCapReached(f"{e}; stopped after step {done_step}, the last complete one. "
+                              f"{_resume_hint(done_step + 1, section)}") from None  # fmt: skip
     finally:
         ledger.save()
         metrics_log.close()
@@ -260,9 +271,9 @@ def _evaluator(cfg: Config, eval_log: MetricsLog | None) -> Callable[[int, int],
     return evaluate
 
 
-def _resume_hint(step: int) -> str:
+def _resume_hint(step: int, section: str) -> str:
     return (
-        f"Raise orchestrator.rollout_model.max_tokens_total (or max_cost) and rerun the same command to resume at "
+        f"Raise {section}.max_tokens_total (or max_cost) and rerun the same command to resume at "
         f"step {step}; answers already paid for come from OUTPUT/teacher_cache"
     )
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apprentice.clients.base import ClientError
+from apprentice.clients.base import Budget, ClientError
 from apprentice.clients.echo import EchoScoringClient
 from apprentice.clients.scoring import PromptScores, SampleScores, TeacherScoringClient
 from apprentice.config.orchestrator import EndpointConfig, OnPolicyDistillConfig, TeacherEndpointConfig
@@ -155,13 +155,16 @@ class OnPolicyDistiller:
     """
 
     def __init__(self, endpoint: EndpointConfig, cfg: OnPolicyDistillConfig | None, *, max_concurrency: int,
-                 cache_dir: Path | None) -> None:  # fmt: skip
+                 cache_dir: Path | None, budget: Budget | None = None) -> None:  # fmt: skip
         self.cfg = cfg or OnPolicyDistillConfig()
         self.endpoint = (endpoint if isinstance(endpoint, TeacherEndpointConfig)
                          else TeacherEndpointConfig.model_validate(endpoint.model_dump()))  # fmt: skip
+        self.budget = budget
+        """The run's spend ledger: every scoring answer (the probe's too) is charged to it; none is sent once a cap
+        of the teacher endpoint is reached (`SpendCapReached`, which `apply` raises rather than sets aside)."""
         self.client = TeacherScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir,
-                                           top_k=self.cfg.top_k)  # fmt: skip
-        self.echo = EchoScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir)
+                                           top_k=self.cfg.top_k, budget=budget)  # fmt: skip
+        self.echo = EchoScoringClient(self.endpoint, max_concurrency=max_concurrency, cache_dir=cache_dir, budget=budget)
         self.protocol = "prompt_logprobs"
         self.cross: CrossTokenizerScorer | None = None
         self.max_concurrency = max_concurrency
@@ -175,8 +178,9 @@ class OnPolicyDistiller:
     async def probe(self, student_tokenizer: Any) -> None:
         """The startup probe (crosstok/probe.py): tokenizer, protocol, top-k width, self-test; ConfigError with
         the fix. The probe's own clients have no cache: the self-test asks the teacher itself twice."""
-        probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k)
-        echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None)
+        probing = TeacherScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, top_k=self.cfg.top_k,
+                                       budget=self.budget)  # fmt: skip
+        echo = EchoScoringClient(self.endpoint, max_concurrency=1, cache_dir=None, budget=self.budget)
         remotes: list[RemoteTokenizer] = []  # use_endpoint_tokenize = false: the local tokenizer only (config checks it)
         if self.endpoint.use_endpoint_tokenize:
             server = tokenizer_server(self.endpoint)

@@ -1,6 +1,9 @@
-"""Teacher usage accounting and the optional spend cap (`rollout_model.max_tokens_total` / `price` + `max_cost`).
+"""Teacher usage accounting and the optional spend cap (`max_tokens_total` / `price` + `max_cost`).
 
-Every paid response adds its usage to a ledger; cache hits are free. The ledger is the run's cumulative total,
+A run pays at most one endpoint: the teacher that writes the answers (`orchestrator.rollout_model`, distill mode)
+or the teacher that scores the student's samples (`orchestrator.teacher_model`, on-policy distillation). Every
+paid response adds its usage to a ledger; cache hits are free. Distill mode charges it per chat answer
+(orchestrator/metered.py); the scoring clients' sessions charge it per answer received (clients/session.py). The ledger is the run's cumulative total,
 kept in OUTPUT/orchestrator/usage.json (written durably after every step and when the orchestrator stops), so
 a resumed attempt counts what earlier attempts paid. Once the total reaches a cap, no new request is sent
 (`SpendCapReached`); the orchestrator writes the steps whose rollouts are all done and exits with
@@ -33,9 +36,11 @@ class SpendCapReached(ApprenticeError):
 class SpendLedger:
     """The run's cumulative teacher usage against the endpoint's caps."""
 
-    def __init__(self, path: Path, endpoint: EndpointConfig | None) -> None:
+    def __init__(self, path: Path, endpoint: EndpointConfig | None, section: str = "orchestrator.rollout_model") -> None:
         self.path = path
         self.endpoint = endpoint
+        self.section = section
+        """The config section of the paid endpoint, named in the cap messages."""
         self.total = Usage()
         if path.is_file():
             try:
@@ -58,6 +63,11 @@ class SpendLedger:
     def add(self, usage: Usage) -> None:
         self.total = self.total + usage
 
+    def check(self) -> None:
+        """`SpendCapReached` once a cap is reached (the `Budget` of a session whose requests this ledger pays)."""
+        if (reason := self.exhausted()) is not None:
+            raise SpendCapReached(reason)
+
     def exhausted(self) -> str | None:
         """Which cap is reached, as a message for the user, or None while there is budget left."""
         endpoint = self.endpoint
@@ -66,11 +76,11 @@ class SpendLedger:
         if endpoint.max_tokens_total is not None and self.total.total_tokens >= endpoint.max_tokens_total:
             return (
                 f"the teacher spend cap is reached: {self.total.total_tokens} tokens paid >= "
-                f"orchestrator.rollout_model.max_tokens_total = {endpoint.max_tokens_total}"
+                f"{self.section}.max_tokens_total = {endpoint.max_tokens_total}"
             )
         cost = self.cost()
         if endpoint.max_cost is not None and cost is not None and cost >= endpoint.max_cost:
-            return f"the teacher spend cap is reached: cost {cost:.4f} >= orchestrator.rollout_model.max_cost = {endpoint.max_cost}"
+            return f"the teacher spend cap is reached: cost {cost:.4f} >= {self.section}.max_cost = {endpoint.max_cost}"
         return None
 
     def save(self) -> None:
