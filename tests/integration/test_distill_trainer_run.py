@@ -122,3 +122,19 @@ def test_distill_loss_on_a_batch_without_targets_is_one_clear_error(student: Pat
     write_step_batch(out, 1, [[TrainingSample(ids, mask, [0.0] * len(ids)) for ids, mask in sequences()]])
     with pytest.raises(BatchError, match=r'step_1 carries no top-k targets but trainer.loss.type = "distill"'):
         main(make_config(student, out, {"type": "distill"}, max_steps=1))
+
+
+def test_a_teacher_top_k_id_beyond_the_students_embedding_is_one_clear_error(student: Path, tmp_path: Path) -> None:
+    """A top-k id of a larger teacher vocabulary would fail the forward pass with a bare IndexError on every rerun;
+    the trainer names the batch, the sample, the position and the id instead (-1 padding stays allowed)."""
+    vocab = AutoModelForCausalLM.from_pretrained(student).config.vocab_size
+    samples = teacher_samples(vocab)
+    target = samples[2].teacher_topk_ids
+    assert target is not None
+    t = next(t for t, row in enumerate(target) if row[0] >= 0)
+    target[t][K - 1] = vocab  # one past the last row
+    out = tmp_path / "run"
+    write_step_batch(out, 1, [samples])
+    with pytest.raises(BatchError, match=rf"step_1: sample 2, position {t} holds teacher top-k id {vocab}, but the "
+                                         rf"model's embedding has {vocab} rows"):  # fmt: skip
+        main(make_config(student, out, {"type": "distill"}, max_steps=1))

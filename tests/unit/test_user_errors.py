@@ -71,6 +71,12 @@ def batch(tmp_path: Path, *, ranks: int = 1, length: int = 8) -> None:
     write_step_batch(tmp_path / "out", 1, [[sample]] + [[] for _ in range(ranks - 1)])
 
 
+def foreign_ids_batch(tmp_path: Path) -> None:
+    """A step batch holding a token id far beyond the tiny student's vocabulary (another tokenizer's ids)."""
+    sample = TrainingSample([1, 2, 3, 100_000, 5, 6], [False, False, False, True, True, True], [0.0] * 6)
+    write_step_batch(tmp_path / "out", 1, [[sample]])
+
+
 def corrupt_batch(tmp_path: Path) -> None:
     batch(tmp_path)
     path = rank_file(tmp_path / "out", 1, 0)
@@ -114,6 +120,9 @@ CASES = [
          ["split for 2 rank(s)", "trainer.num_processes = 1"], prepare=lambda d: batch(d, ranks=2)),
     Case("corrupt checkpoint", lambda d, s: ["train", str(d / "run.toml")], 1,
          ["passes verification", "step_1", "missing", "move the checkpoints directory aside"], prepare=corrupt_checkpoint),
+    Case("token id beyond the embedding", lambda d, s: ["train", str(d / "run.toml")], 1,
+         ["rollouts/step_1", "token id 100000", "sample 0, position 3", "embedding has", "model.tokenizer", "Delete"],
+         prepare=foreign_ids_batch),
     Case("non-finite loss", lambda d, s: ["train", str(d / "run.toml")], 1,
          ["non-finite loss", "trainer.optim.lr", "rollouts/step_1"], prepare=batch, nan=True),
 ]  # fmt: skip

@@ -74,8 +74,14 @@ def main(cfg: Config) -> None:
     try:
         # Model (fp32 master weights unless pure bf16), parallelism recipe, optimizer.
         model = load_model(cfg.model, device, precision.param_dtype)
+        # Token ids the model can embed: [0, rows).
+        rows = int(getattr(model.get_input_embeddings(), "num_embeddings", 0) or model.config.get_text_config().vocab_size)
         parallelize(model, cfg, mesh, precision)
         tokenizer = load_tokenizer(cfg.model)
+        if len(tokenizer) > rows:  # ids past the embedding would fail their step (check_token_ids says so)
+            log.warning("the tokenizer has %d tokens but the model's embedding has %d rows: ids >= %d cannot be "
+                        "trained. model.tokenizer should be the model's own tokenizer (or resize the model's "
+                        "embeddings to the tokenizer and save it)", len(tokenizer), rows, rows)  # fmt: skip
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, cfg.trainer.optim)
         scheduler = build_scheduler(optimizer, cfg.trainer.optim, cfg.trainer.max_steps)
@@ -101,6 +107,7 @@ def main(cfg: Config) -> None:
             t_wait = time.perf_counter()
             samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
             samples, skipped = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world)
+            check_token_ids(samples, rows, output_dir, step)
             if cfg.trainer.loss.type == "distill":
                 check_distill_targets(samples, output_dir, step)
             t_start = time.perf_counter()
@@ -161,6 +168,35 @@ def read_rank_batch(output_dir: Path, step: int, world: World, timeout_s: float)
             f"for trainer.num_nodes x trainer.num_processes ranks)"
         )
     return samples
+
+
+def first_foreign_id(samples: list[TrainingSample], rows: int) -> str | None:
+    """Where this rank's batch holds a token id, or a teacher top-k id, outside [0, rows) (-1, a top-k row's
+    padding, is allowed there), or None."""
+    for i, s in enumerate(samples):
+        if s.token_ids and not 0 <= min(s.token_ids) <= max(s.token_ids) < rows:
+            t, token = next((t, v) for t, v in enumerate(s.token_ids) if not 0 <= v < rows)
+            return f"sample {i}, position {t} holds token id {token}"
+        for t, row in enumerate(s.teacher_topk_ids or []):
+            if row and not -1 <= min(row) <= max(row) < rows:
+                token = next(v for v in row if not -1 <= v < rows)
+                return f"sample {i}, position {t} holds teacher top-k id {token}"
+    return None
+
+
+def check_token_ids(samples: list[TrainingSample], rows: int, output_dir: Path, step: int) -> None:
+    """A BatchError naming the step batch when it holds an id the model has no embedding row for (ids made by
+    another tokenizer), before the forward pass would fail on it with a bare IndexError (a device-side assert on
+    GPU); the batch would fail the same way on every rerun."""
+    where = first_foreign_id(samples, rows)
+    if where is None:
+        return
+    batch = step_dir(output_dir, step)
+    raise BatchError(
+        f"{batch}: {where}, but the model's embedding has {rows} rows: those ids come from another vocabulary "
+        f"(model.tokenizer must be the model's own tokenizer; an on-policy teacher's top-k ids must be the "
+        f"student's). Delete {batch} and every later rollouts/step_* directory, fix the cause, then rerun"
+    )
 
 
 def check_distill_targets(samples: list[TrainingSample], output_dir: Path, step: int) -> None:
