@@ -63,6 +63,13 @@ def test_rl_config_with_inference_or_student_endpoint_is_valid(tmp_path: Path) -
     assert cfg.mode == "rl" and cfg.orchestrator.student_endpoint is not None
 
 
+def test_a_spend_cap_on_the_student_endpoint_is_refused_not_ignored(tmp_path: Path) -> None:
+    only_model = write(tmp_path, "bare.toml", '[model]\nname = "student"\n')
+    endpoint = ["--orchestrator.student_endpoint.base_url", "http://127.0.0.1:9000/v1", "--orchestrator.student_endpoint.model", "s"]
+    msg = error_of([only_model], [*endpoint, "--orchestrator.student_endpoint.max_tokens_total", "1000"])
+    assert "student_endpoint sets max_tokens_total" in msg and "never charged" in msg and "teacher_model" in msg
+
+
 # --- the mode rules (DESIGN.md section 2) -------------------------------------------------------------------
 
 

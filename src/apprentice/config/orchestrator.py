@@ -350,6 +350,18 @@ class OrchestratorConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _student_endpoint_is_not_paid(self) -> OrchestratorConfig:
+        caps = [k for k in ("max_tokens_total", "price", "max_cost") if self.student_endpoint is not None
+                and getattr(self.student_endpoint, k) is not None]  # fmt: skip
+        if caps:
+            raise ValueError(
+                f"orchestrator.student_endpoint sets {', '.join(caps)}, which would be ignored: the student's own "
+                "server is never charged. Spend caps bound a paid teacher: [orchestrator.rollout_model] (distill "
+                "mode) or [orchestrator.teacher_model] (on-policy distillation). Remove them from student_endpoint."
+            )
+        return self
+
     @property
     def tasks_per_step(self) -> int:
         return self.batch_size // self.rollouts_per_prompt
