@@ -56,7 +56,7 @@ def loss_and_grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tenso
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name] = g.clone()
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def test_mesh_is_needed_for_several_ranks_or_mixed_precision() -> None:
