@@ -118,3 +118,9 @@ def test_spread_rule_and_local_teacher_side_are_config_fields(tmp_path: Path) ->
     local = load(tmp_path, RL_CONFIG + TEACHER + 'use_endpoint_tokenize = false\ntokenizer = "/models/teacher"\n')
     assert local.orchestrator.teacher_model is not None and not local.orchestrator.teacher_model.use_endpoint_tokenize
 
+
+
+@pytest.mark.parametrize("line", ['user = "apprentice"', "prompt_cache_key = true"])
+def test_chat_tags_on_the_scoring_teacher_are_refused_not_ignored(tmp_path: Path, line: str) -> None:
+    message = error_of(tmp_path, RL_CONFIG + TEACHER + line + "\n")
+    assert line.split(" ")[0] in message and "completions API" in message and "teacher_model" in message

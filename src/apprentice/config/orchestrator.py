@@ -154,6 +154,16 @@ class TeacherEndpointConfig(EndpointConfig):
     `tokenizer` (one request per turn instead of two or three; the local copy must be what the server serves)."""
 
     @model_validator(mode="after")
+    def _no_chat_tags(self) -> TeacherEndpointConfig:
+        tags = [k for k, off in (("prompt_cache_key", False), ("user", None)) if getattr(self, k) != off]
+        if tags:
+            raise ValueError(
+                f"{' and '.join(tags)} would be ignored here: they tag chat requests, and the teacher_model scores "
+                "on the completions API, where they are not sent. Remove them from [orchestrator.teacher_model]."
+            )
+        return self
+
+    @model_validator(mode="after")
     def _local_side_needs_tokenizer(self) -> TeacherEndpointConfig:
         if not self.use_endpoint_tokenize and (self.tokenizer is None or self.tokenizer_url is not None):
             raise ValueError("use_endpoint_tokenize = false needs the teacher's tokenizer locally: set tokenizer = "
