@@ -138,3 +138,18 @@ def test_a_teacher_top_k_id_beyond_the_students_embedding_is_one_clear_error(stu
     with pytest.raises(BatchError, match=rf"step_1: sample 2, position {t} holds teacher top-k id {vocab}, but the "
                                          rf"model's embedding has {vocab} rows"):  # fmt: skip
         main(make_config(student, out, {"type": "distill"}, max_steps=1))
+
+
+def test_trainer_threads_applies_outside_apprentice_rl_too(student: Path, tmp_path: Path) -> None:
+    """`trainer.threads` was read by `apprentice rl` only: `apprentice distill` / `train` kept torch's default."""
+    out = tmp_path / "run"
+    write_step_batch(out, 1, [teacher_samples(AutoModelForCausalLM.from_pretrained(student).config.vocab_size)])
+    cfg = make_config(student, out, {"type": "distill"}, max_steps=1)
+    cfg.trainer.threads = 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        main(cfg)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

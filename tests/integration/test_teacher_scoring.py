@@ -310,3 +310,45 @@ def test_a_spend_cap_on_the_scoring_teacher_counts_every_answer_and_then_sends_n
     kept, metrics = asyncio.run(apply(spend, samples[:3]))  # all three answers paid for are cached: free
     assert len(kept) == 3 and metrics["distill/requests"] == 0 and metrics["distill/cache_hits"] == 3
     assert spend.total.total_tokens == sum(cost[:3])
+
+
+@pytest.mark.parametrize("answer", [
+    {"usage": {"prompt_tokens": "n/a"}},
+    {"usage": {"prompt_tokens": [3]}},
+    {"usage": {"prompt_tokens": float("inf"), "completion_tokens": 1e999}},
+    {"prompt_token_ids": [None, 5, 6]},
+], ids=["usage-string", "usage-list", "usage-infinite", "ids-null"])  # fmt: skip
+def test_a_garbled_usage_or_id_list_in_a_scoring_answer_never_crashes_the_run(tmp_path: Path, answer: dict[str, Any]) -> None:
+    """Python's json reads 1e999 as inf; a usage count that is a string, a list or infinite counts as 0 (a capped
+    run still charges the rest), and a null in `prompt_token_ids` sets the sample aside as malformed. Before,
+    each raised a TypeError/ValueError/OverflowError that stopped the orchestrator on every rerun."""
+    from fastapi import FastAPI, Response
+
+    from apprentice.orchestrator.spend import SpendLedger
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        entries = [None, {"5": {"logprob": -0.5, "rank": 1}}, {"6": {"logprob": -0.25, "rank": 1}}]
+        body = {"choices": [{"prompt_logprobs": entries, "text": "x"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        return Response(json.dumps({**body, **answer}), media_type="application/json")  # inf goes out as Infinity
+
+    spend = SpendLedger(tmp_path / "usage.json", EndpointConfig(base_url="http://127.0.0.1:9/v1", model="t", max_tokens_total=100))
+    with serve_asgi(app) as url:
+        scorer = TeacherScoringClient(EndpointConfig(base_url=url, model="t", max_retries=0), max_concurrency=1,
+                                      cache_dir=None, budget=spend)  # fmt: skip
+
+        async def score() -> Any:
+            try:
+                return await scorer.score([4, 5, 6])
+            finally:
+                await scorer.aclose()
+
+        if "prompt_token_ids" in answer:
+            with pytest.raises(ClientError) as info:
+                asyncio.run(score())
+            assert info.value.kind == "malformed" and "prompt_token_ids" in str(info.value)
+        else:
+            assert asyncio.run(score()).logprobs == [None, -0.5, -0.25]
+    assert spend.total.total_tokens <= 4

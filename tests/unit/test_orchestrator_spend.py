@@ -57,9 +57,19 @@ def test_the_ledger_survives_a_restart_and_a_raised_cap_reopens_it(tmp_path: Pat
     assert again.total == Usage(8, 4, 1) and again.exhausted() is not None
     assert SpendLedger(path, endpoint(max_tokens_total=1000)).exhausted() is None
 
-    path.write_text("{not json")
-    with pytest.raises(ApprenticeError, match="corrupt usage ledger"):
-        SpendLedger(path, endpoint())
+    for damaged in ("{not json", "[]", '"x"', '{"prompt_tokens": Infinity}', '{"prompt_tokens": -5000000}',
+                    '{"completion_tokens": 1.5}', '{"prompt_tokens": true}'):  # fmt: skip
+        path.write_text(damaged)  # a negative count would quietly push the cap back: refused like the rest
+        with pytest.raises(ApprenticeError, match=rf"{path}: corrupt usage ledger .*fix or delete it"):
+            SpendLedger(path, endpoint(max_tokens_total=10))
+    path.write_text('{"prompt_tokens": 3, "completion_tokens": 4, "cost": 0.5}')  # as `save` writes it
+    assert SpendLedger(path, endpoint()).total == Usage(3, 4)
+
+
+def test_a_usage_count_that_is_not_a_finite_number_counts_as_zero() -> None:
+    """Python's json reads 1e999 as inf: int(inf) raised OverflowError out of the client and stopped the run."""
+    assert Usage.from_json({"prompt_tokens": float("inf"), "completion_tokens": 3}) == Usage(0, 3)
+    assert Usage.from_json({"prompt_tokens": float("nan"), "completion_tokens": -2}) == Usage()
 
 
 class Teacher:

@@ -106,7 +106,9 @@ def parse_prompt_logprobs(data: Any, prompt_ids: list[int] | None, top_k: int = 
         raise ValueError("choices[0] has no 'prompt_logprobs' list: the server does not score prompts "
                          "(vLLM and `apprentice serve` do)")  # fmt: skip
     echoed = choice.get("prompt_token_ids", data.get("prompt_token_ids"))
-    token_ids = [int(t) for t in echoed] if isinstance(echoed, list) else None
+    if isinstance(echoed, list) and not all(isinstance(t, int) and not isinstance(t, bool) for t in echoed):
+        raise ValueError("prompt_token_ids holds something other than token ids")
+    token_ids = list(echoed) if isinstance(echoed, list) else None
     ids = prompt_ids if prompt_ids is not None else token_ids
     if ids is not None and len(entries) != len(ids):
         raise ValueError(f"{len(entries)} prompt_logprobs entries for a prompt of {len(ids)} tokens")

@@ -193,7 +193,7 @@ class EndpointSession:
         except TeacherAuthError:
             self.count("errors/auth")
             raise
-        self.count("prompt_tokens", float(usage.get("prompt_tokens") or 0))
+        self.count("prompt_tokens", float(Usage.from_json(usage).prompt_tokens))
         self.count("responses")
         return result
 

@@ -138,8 +138,9 @@ class TrainerConfig(Section):
     """rl mode: how many of the newest published OUTPUT/weights/step_{n} directories to keep (at least
     orchestrator.max_async_level + 2 are kept, so weights the server may still be loading stay on disk)."""
     threads: int | None = Field(default=None, ge=1)
-    """CPU threads of each trainer rank (torch's intra-op pool). Default: `apprentice rl` gives the trainer the
-    cores the inference server does not get (apprentice/cpu_budget.py); other commands leave torch's default."""
+    """CPU threads of each trainer rank (torch's intra-op pool), in every command. Default: `apprentice rl` gives
+    the trainer the cores the inference server does not get (apprentice/cpu_budget.py); other commands leave
+    torch's default (OMP_NUM_THREADS, else every core; one per rank when one node runs several)."""
     weight_broadcast: Literal["auto", "filesystem", "collective"] = "auto"
     """rl mode: how each step's weights reach the inference server. "filesystem": OUTPUT/weights/step_{n} every
     step, which the server reads (works across machines on a shared filesystem, any backend). "collective": sent

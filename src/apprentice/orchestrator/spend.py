@@ -41,16 +41,7 @@ class SpendLedger:
         self.endpoint = endpoint
         self.section = section
         """The config section of the paid endpoint, named in the cap messages."""
-        self.total = Usage()
-        if path.is_file():
-            try:
-                stored = json.loads(path.read_text()).items()
-                self.total = Usage(**{k: int(v) for k, v in stored if k in Usage.__dataclass_fields__})
-            except (ValueError, TypeError) as e:
-                raise ApprenticeError(
-                    f"{path}: corrupt usage ledger ({e}); fix or delete it (the run's spend so far is then counted "
-                    f"from zero)"
-                ) from None
+        self.total = read_ledger(path)
 
     def cost(self, usage: Usage | None = None) -> float | None:
         """Cost of `usage` (default: the run's total) under the price table, or None without one."""
@@ -93,3 +84,26 @@ class SpendLedger:
         if cost is not None:
             out["teacher/usage_total/cost"] = cost
         return out
+
+
+def read_ledger(path: Path) -> Usage:
+    """The usage stored at `path` (none yet: zero); an ApprenticeError naming the file when it is damaged, since a
+    negative or garbled count would quietly move the cap."""
+    if not path.is_file():
+        return Usage()
+
+    def corrupt(problem: str) -> ApprenticeError:
+        return ApprenticeError(f"{path}: corrupt usage ledger ({problem}); fix or delete it (the run's spend so far is "
+                               f"then counted from zero)")  # fmt: skip
+
+    try:
+        stored = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise corrupt(str(e)) from None
+    if not isinstance(stored, dict):
+        raise corrupt(f"not a JSON object but {type(stored).__name__}")
+    counts = {k: v for k, v in stored.items() if k in Usage.__dataclass_fields__}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise corrupt(f"{name} = {value!r} is not a count of tokens")
+    return Usage(**counts)

@@ -68,6 +68,8 @@ def main(cfg: Config) -> None:
     precision = resolve_precision(cfg.trainer, cfg.model, device)
     mesh = init_distributed(world, device, mesh=needs_mesh(precision, world.world_size))
     torch.manual_seed(cfg.seed)
+    if cfg.trainer.threads is not None:  # every command (apprentice rl also sets OMP_NUM_THREADS to its budget)
+        torch.set_num_threads(cfg.trainer.threads)
     output_dir = Path(cfg.output_dir)
     # One process: checkpoints are written by a thread while training goes on (ckpt.BackgroundCheckpointer).
     checkpointer = None if world.distributed else ckpt.BackgroundCheckpointer()
