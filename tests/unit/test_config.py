@@ -419,7 +419,6 @@ batch_size = 12
 rollouts_per_prompt = 3
 max_concurrency = 5
 max_async_level = 1
-max_off_policy_steps = 2
 use_token_client = false
 seed = 3
 reasoning = "drop"
@@ -473,9 +472,9 @@ progress = false
 """
 
 FULL_RL_EXTRA = """
-[orchestrator.student_endpoint]
-base_url = "http://127.0.0.1:9000/v1"
-model = "student"
+[orchestrator]
+max_off_policy_steps = 2
+eval_interval = 5
 [trainer.loss]
 type = "rl"
 ratio_low = 0.25
@@ -500,7 +499,7 @@ def test_dump_round_trip_with_every_section(tmp_path: Path) -> None:
     distill = load_config([write(tmp_path, "full.toml", FULL_DISTILL)])
     assert distill.orchestrator.sampling.extra_body["chat_template_kwargs"] == {}
     _assert_round_trip(distill)
-    # rl mode: no teacher, the token client, the rl loss, an inference section and a student endpoint.
+    # rl mode: no teacher, the token client, the rl loss, an inference section (or a student endpoint).
     teacher = FULL_DISTILL[FULL_DISTILL.index("[orchestrator.rollout_model]") : FULL_DISTILL.index("[orchestrator.sampling]")]
     rl_text = (
         FULL_DISTILL.replace(teacher, "")
@@ -511,9 +510,13 @@ def test_dump_round_trip_with_every_section(tmp_path: Path) -> None:
         [write(tmp_path, "full-rl.toml", rl_text), write(tmp_path, "rl-extra.toml", FULL_RL_EXTRA)],
         ["--orchestrator.sampling.max_tokens", "64"],
     )
-    assert rl.mode == "rl" and rl.inference is not None and rl.orchestrator.student_endpoint is not None
+    assert rl.mode == "rl" and rl.inference is not None and rl.orchestrator.max_off_policy_steps == 2
     assert isinstance(rl.trainer.loss, RLLossConfig) and rl.trainer.loss.kl_coef == 0.01
     _assert_round_trip(rl)
+    endpoint = '[orchestrator.student_endpoint]\nbase_url = "http://127.0.0.1:9000/v1"\nmodel = "student"\napi_key_var = "K"\n'
+    served = load_config([write(tmp_path, "served.toml", rl_text), write(tmp_path, "endpoint.toml", endpoint)])
+    assert served.orchestrator.student_endpoint is not None and served.inference is None
+    _assert_round_trip(served)
     _assert_round_trip(load_config([MINIMAL]))
 
 
@@ -680,3 +683,17 @@ def test_truncated_default_follows_the_mode_and_is_shown(tmp_path: Path) -> None
     assert 'truncated = "keep"' in dump_config(rl) and 'truncated = "drop"' in dump_config(distill)  # --dry-run
     assert load_config([write(tmp_path, "rl.toml", RL_CONFIG)], ["--orchestrator.truncated", "drop"]).orchestrator.truncated == "drop"
     assert load_config([MINIMAL], ["--orchestrator.truncated", "keep"]).orchestrator.truncated == "keep"
+
+
+@pytest.mark.parametrize("override", [["--orchestrator.eval_interval", "5"], ["--orchestrator.advantage", "reward"],
+                                      ["--trainer.weight_broadcast", "collective"]])  # fmt: skip
+def test_rl_only_keys_in_distill_mode_are_refused_not_ignored(override: list[str]) -> None:
+    msg = error_of([MINIMAL], override)
+    assert override[0].removeprefix("--") in msg and "rl mode only" in msg and "apprentice eval" in msg
+    load_config([MINIMAL], [override[0], {"5": "0", "reward": "group", "collective": "auto"}[override[1]]])  # defaults load
+
+
+def test_inference_and_student_endpoint_together_are_refused(tmp_path: Path) -> None:
+    endpoint = ["--orchestrator.student_endpoint.base_url", "http://127.0.0.1:9000/v1", "--orchestrator.student_endpoint.model", "s"]
+    msg = error_of([write(tmp_path, "rl.toml", RL_CONFIG)], endpoint)
+    assert "[inference] and [orchestrator.student_endpoint] are both set" in msg

@@ -28,6 +28,14 @@ class LogConfig(Section):
     """Show progress bars on the console."""
 
 
+RL_ONLY_KEYS = {
+    "orchestrator": ("max_off_policy_steps", "advantage", "advantage_std_norm", "skip_zero_advantage", "eval_interval",
+                     "eval_num_tasks", "eval_temperature"),
+    "trainer": ("weights_keep", "weight_broadcast"),
+}  # fmt: skip
+"""Per section, the keys only rl mode reads (`Config._no_rl_keys_in_distill_mode`)."""
+
+
 class Config(Section):
     output_dir: Path = Path("runs/default")
     """Where the run writes everything (config.toml, rollouts, checkpoints, final model, metrics, caches)."""
@@ -106,12 +114,33 @@ class Config(Section):
                 "at [orchestrator.rollout_model] writes the rollouts); in rl mode the teacher's top-k comes from "
                 "[orchestrator.teacher_model] with [orchestrator.on_policy_distill] top_k = k. Remove top_logprobs."
             )
+        if self.inference is not None and orch.student_endpoint is not None:
+            raise ValueError(
+                "[inference] and [orchestrator.student_endpoint] are both set: [inference] starts a server of the "
+                "student that nothing would use, since rollouts and weight reloads go to student_endpoint. Keep "
+                "[inference] to let apprentice start the server, or student_endpoint for one already running."
+            )
         if orch.rollout_model is None and self.inference is None and orch.student_endpoint is None:
             raise ValueError(
                 "rl mode (orchestrator.rollout_model is not set) needs somewhere to sample the student: add an "
                 "[inference] section (a local server apprentice starts) or [orchestrator.student_endpoint] "
                 "(a server already running). To distill from a teacher instead, set "
                 "[orchestrator.rollout_model] with use_token_client = false and trainer.loss.type = \"sft\"."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_rl_keys_in_distill_mode(self) -> Config:
+        """Keys only rl mode reads, set to anything but their default in distill mode, would be ignored: refused."""
+        if self.orchestrator.rollout_model is None:
+            return self
+        ignored = [f"{name}.{key}" for name, keys in RL_ONLY_KEYS.items() for key in keys
+                   if getattr(getattr(self, name), key) != type(getattr(self, name)).model_fields[key].default]  # fmt: skip
+        if ignored:
+            raise ValueError(
+                f"{', '.join(ignored)} apply to rl mode only, and this is distill mode (orchestrator.rollout_model: "
+                "a teacher writes the rollouts), where they would be ignored. Remove them. To score a distilled "
+                "student on held-out tasks, run `apprentice eval` on OUTPUT/final."
             )
         return self
 
