@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from apprentice.clients.base import ChatClient, ClientError
@@ -54,14 +55,19 @@ def is_reward_failure(trajectory: Trajectory) -> bool:
     return trajectory.get("error") in REWARD_KINDS
 
 
-def set_aside_reason(trajectory: Trajectory, truncated_policy: str) -> str | None:
-    """Why a rollout is not trained on, or None to keep it."""
+def set_aside_reason(trajectory: Trajectory, truncated_policy: str, token_path: bool = False) -> str | None:
+    """Why a rollout is not trained on, or None to keep it. `token_path` (rl mode, the token client): every step
+    must carry the server's token ids and logprobs; a step without (an environment that built its steps itself
+    rather than with `make_step`) would be re-rendered from text and trained with zero inference logprobs and an
+    advantage of 1, whatever its reward: set aside as "no_tokens"."""
     if trajectory.get("error"):
         return str(trajectory["error"])
     if trajectory.get("set_aside"):
         return str(trajectory["set_aside"])
     if not trajectory.get("steps"):
         return "no_steps"
+    if token_path and not all(step.get("tokens") for step in trajectory["steps"]):
+        return "no_tokens"
     if invalid_tool_calls(dict(trajectory)):  # the env answered the broken call; the student must not learn it
         return "invalid_tool_call"
     if trajectory.get("truncated") and truncated_policy == "drop":
@@ -75,13 +81,19 @@ def rollout_metrics(trajectories: list[Trajectory], dropped: Counter[str]) -> di
     if scored:
         metrics["rollout/reward"] = sum(float(t.get("reward", 0.0)) for t in scored) / len(scored)
     by_env: dict[str, list[float]] = {}
+    skipped: Counter[str] = Counter()
     for t in scored:
         by_env.setdefault(str(t["env"]), []).append(float(t.get("reward", 0.0)))
         for name, value in (t.get("metrics") or {}).items():
-            by_env.setdefault(f"{t['env']}/{name}", []).append(float(value))
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                by_env.setdefault(f"{t['env']}/{name}", []).append(float(value))
+            else:  # an environment's own metric (None where undefined, a string): not averaged, never a crash
+                skipped[f"{t['env']}/{name}"] += 1
     for name, values in by_env.items():
         suffix = name if "/" in name else f"{name}/reward"
         metrics[f"rollout/{suffix}"] = sum(values) / len(values)
+    for name, count in skipped.items():
+        metrics[f"rollout/{name}/not_a_number"] = float(count)
     metrics["rollout/set_aside"] = float(sum(dropped.values()))
     for reason, count in dropped.items():
         metrics[f"rollout/set_aside/{reason}"] = float(count)
@@ -125,6 +137,10 @@ def empty_step_message(
         hints.append(f"check the scoring teacher at {teacher.base_url} (see distill/set_aside/* and teacher/errors/*)")
     if any(r in REWARD_KINDS for r in reasons):
         hints.append("fix the environment's reward function: it must return a finite float, int or bool for every sample")
+    if "no_tokens" in reasons:
+        hints.append("the environment built its trajectory steps without the server's token ids: build each step "
+                     "with apprentice.envs.trajectory.make_step(prompt, completion, response) from the client's "
+                     "response (rl mode trains on the exact sampled tokens and their logprobs)")
     if "truncated" in reasons:
         hints.append("raise orchestrator.sampling.max_tokens or set orchestrator.truncated = \"keep\"")
     if reasons.get("set_aside/too_long"):

@@ -106,7 +106,7 @@ def write_step(cfg: Config, tokenizer: Any, done: StepRollouts, score: ScoreFn |
     dropped: Counter[str] = Counter()
     kept: list[Trajectory] = []
     for trajectory in done.trajectories:
-        reason = set_aside_reason(trajectory, cfg.orchestrator.truncated)
+        reason = set_aside_reason(trajectory, cfg.orchestrator.truncated, token_path=cfg.orchestrator.use_token_client)
         if reason is None:
             kept.append(trajectory)
         else:
