@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from apprentice.config import Config
+from apprentice.errors import ApprenticeError
 from apprentice.handoff.paths import MANIFEST, MARKER
 from apprentice.handoff.rollouts import write_step_batch
 from apprentice.handoff.weights import latest_published, publish, verify, weights_dir
@@ -146,3 +147,34 @@ def test_a_resumed_trainer_republishes_missing_weights_of_its_checkpoint(tmp_pat
 
         asyncio.run(before_batch_3())
         assert httpx.get(f"{base_url}/weights", timeout=10).json()["step"] == 2
+
+
+def test_a_student_endpoint_behind_an_api_key_gets_it_on_weight_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rollouts carried student_endpoint.api_key_var but the reloads did not: step 2 stopped with HTTP 401. Now every
+    request to the server carries the key; a wrong one is one clear error before anything is sampled."""
+    student = save_tiny_student(tmp_path / "student", seed=0)
+    output = tmp_path / "out"
+    sample = TrainingSample(list(range(3, 23)), [False] * 5 + [True] * 15, [0.0] * 20, 1.0)
+    write_step_batch(output, 1, [[sample, sample]])
+    app = build_app(student, dtype="float32", device="cpu", batch_window_s=0.0, api_key="sk-student-test")
+    with serve_asgi(app) as base_url:
+        cfg = rl_config(student, output, base_url)
+        assert cfg.orchestrator.student_endpoint is not None
+        cfg.orchestrator.student_endpoint.api_key_var = "STUDENT_KEY"
+        train(cfg)
+
+        async def before_batch_2() -> int:
+            sync = PolicySync(cfg)
+            try:
+                await sync.wait_ready()
+                await sync.wait(2)
+                return sync.policy_step()
+            finally:
+                await sync.aclose()
+
+        monkeypatch.setenv("STUDENT_KEY", "sk-wrong")
+        with pytest.raises(ApprenticeError, match=r"refused the credentials \(HTTP 401\).*student_endpoint.api_key_var"):
+            asyncio.run(before_batch_2())
+        monkeypatch.setenv("STUDENT_KEY", "sk-student-test")
+        assert asyncio.run(before_batch_2()) == 1
+        assert app.state.engine.weights["step"] == 1

@@ -136,16 +136,7 @@ class EndpointSession:
         await self._http.aclose()
 
     def api_key(self) -> str | None:
-        var = self.endpoint.api_key_var
-        if var is None:
-            return None  # no key configured: send no Authorization header at all
-        key = os.environ.get(var)
-        if not key:
-            raise TeacherAuthError(
-                f"the API key of {self.endpoint.base_url} is read from the environment variable {var!r} "
-                f"({self.section}.api_key_var), which is not set: export {var}=... and rerun"
-            )
-        return key
+        return read_api_key(self.endpoint, self.section)
 
     async def request(self, body: dict[str, Any], read: Reader[T], *, max_bytes: int | None = None) -> T:
         """POST `body` under the retry policy; `read`'s result. Raises ClientError / TeacherAuthError / SetAside."""
@@ -257,6 +248,28 @@ class EndpointSession:
         if status >= 500:
             raise Retryable("server", f"HTTP {status}: {message}")
         raise ClientError(_STATUS_KINDS.get(status, "client_error"), f"{self.endpoint.base_url} answered HTTP {status}: {message}")
+
+
+def read_api_key(endpoint: EndpointConfig, section: str) -> str | None:
+    """The endpoint's API key from its `api_key_var` (read at call time, never stored); None without one;
+    TeacherAuthError naming the variable when it is not set."""
+    var = endpoint.api_key_var
+    if var is None:
+        return None  # no key configured: send no Authorization header at all
+    key = os.environ.get(var)
+    if not key:
+        raise TeacherAuthError(
+            f"the API key of {endpoint.base_url} is read from the environment variable {var!r} "
+            f"({section}.api_key_var), which is not set: export {var}=... and rerun"
+        )
+    return key
+
+
+def endpoint_headers(endpoint: EndpointConfig, section: str) -> dict[str, str]:
+    """The headers every request to `endpoint` carries: its configured `headers` and its API key, for clients
+    other than a session's (weight reloads and updates to the student's server)."""
+    key = read_api_key(endpoint, section)
+    return {**endpoint.headers, **({"Authorization": f"Bearer {key}"} if key is not None else {})}
 
 
 def server_message(body: bytes, api_key: str | None) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from apprentice.clients.session import endpoint_headers
 from apprentice.config import Config
 from apprentice.config.rl import weight_broadcast
 from apprentice.errors import ApprenticeError
@@ -81,7 +82,8 @@ class PolicySync:
         self, cfg: Config, backend: Backend | None = None, on_step: Callable[[int, int], Coroutine[Any, Any, None]] | None = None
     ) -> None:
         self.output_dir = Path(cfg.output_dir)
-        self.base_url = rollout_endpoint(cfg).base_url
+        endpoint = rollout_endpoint(cfg)
+        self.base_url = endpoint.base_url
         self.backend = backend or backend_for(cfg)
         self.initial_model = cfg.model.name
         self.bound = min(cfg.orchestrator.max_async_level, cfg.orchestrator.max_off_policy_steps)
@@ -98,7 +100,9 @@ class PolicySync:
         """collective: the step of the complete update the server holds staged, at the last look (`newest`)."""
         self.loaded: int | None = None
         """Published step the server holds, as far as this process knows (None: not asked yet)."""
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0))
+        # The server's key and headers (a student_endpoint behind `apprentice serve --api-key-var`): reloads too.
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0),
+                                       headers=endpoint_headers(endpoint, "orchestrator.student_endpoint"))  # fmt: skip
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -145,10 +149,16 @@ class PolicySync:
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             try:
-                if (await self._http.get(f"{self.base_url}/models", timeout=5.0)).status_code < 500:
-                    return
+                status = (await self._http.get(f"{self.base_url}/models", timeout=5.0)).status_code
             except httpx.HTTPError:
-                pass
+                status = None
+            if status in (401, 403):
+                raise ApprenticeError(
+                    f"the inference server at {self.base_url} refused the credentials (HTTP {status}): check the key "
+                    "in the variable orchestrator.student_endpoint.api_key_var names"
+                )
+            if status is not None and status < 500:
+                return
             if time.monotonic() > deadline:
                 raise ApprenticeError(
                     f"the inference server at {self.base_url} did not answer within {self.startup_timeout_s:.0f} s; "

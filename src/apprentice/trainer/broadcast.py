@@ -51,12 +51,13 @@ class WeightSender:
     """Rank 0's side: owns the group with the server at `base_url` (an OpenAI-style base URL ending in /v1), which
     is `apprentice serve` (`server = "builtin"`) or vLLM with apprentice's worker extension (`"vllm"`)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 120.0, server: str = "builtin") -> None:
+    def __init__(self, base_url: str, timeout_s: float = 120.0, server: str = "builtin",
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.server = server
         self.group: dist.ProcessGroupGloo | None = None
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0), headers=headers)
 
     def send(self, state: dict[str, torch.Tensor], step: int) -> None:
         """Deliver `state` (full, unsharded weights) as the update of `step`; returns once the server staged it."""
@@ -211,8 +212,11 @@ def weight_sender(cfg: Config) -> WeightSender | None:
     """Rank 0's sender when rl mode sends weights over the collective (None: they go through the filesystem)."""
     if cfg.mode != "rl" or weight_broadcast(cfg) != "collective":
         return None
+    from apprentice.clients.session import endpoint_headers
     from apprentice.orchestrator.client import rollout_endpoint
 
+    endpoint = rollout_endpoint(cfg)
     timeout_s = cfg.inference.startup_timeout_s if cfg.inference is not None else 600.0
     server = cfg.inference.backend if cfg.inference is not None else "builtin"
-    return WeightSender(rollout_endpoint(cfg).base_url, timeout_s=timeout_s, server=server)
+    return WeightSender(endpoint.base_url, timeout_s=timeout_s, server=server,
+                        headers=endpoint_headers(endpoint, "orchestrator.student_endpoint"))  # fmt: skip
