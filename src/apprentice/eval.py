@@ -1,7 +1,10 @@
 """`apprentice eval CONFIG.toml --model DIR_OR_URL`: mean reward on the held-out tasks of each environment.
 
 A directory is served for the occasion with `apprentice serve`; a URL is used as an OpenAI-compatible endpoint
-(its API key variable is taken from [orchestrator.rollout_model] when the base URL matches).
+(with the API key variable and headers of the config's endpoint of that base URL: rollout_model, student_endpoint
+or teacher_model). The evaluation samples as rl mode's held-out evaluation does, whatever the mode: at
+`orchestrator.eval_temperature` (0, greedy, by default) over `orchestrator.eval_num_tasks` tasks per environment
+(`--num-tasks` overrides it), so a score of OUTPUT/final matches the last line of eval.jsonl.
 """
 
 from __future__ import annotations
@@ -36,20 +39,26 @@ class EnvResult:
     failed: int
 
 
-def served_model_name(base_url: str, api_key: str | None = None) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.get(f"{base_url}/models", headers=headers, timeout=30.0)
-    response.raise_for_status()
-    return str(response.json()["data"][0]["id"])
+def served_model_name(base_url: str) -> str:
+    """The first model id `base_url`/models lists; a UsageError naming the URL when it cannot say."""
+    try:
+        response = httpx.get(f"{base_url}/models", timeout=30.0)
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise UsageError(f"--model {base_url}: could not read the served model's name from {base_url}/models "
+                         f"({type(e).__name__}: {e}); is the server up at that URL?") from None  # fmt: skip
 
 
 @contextlib.contextmanager
 def endpoint_for(cfg: Config, model: str, server_args: list[str] | None = None) -> Iterator[EndpointConfig]:
     """An endpoint for `model`: a URL as is, or a local directory served on loopback for the block."""
     if model.startswith(("http://", "https://")):
-        teacher = cfg.orchestrator.rollout_model
-        if teacher is not None and teacher.base_url == model.rstrip("/"):
-            yield teacher
+        orch = cfg.orchestrator
+        known = [e for e in (orch.rollout_model, orch.student_endpoint, orch.teacher_model) if e is not None]
+        match = next((e for e in known if e.base_url == model.rstrip("/")), None)
+        if match is not None:  # its model name, key and headers
+            yield EndpointConfig.model_validate(match.model_dump(include=set(EndpointConfig.model_fields)))
             return
         yield EndpointConfig(base_url=model, model=served_model_name(model.rstrip("/")))
         return
@@ -60,8 +69,12 @@ def endpoint_for(cfg: Config, model: str, server_args: list[str] | None = None) 
 
 
 async def evaluate_endpoint(cfg: Config, endpoint: EndpointConfig, num_tasks: int | None = None) -> list[EnvResult]:
-    """Roll out every environment's eval tasks once against `endpoint` and average the rewards."""
-    client = OpenAIChatClient(endpoint, cfg.orchestrator.sampling, max_concurrency=cfg.orchestrator.max_concurrency, use_token_client=False, cache_dir=None)
+    """Roll out every environment's eval tasks once against `endpoint` (`num_tasks` per environment, default
+    orchestrator.eval_num_tasks; at orchestrator.eval_temperature) and average the rewards."""
+    orch = cfg.orchestrator
+    sampling = orch.sampling.model_copy(update={"temperature": orch.eval_temperature})
+    num_tasks = num_tasks if num_tasks is not None else orch.eval_num_tasks
+    client = OpenAIChatClient(endpoint, sampling, max_concurrency=orch.max_concurrency, use_token_client=False, cache_dir=None)
     results = []
     try:
         for env_cfg in cfg.orchestrator.env:

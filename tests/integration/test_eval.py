@@ -85,3 +85,21 @@ def test_eval_counts_bad_rewards_as_failed_tasks(student: Path, tmp_path: Path) 
         rows = evaluate(cfg, teacher.base_url)
     assert [(r.env, r.tasks, r.failed) for r in rows] == [("hostile", 4, 3)]
     assert rows[0].reward == pytest.approx(1.0 / 4)  # "aaaa" scores 1.0 on the one good task
+
+
+def test_eval_samples_as_the_held_out_evaluation_does_and_names_an_unreachable_url(student: Path, tmp_path: Path) -> None:
+    """`apprentice eval` used the rollouts' sampling (here temperature 0.7) over every eval task, so its score of
+    OUTPUT/final differed from rl's eval.jsonl; it now uses eval_temperature and eval_num_tasks. A URL nothing
+    answers at is a UsageError naming it (was an httpx traceback)."""
+    from apprentice.errors import UsageError
+
+    with FaultTeacher(respond=reverse_last_user) as teacher:
+        cfg = config(tmp_path, student, "http://127.0.0.1:9/v1")
+        cfg.orchestrator.sampling.temperature = 0.7
+        cfg.orchestrator.eval_num_tasks = 3
+        rows = evaluate(cfg, teacher.base_url)  # not the config's rollout_model URL: its name is read from /models
+        bodies = [r.body for r in teacher.chat_requests() if r.body]
+    assert [(r.env, r.tasks) for r in rows] == [("reverse-text", 3)]
+    assert len(bodies) == 3 and all(b["temperature"] == 0.0 for b in bodies)
+    with pytest.raises(UsageError, match=r"--model http://127\.0\.0\.1:9/v1/x: could not read .*Connection refused"):
+        evaluate(cfg, "http://127.0.0.1:9/v1/x")

@@ -22,6 +22,14 @@ def test_missing_api_key_variable_exits_2_naming_it(tmp_path: Path, capsys: obje
     assert "APPRENTICE_SERVE_TEST_UNSET" in capsys.readouterr().err  # type: ignore[attr-defined]
 
 
+def test_a_model_directory_that_does_not_exist_exits_2_naming_it(tmp_path: Path, capsys: object) -> None:
+    """Was a transformers traceback ("Repo id must be in the form ...")."""
+    missing = tmp_path / "no-such-model"
+    assert main([str(missing)]) == 2
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert f"error: MODEL {missing}: could not load it" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_non_positive_body_cap_exits_2(tmp_path: Path, capsys: object) -> None:
     assert main([str(tmp_path), "--max-body-mb", "0"]) == 2
     assert "--max-body-mb" in capsys.readouterr().err  # type: ignore[attr-defined]

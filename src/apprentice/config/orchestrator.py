@@ -301,9 +301,10 @@ class OrchestratorConfig(Section):
     """rl mode: every this many steps (and after the last) score the current policy on the environments' eval
     tasks through the inference server, logged as `eval/*`; 0 disables."""
     eval_num_tasks: int | None = Field(default=None, ge=1)
-    """Eval tasks per environment (None: all of them)."""
+    """Eval tasks per environment of the held-out evaluation, rl mode's and `apprentice eval`'s (None: all)."""
     eval_temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    """Sampling temperature of the held-out evaluation (0 = greedy: a low-noise score of the policy)."""
+    """Sampling temperature of the held-out evaluation, rl mode's and `apprentice eval`'s (0 = greedy: a low-noise
+    score of the policy)."""
     use_token_client: bool = True
     """Ask the server for token ids and logprobs (local inference only); must be false with a teacher endpoint."""
     seed: int = 0

@@ -29,8 +29,7 @@ class LogConfig(Section):
 
 
 RL_ONLY_KEYS = {
-    "orchestrator": ("max_off_policy_steps", "advantage", "advantage_std_norm", "skip_zero_advantage", "eval_interval",
-                     "eval_num_tasks", "eval_temperature"),
+    "orchestrator": ("max_off_policy_steps", "advantage", "advantage_std_norm", "skip_zero_advantage", "eval_interval"),
     "trainer": ("weights_keep", "weight_broadcast"),
 }  # fmt: skip
 """Per section, the keys only rl mode reads (`Config._no_rl_keys_in_distill_mode`)."""

@@ -351,6 +351,10 @@ def main(argv: list[str]) -> int:
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # no such directory (or hub id offline): transformers' own words, one line
+        print(f"error: MODEL {args.model}: could not load it ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+              f"pass a Hugging Face model directory (e.g. OUTPUT/final) or a cached hub id", file=sys.stderr)  # fmt: skip
+        return 2
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

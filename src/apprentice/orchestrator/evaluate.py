@@ -22,9 +22,7 @@ def due(cfg: Config, step: int) -> bool:
 
 async def eval_policy(cfg: Config) -> dict[str, float]:
     """`eval/*` metrics of the policy the server holds now."""
-    eval_cfg = cfg.model_copy(deep=True)
-    eval_cfg.orchestrator.sampling.temperature = cfg.orchestrator.eval_temperature
-    results = await evaluate_endpoint(eval_cfg, rollout_endpoint(cfg), cfg.orchestrator.eval_num_tasks)
+    results = await evaluate_endpoint(cfg, rollout_endpoint(cfg))  # at eval_temperature, over eval_num_tasks
     metrics: dict[str, float] = {}
     for r in results:
         metrics[f"eval/{r.env}/reward"] = r.reward
