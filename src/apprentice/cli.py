@@ -169,6 +169,7 @@ def cmd_rl(argv: Sequence[str]) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
+    check_student(cfg.model)  # before three processes start and each says so
     from apprentice.launcher_rl import run_rl
 
     return run_rl(cfg)

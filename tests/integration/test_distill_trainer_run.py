@@ -153,3 +153,18 @@ def test_trainer_threads_applies_outside_apprentice_rl_too(student: Path, tmp_pa
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_lowering_max_steps_below_the_last_checkpoint_is_refused(student: Path, tmp_path: Path) -> None:
+    """A rerun with max_steps = 1 after 2 steps trained nothing and exported the 2-step model as final/, exit 0."""
+    from apprentice.config import ConfigError
+
+    out = tmp_path / "run"
+    samples = teacher_samples(AutoModelForCausalLM.from_pretrained(student).config.vocab_size)
+    for step in (1, 2):
+        write_step_batch(out, step, [samples])
+    main(make_config(student, out, {"type": "distill"}, max_steps=2))
+    exported = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"checkpoints/step_2 is past trainer.max_steps = 1: this run already trained 2"):
+        main(make_config(student, out, {"type": "distill"}, max_steps=1))
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == exported

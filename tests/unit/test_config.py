@@ -288,6 +288,20 @@ def test_overrides_of_nested_keys() -> None:
     assert cfg.trainer.max_steps == 5
 
 
+def test_names_inside_free_form_tables_keep_their_dashes(tmp_path: Path) -> None:
+    """`-` means `_` in config keys, but not in a header, a request field or an environment argument the user names:
+    `headers.HTTP-Referer` was sent as `HTTP_Referer`, and overriding a file's `X-Title` added `X_Title` beside it."""
+    path = write(tmp_path, "run.toml", MINIMAL.read_text() + '\n[orchestrator.rollout_model.headers]\nX-Title = "file"\n')
+    cfg = load_config([path], ["--orchestrator.rollout_model.headers.X-Title", "cli",
+                               "--orchestrator.rollout_model.headers.HTTP-Referer", "https://app.example",
+                               "--orchestrator.sampling.extra_body.chat-template-kwargs", "{a = 1}",
+                               "--orchestrator.rollout-model.max-retries", "3"])  # fmt: skip
+    assert cfg.orchestrator.rollout_model is not None
+    assert cfg.orchestrator.rollout_model.headers == {"X-Title": "cli", "HTTP-Referer": "https://app.example"}
+    assert cfg.orchestrator.sampling.extra_body == {"chat-template-kwargs": {"a": 1}}
+    assert cfg.orchestrator.rollout_model.max_retries == 3
+
+
 def test_override_list_and_table_values() -> None:
     cfg = load_config(
         [MINIMAL],

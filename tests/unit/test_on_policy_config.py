@@ -86,6 +86,7 @@ def test_resuming_with_another_teacher_or_mix_is_refused(tmp_path: Path) -> None
 
     out = ["--output_dir", str(tmp_path / "run")]
     write_resolved(load(tmp_path, RL_CONFIG + TEACHER, out))
+    (tmp_path / "run" / "weights" / "step_1").mkdir(parents=True)  # the run got as far as one step
     moved = load(tmp_path, RL_CONFIG + TEACHER, [*out, "--orchestrator.teacher_model.base_url", "http://10.0.0.2:8000/v1"])
     assert check_resumable(moved) is True  # the same teacher on another host: operational
     other = load(tmp_path, RL_CONFIG + TEACHER + "[orchestrator.on_policy_distill]\nreward_coef = 1.0\n",

@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 import pytest
-from render_helpers import llama3_bpe
+from render_helpers import family, llama3_bpe
 
 from apprentice.clients.logprobs import MIN_TEACHER_LOGPROB, BadLogprob, parse_token_logprobs
 from apprentice.clients.scoring import parse_prompt_logprobs, stored_scores_problem
@@ -163,3 +163,21 @@ def test_the_end_of_turn_token_is_a_valid_alternative_and_matches_the_students_o
     assert sample.token_ids[first + 1] == student.convert_tokens_to_ids("<|im_end|>")
     assert sample.teacher_topk_ids[first + 1] == [student.convert_tokens_to_ids("<|im_end|>"), -1]
     assert cov.covered == 2 and not cov.uncovered
+
+
+def test_an_alternative_named_by_replacement_bytes_is_not_mapped_onto_the_students_literal_replacement_token() -> None:
+    """vLLM names each top-k token by decoding it alone: a token holding part of a character (an emoji's first
+    bytes) arrives as "\ufffd" with U+FFFD's bytes. Llama 3 (like SmolLM2) has a token of exactly those bytes
+    (5809): the teacher's probability of the emoji start was trained onto the literal "\ufffd"."""
+    student = family("llama3.2")  # the real Llama 3.2 tokenizer.json and chat template
+    replacement = "\ufffd".encode()
+    assert bytes_to_id(student)[replacement] == 5809
+    trajectory, sample = rendered_sample(student, "Greet me", "Hello")
+    content = openai_logprobs(student, "Hello", k=3)
+    content[0]["top"][2][0] = list(replacement)  # what vLLM sends for the partial-character alternative
+    trajectory["steps"][0]["teacher_logprobs"] = content
+    cov = Coverage()
+    attach_soft_targets(trajectory, [sample], StudentVocab(student), 3, cov)
+    assert sample.teacher_topk_ids is not None
+    assert all(5809 not in row for row in sample.teacher_topk_ids)
+    assert cov.metrics()["distill/topk/uncovered/unmapped_alternative"] == 1

@@ -256,3 +256,20 @@ def test_a_non_finite_step_is_reported_even_when_the_checkpoint_being_written_fa
     assert "step 2: non-finite loss (nan)" in str(raised.value)
     assert "Last good checkpoint: none yet" in str(raised.value)
     assert "failed too: [Errno 28] No space left on device" in caplog.text
+
+
+def test_a_resume_keeps_the_optimizer_state_but_takes_the_hyperparameters_of_its_config(tmp_path: Path) -> None:
+    """An edited trainer.optim (weight decay, betas, eps) was overwritten by the checkpoint's on resume while
+    OUTPUT/config.toml showed the new values; the moments and step counts still come from the checkpoint."""
+    parts = Parts(0)
+    parts.train_step()
+    parts.save(tmp_path, 1)
+    saved_moments = {k: v.clone() for k, v in parts.optimizer.state[next(iter(parts.model.parameters()))].items()}
+    edited = Parts(1)
+    for group in edited.optimizer.param_groups:
+        group.update(betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    assert edited.resume(tmp_path) == 1
+    group = edited.optimizer.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.1)
+    state = edited.optimizer.state[next(iter(edited.model.parameters()))]
+    assert all(torch.equal(state[k], v) for k, v in saved_moments.items())

@@ -173,3 +173,12 @@ def test_unexpected_errors_keep_their_traceback(student: Path, tmp_path: Path, m
     env = '[[orchestrator.env]]\nid = "crashing_env:make"\n'
     with pytest.raises(ZeroDivisionError, match="bug in the factory"):
         main(["orchestrate", str(config(tmp_path, student, env))])
+
+
+def test_rl_with_a_student_that_does_not_exist_fails_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rl_config = Path(__file__).resolve().parents[2] / "configs" / "rl-tiny-letters.toml"
+    missing = tmp_path / "no-such-model"
+    code = main(["rl", str(rl_config), "--model.name", str(missing), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.name" in err and "no such model directory" in err
+    assert not (tmp_path / "out").exists()  # nothing written, nothing started

@@ -93,10 +93,24 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
                 raise ConfigError(f"override --{key} has no value: write --{key} VALUE")
             raw = args[i + 1]
             i += 2
-        # `--a.use-token-client` means `use_token_client`; a negative array index stays as written for the error
-        key = ".".join(p if p.lstrip("-").isdigit() else p.replace("-", "_") for p in key.split("."))
-        pairs.append((key, parse_value(raw)))
+        pairs.append((field_key(key), parse_value(raw)))
     return pairs
+
+
+FREE_FORM_TABLES = frozenset({"headers", "extra_body", "args"})
+"""Config keys whose tables hold the user's own names (HTTP headers, request fields, environment arguments)."""
+
+
+def field_key(dotted: str) -> str:
+    """`a.use-token-client` -> `a.use_token_client` (config keys are snake_case); a name inside a free-form table
+    stays as written (`headers.HTTP-Referer` is a header), as does a negative array index (for its error)."""
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not part.lstrip("-").isdigit():
+            parts[i] = part.replace("-", "_")
+        if parts[i] in FREE_FORM_TABLES:
+            break
+    return ".".join(parts)
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any, origins: Origins) -> None:

@@ -59,9 +59,11 @@ def changed_identity_keys(previous: Config, current: Config) -> list[str]:
 
 
 def check_resumable(cfg: Config) -> bool:
-    """True when OUTPUT/config.toml exists and `cfg` may resume it; ConfigError when it would be another run."""
+    """True when OUTPUT holds a run (its config.toml and some step of it on disk) that `cfg` may resume; ConfigError
+    when it would be another run. A config.toml alone (an attempt that failed before writing any step, e.g. on a
+    missing data file or a wrong model name) is no run: the corrected config replaces it."""
     saved = Path(cfg.output_dir) / "config.toml"
-    if not saved.is_file():
+    if not saved.is_file() or not holds_run_state(Path(cfg.output_dir)):
         return False
     changed = changed_identity_keys(load_config([saved]), cfg)
     if changed:
@@ -71,3 +73,9 @@ def check_resumable(cfg: Config) -> bool:
             f"to start over (its saved config is {saved})."
         )
     return True
+
+
+def holds_run_state(output_dir: Path) -> bool:
+    """Whether a run wrote anything it would resume from: a step batch, a checkpoint or published weights (complete
+    or not: a partial one means a run got that far)."""
+    return any(any((output_dir / kind).glob("step_*")) for kind in ("rollouts", "checkpoints", "weights"))

@@ -70,13 +70,24 @@ class StudentVocab:
         self.special = bytes_to_id(tokenizer, special=True)
 
     def one(self, raw: list[int]) -> int | None:
-        """The one ordinary student id with exactly these bytes, or None."""
-        return self.ids.get(bytes(raw))
+        """The one ordinary student id with exactly these bytes, or None (also for replacement bytes)."""
+        key = bytes(raw)
+        return None if REPLACEMENT in key else self.ids.get(key)
 
     def alternative(self, raw: list[int]) -> int | None:
-        """An alternative's student id: an ordinary token, else a special token with exactly this text, or None."""
+        """An alternative's student id: an ordinary token, else a special token with exactly this text, or None
+        (also for replacement bytes)."""
         key = bytes(raw)
+        if REPLACEMENT in key:
+            return None
         return self.ids[key] if key in self.ids else self.special.get(key)
+
+
+REPLACEMENT = "\ufffd".encode()
+"""U+FFFD's UTF-8 bytes. vLLM names each top-k token by decoding it alone, so a token that is part of a character
+(an emoji's first bytes, a CJK byte piece) arrives as "\ufffd" with these bytes instead of its own: mapped, it would
+put the teacher's probability on the student's literal "\ufffd" token (SmolLM2 has one). Such an entry is not
+mapped (`unmapped_alternative`); a literal "\ufffd" is never a target worth having."""
 
 
 def _runs(mask: list[bool]) -> list[tuple[int, int]]:

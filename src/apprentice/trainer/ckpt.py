@@ -314,7 +314,13 @@ def load_checkpoint(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path / "state", no_dist=not world.distributed)
+    # The optimizer's state (moments, step counts) comes from the checkpoint, its hyperparameters from this run's
+    # config: loading the state would also bring back the saved betas, eps and weight decay, and an edited
+    # trainer.optim would be ignored without a word (lr follows the schedule below).
+    configured = [{k: group[k] for k in HYPERPARAMETERS if k in group} for group in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for group, values in zip(optimizer.param_groups, configured, strict=True):
+        group.update(values)
     restore_schedule_position(scheduler, int(raw["scheduler"]["last_epoch"]))
     rng = load_file(str(path / f"rng_rank_{world.rank}.safetensors"))
     torch.set_rng_state(rng["cpu"])
@@ -322,6 +328,10 @@ def load_checkpoint(
         torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(_python_rng_from_json(raw["python_rng"]))
     return TrainerState(step=int(raw["step"]), scheduler=raw["scheduler"], world_size=int(raw["world_size"]))
+
+
+HYPERPARAMETERS = ("betas", "eps", "weight_decay")
+"""Optimizer settings a resumed run takes from its config, not from the checkpoint (`load_checkpoint`)."""
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:

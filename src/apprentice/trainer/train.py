@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.distributed.fsdp import FSDPModule
 
-from apprentice.config import Config, load_config
+from apprentice.config import Config, ConfigError, load_config
 from apprentice.config.rl import weight_broadcast
 from apprentice.errors import exit_on_user_error
 from apprentice.handoff import weights
@@ -92,6 +92,12 @@ def main(cfg: Config) -> None:
         # Resume from the newest complete checkpoint that passes verification, if any.
         ckpt.remove_partial(output_dir, world)
         start_step = ckpt.resume(output_dir, model, optimizer, scheduler, world)
+        if start_step > cfg.trainer.max_steps:  # exporting it as final/ would pass off a longer run as this one
+            raise ConfigError(
+                f"{output_dir}/checkpoints/step_{start_step} is past trainer.max_steps = {cfg.trainer.max_steps}: this "
+                f"run already trained {start_step} steps. Raise trainer.max_steps to go on, or use a new output_dir "
+                f"for a shorter run"
+            )
         weights_keep = max(cfg.trainer.weights_keep, cfg.orchestrator.max_async_level + 2)
         if cfg.mode == "rl":  # an orchestrator may be waiting for the weights of the step we resume from
             weights.republish(model, tokenizer, output_dir, start_step, weights_keep)
