@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from apprentice.config import Config, ConfigError, write_resolved
 from apprentice.config.resume import check_resumable
+from apprentice.handoff.stop import clear_stopped
 from apprentice.orchestrator.spend import EXIT_SPEND_CAP
 
 POLL_S = 0.2
@@ -139,7 +140,7 @@ def _stop(processes: dict[str, subprocess.Popen[str]]) -> None:
 
 def supervise(
     commands: dict[str, list[str]], *, env: dict[str, str], must_finish: str, stop_code: int | None = None,
-    drained: Callable[[], bool] | None = None, services: tuple[str, ...] = (), grace_s: float = GRACE_S * 3,
+    services: tuple[str, ...] = (), grace_s: float = GRACE_S * 3,
     envs: dict[str, dict[str, str]] | None = None, drop: dict[str, re.Pattern[str]] | None = None,
     peers: tuple[str, ...] = (),
 ) -> int:  # fmt: skip
@@ -150,8 +151,8 @@ def supervise(
     left to do once the trainer has its last step, bar a final evaluation), then everything is stopped.
 
     A child exiting with `stop_code` (the orchestrator at a spend cap) is a clean stop, not a failure: the others
-    run until `drained()` holds (the trainer has trained every step written) or `must_finish` is done, are
-    stopped, and `stop_code` is returned.
+    run until `must_finish` exits 0 (the trainer, told where the orchestrator stopped, trains the steps written,
+    checkpoints and exports), are stopped, and `stop_code` is returned.
 
     `envs` adds per-child environment variables; `drop` filters a child's log lines. `peers` are the ranks of one
     job: after the first of them fails, the others' lines are left out (`_PeerFilter`).
@@ -184,7 +185,7 @@ def supervise(
                     print(f"apprentice: the {name} failed (exit code {code}); stopping {', '.join(others) or 'nothing else'}. See its log above.", file=sys.stderr)
                     _stop(processes)
                     return code or 1
-            if stopped_by is not None and (processes[must_finish].poll() == 0 or (drained is not None and drained())):
+            if stopped_by is not None and processes[must_finish].poll() == 0:
                 _stop(processes)
                 return stop_code or 0
             if processes[must_finish].poll() == 0:
@@ -241,8 +242,11 @@ def run_distill(cfg: Config) -> int:
     env.setdefault("TQDM_MININTERVAL", "5")  # children's bars become log lines; keep them few
     trainers, envs = trainer_processes(cfg, config_path)
     commands = {"orchestrator": [sys.executable, "-m", "apprentice", "orchestrate", str(config_path)], **trainers}
+    clear_stopped(output_dir)  # a previous attempt's stop must not end this attempt's trainer
+    # At a spend cap the orchestrator exits 3 and says where it stopped (OUTPUT/orchestrator/stopped.json): the
+    # trainer trains the written steps, checkpoints, exports final/ and exits 0.
     code = supervise(commands, env=env, envs=envs, must_finish="trainer", stop_code=EXIT_SPEND_CAP,
-                     drained=lambda: trainer_drained(output_dir), peers=tuple(trainers))  # fmt: skip
+                     peers=tuple(trainers))  # fmt: skip
     if code == 0:
         print(f"apprentice distill: done; the distilled student is in {output_dir / 'final'}", flush=True)
     elif code == EXIT_SPEND_CAP:
@@ -255,10 +259,3 @@ def run_distill(cfg: Config) -> int:
         )  # fmt: skip
     return code
 
-
-def trainer_drained(output_dir: Path) -> bool:
-    """The trainer has trained every step batch the orchestrator wrote."""
-    from apprentice.handoff.progress import read_trainer_progress
-    from apprentice.handoff.rollouts import latest_step_batch  # torch: keep the launcher light
-
-    return read_trainer_progress(output_dir) >= latest_step_batch(output_dir)

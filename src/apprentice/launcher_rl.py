@@ -29,9 +29,10 @@ from apprentice.config.resume import check_resumable
 from apprentice.config.rl import check_rl_config
 from apprentice.cpu_budget import split_cores, usable_cores, wait_policy
 from apprentice.handoff.rollouts import latest_step_batch
+from apprentice.handoff.stop import clear_stopped
 from apprentice.handoff.weights import latest_verified, remove_after, weights_dir
 from apprentice.inference.backends import backend_for
-from apprentice.launcher import supervise, trainer_drained, trainer_processes
+from apprentice.launcher import supervise, trainer_processes
 from apprentice.orchestrator.spend import EXIT_SPEND_CAP
 from apprentice.trainer import ckpt
 
@@ -118,11 +119,12 @@ def run_rl(cfg: Config) -> int:
     print(f"apprentice rl: CPU threads: inference server {plan.server_threads}, trainer "
           f"{plan.trainer_threads or os.environ.get('OMP_NUM_THREADS', 'torch default')} per rank "
           f"({usable_cores()} usable cores)", flush=True)  # fmt: skip
+    clear_stopped(output_dir)  # a previous attempt's stop must not end this attempt's trainer
     # An orchestrator stopped by the scoring teacher's spend cap (on-policy distillation) is a clean stop: the
-    # trainer trains the steps already written first.
+    # trainer trains the steps already written, checkpoints, exports final/ and exits 0.
     code = supervise(plan.commands, env=env, envs=plan.envs, must_finish="trainer", services=("inference",),
                      grace_s=FINAL_EVAL_GRACE_S if cfg.orchestrator.eval_interval else 30.0, drop={"inference": ACCESS_LOG},
-                     peers=plan.trainers, stop_code=EXIT_SPEND_CAP, drained=lambda: trainer_drained(output_dir))  # fmt: skip
+                     peers=plan.trainers, stop_code=EXIT_SPEND_CAP)  # fmt: skip
     if code == 0:
         print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
     elif code == EXIT_SPEND_CAP:

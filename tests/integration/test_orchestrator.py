@@ -289,3 +289,9 @@ progress = false
     assert proc.returncode == EXIT_SPEND_CAP, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "spend cap" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
     assert latest_step_batch(output) == 1 and read_trainer_progress(output) == 1  # step 1 was trained, not lost
+    # ...and kept: the trainer, told the orchestrator stopped after step 1, checkpointed it and exported final/
+    # (it was killed waiting for step 2, so a user at the end of a budget had no model and lost the steps since
+    # the last checkpoint interval).
+    assert (output / "checkpoints" / "step_1" / "COMPLETE").is_file()
+    assert json.loads((output / "final" / "config.json").read_text())["model_type"]
+    assert "the orchestrator stopped after step 1 (teacher spend cap)" in proc.stdout + proc.stderr

@@ -32,6 +32,7 @@ from safetensors.torch import save as st_save
 from apprentice import fsio
 from apprentice.errors import ApprenticeError
 from apprentice.handoff.paths import MARKER, complete_steps, rollouts_root, step_name
+from apprentice.handoff.stop import stopped_after
 from apprentice.types import TrainingSample
 
 log = logging.getLogger("apprentice.handoff")
@@ -284,10 +285,13 @@ def drop_unpackable(samples: list[TrainingSample], micro_batch_tokens: int) -> t
 def wait_for_step_batch(
     output_dir: Path, step: int, rank: int, timeout_s: float, poll_s: float = 0.05
 ) -> list[TrainingSample]:
-    """Poll until step `step` is complete, then read this rank's samples; BatchTimeoutError after `timeout_s`."""
+    """Poll until step `step` is complete, then read this rank's samples; BatchTimeoutError after `timeout_s`,
+    RunStopped when the orchestrator announced it stopped before this step."""
     deadline = time.monotonic() + timeout_s
     delay = min(poll_s, 0.01)
     while read_step_marker(output_dir, step) is None:
+        if (stop := stopped_after(output_dir)) is not None and stop.last < step:
+            raise stop
         if time.monotonic() >= deadline:
             raise BatchTimeoutError(
                 f"no step batch at {step_dir(output_dir, step)} after {timeout_s:.0f} s "

@@ -57,6 +57,7 @@ from apprentice.handoff.rollouts import (
     split_across_ranks,
     write_step_batch,
 )
+from apprentice.handoff.stop import clear_stopped, mark_stopped
 from apprentice.metrics import MetricsLog, progress_bar
 from apprentice.orchestrator.batch import NothingToTrainError, empty_step_message, rollout_metrics, set_aside_reason
 from apprentice.orchestrator.client import build_client
@@ -148,6 +149,7 @@ async def run(cfg: Config) -> None:
         check_rl_config(cfg)
     envs = [load_environment(env_cfg, seed=cfg.seed) for env_cfg in orch.env]  # a missing data file fails first
     tokenizer = load_student_tokenizer(cfg)
+    clear_stopped(output_dir)  # this attempt writes on (the launcher clears it too, before the trainer starts)
     if removed := remove_partial_steps(output_dir):  # a killed run's half-written steps: rewritten below
         log.info("removed %d partial rollouts step directories left by an earlier run: %s", len(removed), removed)
     first, last = latest_step_batch(output_dir) + 1, cfg.trainer.max_steps
@@ -284,7 +286,8 @@ def main(cfg: Config) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         asyncio.run(run(cfg))
-    except SpendCapReached as e:  # a clean stop, not a failure: the launcher lets the trainer finish the written steps
+    except SpendCapReached as e:  # a clean stop, not a failure: the trainer trains the written steps, then exports
+        mark_stopped(Path(cfg.output_dir), latest_step_batch(Path(cfg.output_dir)), "teacher spend cap")
         log.warning("stopped: %s", e)
         sys.exit(e.exit_code)
     except ApprenticeError as e:  # an expected failure (teacher down, every turn truncated): say why, no traceback

@@ -35,6 +35,7 @@ from apprentice.handoff.rollouts import (
     step_dir,
     wait_for_step_batch,
 )
+from apprentice.handoff.stop import RunStopped
 from apprentice.tokenizer import load_tokenizer
 from apprentice.trainer import attention, ckpt
 from apprentice.trainer.broadcast import send_weights, weight_sender
@@ -111,9 +112,19 @@ def main(cfg: Config) -> None:
 
         # The step loop.
         published: Path | None = None  # the last weights this process published (rl mode)
+        last_step = start_step  # the newest step trained (and, once the loop ends, checkpointed)
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t_wait = time.perf_counter()
-            samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
+            try:
+                samples = read_rank_batch(output_dir, step, world, cfg.trainer.batch_timeout_s)
+            except RunStopped as stop:  # a spend cap: the written steps are trained; keep them and export
+                log.warning("%s: checkpointing step %d and exporting OUTPUT/final; rerun the same command to "
+                            "go on once the cause is fixed", stop, last_step)  # fmt: skip
+                if last_step > start_step and last_step % cfg.trainer.ckpt.interval != 0:
+                    save = checkpointer.save if checkpointer is not None else ckpt.save_checkpoint
+                    save(output_dir, last_step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
+                published = None  # rl, collective: the last weights on disk may be older than last_step's
+                break
             samples, skipped = skip_unpackable(samples, cfg.trainer.micro_batch_tokens, output_dir, step, world)
             check_token_ids(samples, rows, output_dir, step)
             if cfg.trainer.loss.type == "distill":
@@ -151,9 +162,11 @@ def main(cfg: Config) -> None:
                 save(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
+            last_step = step
 
         # The last step's published weights are the final model: final/ links to their files (rank 0's path).
-        export_final(model, tokenizer, output_dir, same_as=published if cfg.mode == "rl" and world.world_size == 1 else None)
+        if last_step > 0:  # not the untouched initial model, when a stop came before any step
+            export_final(model, tokenizer, output_dir, same_as=published if cfg.mode == "rl" and world.world_size == 1 else None)
         if checkpointer is not None:
             checkpointer.wait()  # the last checkpoint is complete before the trainer reports success
         logger.close()
