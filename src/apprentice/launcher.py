@@ -254,8 +254,9 @@ def run_distill(cfg: Config) -> int:
 
         print(
             f"apprentice distill: stopped at the teacher spend cap after step {latest_step_batch(output_dir)} (exit code "
-            f"{EXIT_SPEND_CAP}; see the orchestrator's message above). Raise orchestrator.rollout_model.max_tokens_total "
-            f"(or max_cost) and rerun the same command to resume.", file=sys.stderr, flush=True,
+            f"{EXIT_SPEND_CAP}; see the orchestrator's message above); the model trained so far is in "
+            f"{output_dir / 'final'}. Raise orchestrator.rollout_model.max_tokens_total (or max_cost) and rerun the "
+            f"same command to resume.", file=sys.stderr, flush=True,
         )  # fmt: skip
     return code
 

@@ -129,6 +129,7 @@ def run_rl(cfg: Config) -> int:
         print(f"apprentice rl: done; the trained policy is in {output_dir / 'final'}", flush=True)
     elif code == EXIT_SPEND_CAP:
         print(f"apprentice rl: stopped at the teacher spend cap after step {latest_step_batch(output_dir)} (exit code "
-              f"{EXIT_SPEND_CAP}; see the orchestrator's message above). Raise orchestrator.teacher_model."
-              f"max_tokens_total (or max_cost) and rerun the same command to resume.", file=sys.stderr, flush=True)  # fmt: skip
+              f"{EXIT_SPEND_CAP}; see the orchestrator's message above); the policy trained so far, if any step "
+              f"was, is in {output_dir / 'final'}. Raise orchestrator.teacher_model.max_tokens_total (or max_cost) "
+              f"and rerun the same command to resume.", file=sys.stderr, flush=True)  # fmt: skip
     return code
