@@ -24,6 +24,8 @@ def test_prompt_logprobs_are_read_and_the_generated_token_dropped() -> None:
         ({"choices": []}, "no 'choices'"),
         ({"choices": [{"text": "abc", "logprobs": None}]}, "does not echo scored prompts"),
         (body([None, -0.5]), "2 echoed token logprobs for a prompt of 3 tokens"),
+        # a server that put a BOS before the ids scored a shifted sequence: every logprob would be one token off
+        (body([None, -0.5, -2.25, -0.1, -0.3]), "5 echoed token logprobs for a prompt of 3 tokens .*BOS"),
         (body([None, "x", -1.0]), "not a logprob"),
         (body([None, 0.5, -1.0]), "not a logprob"),
         (body([None, float("nan"), -1.0]), "must be finite"),

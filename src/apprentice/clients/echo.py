@@ -44,8 +44,9 @@ def parse_echo_logprobs(data: Any, n_prompt: int) -> PromptScores:
     if not isinstance(values, list):
         raise ValueError("choices[0].logprobs has no 'token_logprobs' list: the server does not echo scored "
                          "prompts (OpenAI's legacy completions shape; vLLM and `apprentice serve` do)")  # fmt: skip
-    if len(values) < n_prompt:
-        raise ValueError(f"{len(values)} echoed token logprobs for a prompt of {n_prompt} tokens")
+    if not n_prompt <= len(values) <= n_prompt + 1:  # the prompt's, plus the one generated token (max_tokens = 1)
+        raise ValueError(f"{len(values)} echoed token logprobs for a prompt of {n_prompt} tokens (and at most one "
+                         "generated): the server scored another token sequence (a BOS token added to the prompt?)")  # fmt: skip
     out: list[float | None] = [None if v is None else check_logprob(v, f"token_logprobs[{i}]")
                                for i, v in enumerate(values[:n_prompt])]  # fmt: skip
     return PromptScores(logprobs=out)
