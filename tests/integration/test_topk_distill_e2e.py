@@ -81,10 +81,13 @@ top_k = 4
     for m in orch:
         assert 0.0 < m["distill/topk_mass"] <= 1.0 + 1e-6
         if mode == "off_policy":
-            # Same tokenizer: every token maps. A random tiny teacher often writes token sequences the tokenizer
-            # would merge differently (`retokenized`: no soft targets from there on); nothing else is uncovered.
+            # Same tokenizer: every ordinary token maps. A random tiny teacher often writes token sequences the
+            # tokenizer would merge differently (`retokenized`: no soft targets from there on), and now and then
+            # samples a special token such as <|endoftext|> mid-answer, which its text drops (`unmapped_token`, seen
+            # in about one run in four); nothing else is uncovered.
             assert m["distill/topk/covered_fraction"] > 0.0
-            assert set(k.rsplit("/", 1)[1] for k in m if k.startswith("distill/topk/uncovered/")) <= {"retokenized", "not_scored"}
+            kinds = {k.rsplit("/", 1)[1] for k in m if k.startswith("distill/topk/uncovered/")}
+            assert kinds <= {"retokenized", "not_scored", "unmapped_token"}
     assert all("distill/forward_kl" in m and m["distill/forward_kl"] >= 0.0 for m in trainer)
     batch = read_step_batch(output, 1, 0)
     assert any(s.teacher_topk_ids is not None and any(r[0] >= 0 for r in s.teacher_topk_ids) for s in batch)
