@@ -52,6 +52,29 @@ def test_synthetic_tasks_are_seeded(env_id: str) -> None:
     assert len({t.id for t in f.tasks("train") + f.tasks("eval")}) == 70
 
 
+def test_prompts_files_that_were_misread_are_clear_errors_and_eval_never_repeats_a_training_prompt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"question": "ok"}\n{"question": "caf\xe9"}\n')
+    with pytest.raises(EnvError, match=r"latin1\.jsonl line 2: not UTF-8 \(byte 0xe9 at column 18\)"):
+        load("prompts", path=str(latin1))  # was a bare UnicodeDecodeError naming neither file nor line
+    path = write_jsonl(tmp_path / "data.jsonl", [{"question": f"q{i}"} for i in range(5)])
+    with pytest.raises(EnvError, match=r"split 'test' applies to a `datasets` directory .* is a file"):
+        load("prompts", path=str(path), split="test")  # was read whole as training data
+    with caplog.at_level("WARNING", logger="apprentice.envs"):
+        env = load("prompts", path=str(path), eval_path=str(path))
+    assert len(env.tasks("train")) == 5 and env.tasks("eval") == []  # the held-out set was the training set
+    assert "5 of 5 eval tasks have the prompt of a training task" in caplog.text
+
+
+def test_reverse_text_alphabets_that_hung_or_could_not_be_scored_are_refused() -> None:
+    with pytest.raises(EnvError, match=r"alphabet 'aa' repeats a character"):
+        load("reverse-text", num_tasks=2, num_eval_tasks=0, min_len=2, max_len=2, alphabet="aa")  # looped forever
+    with pytest.raises(EnvError, match=r"alphabet .* holds \[' '\]: whitespace and quote characters"):
+        load("reverse-text", alphabet="abc ")  # a right answer ending in a space scored 0.875
+
+
 def test_reverse_text_args() -> None:
     env = load("reverse-text", num_tasks=20, num_eval_tasks=4, min_len=3, max_len=4, alphabet="ab", name="rev-ab")
     assert env.name == "rev-ab"
@@ -136,9 +159,10 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     name = f"user_envs_{tmp_path.name.replace('-', '_')}"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_ENV))
     (tmp_path / f"{name}_broken.py").write_text("import package_that_does_not_exist_xyz\n")
+    (tmp_path / f"{name}_syntax.py").write_text("def make(:\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name
-    for mod in (name, f"{name}_broken"):
+    for mod in (name, f"{name}_broken", f"{name}_syntax"):
         sys.modules.pop(mod, None)
 
 
@@ -161,6 +185,8 @@ def test_import_path_environment(user_module: str) -> None:
 def test_import_path_errors(user_module: str) -> None:
     with pytest.raises(EnvError, match=r"cannot import module 'no_such_module_xyz'.*PYTHONPATH"):
         load("no_such_module_xyz:make")
+    with pytest.raises(EnvError, match=r"importing '.*_syntax' failed: SyntaxError: .*line 1"):
+        load(f"{user_module}_syntax:make")  # was a bare SyntaxError traceback
     with pytest.raises(
         EnvError, match=r"importing '.*_broken' failed: No module named 'package_that_does_not_exist_xyz'"
     ):
@@ -233,6 +259,14 @@ def test_prompts_rows_to_tasks(tmp_path: Path) -> None:
             r"line 2: duplicate id '1' \(first at .*line 1\)",
         ),
         ([""], {}, r"has no rows"),
+        # These were dropped or stringified without a word (the system message lost; 3.0 never matching "3").
+        (
+            [{"messages": [{"role": "user", "content": "hi"}], "system": "You are a pirate"}],
+            {},
+            r"line 1: a row with 'messages' cannot also have 'system'",
+        ),
+        ([{"question": "1.5 + 1.5?", "answer": 3.0}], {"reward": "exact"}, r"line 1: 'answer' must be a string .*got 3\.0"),
+        ([{"question": "2 + 2?", "answer": ["4", "four"]}], {"reward": "exact"}, r"'answer' must be a string .*regex"),
     ],
 )
 def test_prompts_bad_rows_name_file_and_line(

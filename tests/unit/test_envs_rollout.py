@@ -205,3 +205,25 @@ def test_one_tool_call_normaliser_fills_ids_serialises_arguments_and_refuses_nam
     for broken in ({"function": {"arguments": "{}"}}, {"id": "c1"}, {"function": {"name": ""}}):
         with pytest.raises(ValueError, match="tool call without"):
             normalize_tool_call(broken, "call_0_0")
+
+
+def test_a_tool_that_fails_on_made_up_arguments_answers_an_error_and_a_non_text_result_goes_as_json() -> None:
+    """A tool doing args["key"] raised KeyError when the model misspelt the key: the exception left the rollout and
+    the producer stopped the whole run. Now the model reads the error and the episode goes on; an int result went
+    into the tool message as a number (not text)."""
+    from apprentice.envs.base import Task
+    from apprentice.envs.tool_env import Tool, ToolEnv
+
+    def lookup(args: dict[str, Any]) -> Any:
+        return {"celsius": 21} if args["city"] == "Paris" else 42
+
+    schema = {"type": "function", "function": {"name": "lookup", "description": "d", "parameters": {"type": "object"}}}
+    env = ToolEnv("t", [Task(id="0", prompt=[{"role": "user", "content": "?"}])], [], [Tool(schema, lookup)],
+                  lambda text, task: (0.0, {}), max_turns=2)  # fmt: skip
+
+    def call(arguments: str) -> tuple[str, bool]:
+        return env.call_tool({"id": "c", "type": "function", "function": {"name": "lookup", "arguments": arguments}})
+
+    assert call('{"citty": "Paris"}') == ("Error: lookup failed: KeyError: 'city'", False)
+    assert call('{"city": "Paris"}') == ('{"celsius": 21}', True)
+    assert call('{"city": "Rome"}') == ("42", True)

@@ -11,6 +11,7 @@ optional `system`; both may carry `answer` (the reference of the reward) and `id
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from apprentice.envs.base import EnvError, Task
 from apprentice.envs.rewards import MATCHERS, MatchOptions
 from apprentice.envs.single_turn import SingleTurnEnv
+
+log = logging.getLogger("apprentice.envs")
 
 _ROLES = {"system", "user", "assistant", "tool"}
 _KNOWN_KEYS = {"id", "messages", "question", "system", "answer"}
@@ -63,18 +66,22 @@ class PromptsArgs(BaseModel):
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EnvError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise EnvError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path} line {line_no}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EnvError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the file "
+                           "as UTF-8") from None  # fmt: skip
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EnvError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise EnvError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
 
 
 def _dataset_rows(path: Path, split: str, require_split: bool) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -104,6 +111,9 @@ def _rows(path_str: str, split: str, require_split: bool = False) -> list[tuple[
         raise EnvError(
             f"prompts: eval_split needs a `datasets` directory with splits; {path} is a file (use eval_path)"
         )
+    if not path.is_dir() and split != "train":
+        raise EnvError(f"prompts: split {split!r} applies to a `datasets` directory of splits; {path} is a file, "
+                       "read whole (remove `split`)")  # fmt: skip
     rows = list(_dataset_rows(path, split, require_split) if path.is_dir() else _jsonl_rows(path))
     if not rows:
         raise EnvError(f"prompts: {path} has no rows")
@@ -129,6 +139,10 @@ def _messages(where: str, value: Any) -> list[dict[str, Any]]:
 def row_to_task(where: str, row: dict[str, Any], index: int, args: PromptsArgs, id_prefix: str = "") -> Task:
     """One row -> Task, or an EnvError naming `where` (file and line) and what is missing."""
     if "messages" in row:
+        beside = [k for k in ("system", "question") if k in row]
+        if beside:  # they would be dropped without a word: the prompt is `messages` alone
+            raise EnvError(f"{where}: a row with 'messages' cannot also have {' or '.join(repr(k) for k in beside)}; "
+                           "put the system message (and the question) into 'messages'")  # fmt: skip
         prompt = _messages(where, row["messages"])
         if args.system_prompt and prompt[0]["role"] != "system":
             prompt.insert(0, {"role": "system", "content": args.system_prompt})
@@ -145,6 +159,9 @@ def row_to_task(where: str, row: dict[str, Any], index: int, args: PromptsArgs, 
     if args.reward != "none":
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             raise EnvError(f"{where}: reward={args.reward!r} needs an 'answer' in every row; this row has none")
+        if isinstance(answer, bool) or not isinstance(answer, str | int):  # str(3.0) == "3.0" never matches "3"
+            raise EnvError(f"{where}: 'answer' must be a string (or a whole number), got {answer!r}; write it as the "
+                           "text a right reply holds (several right answers: reward = \"regex\" with an alternation)")  # fmt: skip
         answer = str(answer)
         if args.reward == "regex":
             try:
@@ -189,6 +206,13 @@ def make_prompts_env(args: PromptsArgs, seed: int) -> SingleTurnEnv:
         train, eval_ = split_holdout(tasks, args.eval_fraction, args.seed if args.seed is not None else seed)
     if not train:
         raise EnvError(f"prompts: {args.path} leaves no training tasks")
+    trained = {json.dumps(t.prompt, sort_keys=True) for t in train}
+    leaked = [t for t in eval_ if json.dumps(t.prompt, sort_keys=True) in trained]
+    if leaked:  # a held-out score on prompts the policy trained on is no held-out score
+        log.warning("prompts %r: %d of %d eval tasks have the prompt of a training task (e.g. %s); left out of the "
+                    "evaluation", args.name, len(leaked), len(eval_), leaked[0].id)  # fmt: skip
+        leaked_ids = {t.id for t in leaked}
+        eval_ = [t for t in eval_ if t.id not in leaked_ids]
     opts = MatchOptions(ignore_case=args.ignore_case, normalize_whitespace=args.normalize_whitespace)
     matcher = MATCHERS.get(args.reward)  # None for reward = "none"
 

@@ -109,6 +109,8 @@ def _import_factory(env_id: str) -> Callable[..., Any]:
                 "add its directory to PYTHONPATH"
             ) from e
         raise EnvError(f"environment {env_id!r}: importing {module_name!r} failed: {e}") from e
+    except (ImportError, SyntaxError) as e:  # the module itself is broken (a bad import in it, a syntax error)
+        raise EnvError(f"environment {env_id!r}: importing {module_name!r} failed: {type(e).__name__}: {e}") from e
     obj: Any = module
     for part in attr_path.split("."):
         if not hasattr(obj, part):

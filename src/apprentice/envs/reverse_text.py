@@ -8,10 +8,10 @@ from __future__ import annotations
 import random
 import string
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from apprentice.envs.base import EnvError, Task
-from apprentice.envs.rewards import char_similarity, strip_wrapping
+from apprentice.envs.rewards import QUOTE_CHARACTERS, char_similarity, strip_wrapping
 from apprentice.envs.single_turn import SingleTurnEnv
 
 DEFAULT_SYSTEM_PROMPT = "Reverse the text you are given, character by character. Reply with the reversed text only."
@@ -36,6 +36,19 @@ class ReverseTextArgs(BaseModel):
     """Name in metrics."""
     seed: int | None = None
     """Seed of the generated texts; defaults to the run's seed."""
+
+    @field_validator("alphabet")
+    @classmethod
+    def _plain_distinct_characters(cls, alphabet: str) -> str:
+        # A repeated character made the count of distinct texts too high (generation then looped forever); a space
+        # or a quote at either end of a text is stripped from the reply by the reward, so a right answer scored < 1.
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"alphabet {alphabet!r} repeats a character; list each character once")
+        wrapping = sorted({c for c in alphabet if c.isspace() or c in QUOTE_CHARACTERS})
+        if wrapping:
+            raise ValueError(f"alphabet {alphabet!r} holds {wrapping}: whitespace and quote characters around a reply "
+                             "are stripped before it is scored, so a text ending in one could never be matched")  # fmt: skip
+        return alphabet
 
     @model_validator(mode="after")
     def _lengths(self) -> ReverseTextArgs:

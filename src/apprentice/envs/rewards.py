@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 _QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "\u201c": "\u201d", "\u2018": "\u2019"}
+QUOTE_CHARACTERS = frozenset(_QUOTE_PAIRS) | frozenset(_QUOTE_PAIRS.values())
+"""Characters `strip_wrapping` may remove around a reply."""
 _NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 

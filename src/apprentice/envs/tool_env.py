@@ -67,9 +67,13 @@ class ToolEnv:
         if not isinstance(args, dict):
             return f"Error: the arguments of {name} must be a JSON object, got {raw_args}", False
         try:
-            return tool.fn(args), True
+            result = tool.fn(args)
         except ValueError as e:  # ToolError and the tools' own input errors (CalculatorError, ...)
             return f"Error: {e}", False
+        except Exception as e:  # a tool failing on arguments the model made up (a KeyError on a misspelt key):
+            return f"Error: {name} failed: {type(e).__name__}: {e}", False  # the model sees it; the episode goes on
+        # A tool message's content is text: a number or a dict a tool returned goes as its JSON.
+        return (result if isinstance(result, str) else json.dumps(result, default=str)), True
 
     async def rollout(self, task: Task, client: ChatClient, key: str) -> Trajectory:
         messages: list[dict[str, Any]] = [dict(m) for m in task.prompt]
