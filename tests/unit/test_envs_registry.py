@@ -62,10 +62,13 @@ def test_prompts_files_that_were_misread_are_clear_errors_and_eval_never_repeats
     path = write_jsonl(tmp_path / "data.jsonl", [{"question": f"q{i}"} for i in range(5)])
     with pytest.raises(EnvError, match=r"split 'test' applies to a `datasets` directory .* is a file"):
         load("prompts", path=str(path), split="test")  # was read whole as training data
+    overlapping = write_jsonl(tmp_path / "eval.jsonl", [{"question": q} for q in ("q1", "new", "q3")])
     with caplog.at_level("WARNING", logger="apprentice.envs"):
-        env = load("prompts", path=str(path), eval_path=str(path))
-    assert len(env.tasks("train")) == 5 and env.tasks("eval") == []  # the held-out set was the training set
-    assert "5 of 5 eval tasks have the prompt of a training task" in caplog.text
+        env = load("prompts", path=str(path), eval_path=str(overlapping))
+    assert [t.prompt[-1]["content"] for t in env.tasks("eval")] == ["new"]  # q1 and q3 were trained on
+    assert "2 of 3 eval tasks have the prompt of a training task" in caplog.text
+    # The same file for both is an evaluation-only environment on purpose (the demo's `format`): kept whole.
+    assert len(load("prompts", path=str(path), eval_path=str(path)).tasks("eval")) == 5
 
 
 def test_reverse_text_alphabets_that_hung_or_could_not_be_scored_are_refused() -> None:

@@ -206,9 +206,12 @@ def make_prompts_env(args: PromptsArgs, seed: int) -> SingleTurnEnv:
         train, eval_ = split_holdout(tasks, args.eval_fraction, args.seed if args.seed is not None else seed)
     if not train:
         raise EnvError(f"prompts: {args.path} leaves no training tasks")
-    trained = {json.dumps(t.prompt, sort_keys=True) for t in train}
+    # A held-out score on prompts the policy trained on is no held-out score. The same file for both says it on
+    # purpose (an evaluation-only environment, as the demo's `format`); an overlap otherwise is an accident.
+    same_file = args.eval_path is not None and Path(args.eval_path).resolve() == Path(args.path).resolve()
+    trained = set() if same_file else {json.dumps(t.prompt, sort_keys=True) for t in train}
     leaked = [t for t in eval_ if json.dumps(t.prompt, sort_keys=True) in trained]
-    if leaked:  # a held-out score on prompts the policy trained on is no held-out score
+    if leaked:
         log.warning("prompts %r: %d of %d eval tasks have the prompt of a training task (e.g. %s); left out of the "
                     "evaluation", args.name, len(leaked), len(eval_), leaked[0].id)  # fmt: skip
         leaked_ids = {t.id for t in leaked}
