@@ -273,3 +273,21 @@ def test_a_resume_keeps_the_optimizer_state_but_takes_the_hyperparameters_of_its
     assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-6, 0.1)
     state = edited.optimizer.state[next(iter(edited.model.parameters()))]
     assert all(torch.equal(state[k], v) for k, v in saved_moments.items())
+
+
+def test_every_rank_names_the_rank_file_that_holds_the_nan(tmp_path: Path) -> None:
+    """Two ranks, the NaN advantage in rank 1's file: rank 0 (whose own samples are finite) told the user the model
+    diverged and to lower the learning rate, while rank 1 said to delete the batch; which line the user saw was a
+    race. Both now name rank_1's file and say to delete the batch."""
+    from apprentice.handoff.rollouts import write_step_batch
+    from apprentice.types import TrainingSample
+
+    good = TrainingSample([1, 2, 3], [False, True, True], [0.0, -1.0, -1.0], 0.5)
+    bad = TrainingSample([1, 2, 3], [False, True, True], [0.0, -1.0, -1.0], float("nan"))
+    write_step_batch(tmp_path, 2, [[good], [bad]])
+    nan = StepResult(metrics={"loss/total": float("nan")}, grad_norm=float("nan"), tokens=6, pad_tokens=0)
+    for own in ([good], [bad]):  # rank 0's view, then rank 1's
+        with pytest.raises(NonFiniteError) as raised:
+            check_finite(2, nan, tmp_path, own, None, world_size=2)
+        assert "holds non-finite values (rank_1.safetensors: sample 0 has advantage nan)" in str(raised.value)
+        assert "lower trainer.optim.lr" not in str(raised.value)

@@ -30,6 +30,8 @@ from apprentice.handoff.progress import write_trainer_progress
 from apprentice.handoff.rollouts import (
     BatchError,
     drop_unpackable,
+    rank_file,
+    read_step_batch,
     read_step_marker,
     step_batch_has_topk,
     step_dir,
@@ -133,7 +135,7 @@ def main(cfg: Config) -> None:
             result = train_step(model, samples, loss_fn, params, world, device, micro_batch_tokens=cfg.trainer.micro_batch_tokens,
                                 grad_clip=cfg.trainer.grad_clip, logprob_chunk_tokens=cfg.trainer.logprob_chunk_tokens,
                                 skipped_samples=skipped)  # fmt: skip
-            check_finite(step, result, output_dir, samples, checkpointer)
+            check_finite(step, result, output_dir, samples, checkpointer, world.world_size)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -310,9 +312,11 @@ def first_non_finite(samples: list[TrainingSample]) -> str | None:
 
 
 def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[TrainingSample],
-                 checkpointer: ckpt.BackgroundCheckpointer | None = None) -> None:  # fmt: skip
+                 checkpointer: ckpt.BackgroundCheckpointer | None = None, world_size: int = 1) -> None:  # fmt: skip
     """Stop before a NaN/inf update reaches the weights; the last complete checkpoint stays as it is. The message
-    names the step batch, and says to delete it when it holds the non-finite values (a rerun would read it again)."""
+    names the step batch, and says to delete it when it holds the non-finite values (a rerun would read it again).
+    Every rank gives the same verdict: the loss is all-reduced, so a NaN in any rank's file is looked for in all of
+    them (rank 0's clean file once told the user to lower the learning rate while rank 1's held the NaN)."""
     loss = result.metrics["loss/total"]
     if math.isfinite(loss) and math.isfinite(result.grad_norm):
         return
@@ -320,7 +324,12 @@ def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[
         checkpointer.settle()  # a failed write is logged; the non-finite step is the error this run reports
     last = ckpt.latest_checkpoint(output_dir)
     batch = step_dir(output_dir, step)
-    where = first_non_finite(samples)
+    where = first_non_finite(samples) if world_size == 1 else None
+    for rank in range(world_size if world_size > 1 else 0):  # only on this failure path: read every rank's file
+        found = first_non_finite(read_step_batch(output_dir, step, rank))
+        if found is not None:
+            where = f"{rank_file(output_dir, step, rank).name}: {found}"
+            break
     if where is not None:
         cause = (
             f"The step batch {batch} holds non-finite values ({where}): every rerun reads it again. Delete {batch} "
@@ -328,7 +337,7 @@ def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[
         )
     else:
         cause = (
-            f"The step batch {batch} is finite on this rank, so the model diverged: lower trainer.optim.lr (or "
+            f"The step batch {batch} is finite, so the model diverged: lower trainer.optim.lr (or "
             f"raise trainer.grad_clip), delete {batch} and later rollouts/step_* if you change the data, and rerun"
         )
     raise NonFiniteError(
