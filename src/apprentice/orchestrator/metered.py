@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from apprentice.clients.base import ChatResponse, ClientError, Usage
-from apprentice.orchestrator.spend import SpendCapReached, SpendLedger
+from apprentice.orchestrator.spend import SpendLedger
 
 
 class CountingClient(Protocol):
@@ -86,8 +86,8 @@ class MeteredClient:
     async def chat(
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, key: str = ""
     ) -> ChatResponse:
-        if self.ledger is not None and (reason := self.ledger.exhausted()) is not None:
-            raise SpendCapReached(reason)
+        if self.ledger is not None:
+            self.ledger.check()  # SpendCapReached once a cap is reached
         self.meter.change(+1)
         try:
             response = await self.inner.chat(messages, tools=tools, key=key)
