@@ -115,6 +115,7 @@ def main(cfg: Config) -> None:
         # The step loop.
         published: Path | None = None  # the last weights this process published (rl mode)
         last_step = start_step  # the newest step trained (and, once the loop ends, checkpointed)
+        save = checkpointer.save if checkpointer is not None else ckpt.save_checkpoint
         for step in range(start_step + 1, cfg.trainer.max_steps + 1):
             t_wait = time.perf_counter()
             try:
@@ -123,7 +124,6 @@ def main(cfg: Config) -> None:
                 log.warning("%s: checkpointing step %d and exporting OUTPUT/final; rerun the same command to "
                             "go on once the cause is fixed", stop, last_step)  # fmt: skip
                 if last_step > start_step and last_step % cfg.trainer.ckpt.interval != 0:
-                    save = checkpointer.save if checkpointer is not None else ckpt.save_checkpoint
                     save(output_dir, last_step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
                 published = None  # rl, collective: the last weights on disk may be older than last_step's
                 break
@@ -160,7 +160,6 @@ def main(cfg: Config) -> None:
                 **phases,
             })  # before the checkpoint: a line of a step that is not checkpointed yet is redone on resume
             if step % cfg.trainer.ckpt.interval == 0 or step == cfg.trainer.max_steps:
-                save = checkpointer.save if checkpointer is not None else ckpt.save_checkpoint
                 save(output_dir, step, model, optimizer, scheduler, world, cfg.trainer.ckpt.keep)
             if world.is_main:
                 write_trainer_progress(output_dir, step)
@@ -324,12 +323,11 @@ def check_finite(step: int, result: StepResult, output_dir: Path, samples: list[
         checkpointer.settle()  # a failed write is logged; the non-finite step is the error this run reports
     last = ckpt.latest_checkpoint(output_dir)
     batch = step_dir(output_dir, step)
-    where = first_non_finite(samples) if world_size == 1 else None
-    for rank in range(world_size if world_size > 1 else 0):  # only on this failure path: read every rank's file
-        found = first_non_finite(read_step_batch(output_dir, step, rank))
-        if found is not None:
-            where = f"{rank_file(output_dir, step, rank).name}: {found}"
-            break
+    if world_size == 1:
+        where = first_non_finite(samples)
+    else:  # only on this failure path: every rank reads every rank's file
+        found = ((rank, first_non_finite(read_step_batch(output_dir, step, rank))) for rank in range(world_size))
+        where = next((f"{rank_file(output_dir, step, rank).name}: {w}" for rank, w in found if w is not None), None)
     if where is not None:
         cause = (
             f"The step batch {batch} holds non-finite values ({where}): every rerun reads it again. Delete {batch} "
