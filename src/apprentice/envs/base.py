@@ -8,9 +8,9 @@ A rollout returns a `apprentice.trajectory.Trajectory` (a typed dict, DESIGN.md 
 Each step's prompt is the whole conversation before that turn, so step k+1's prompt extends step k's
 prompt + completion (+ tool/user messages). `tokens` (the server's ids and logprobs) is what `make_step` adds from
 the client's response with the token client; rl mode sets aside a rollout with a step without it ("no_tokens"),
-distill mode renders the messages. A metric that is not a finite number is counted
-(`rollout/{env}/{name}/not_a_number`), not averaged. Metric names are bare ("num_turns"); the orchestrator prefixes them
-with `rollout/{env}/`.
+distill mode renders the messages. Metric names are bare ("num_turns"); the orchestrator prefixes them with
+`rollout/{env}/`; a metric that is not a finite number is counted (`rollout/{env}/{name}/not_a_number`), not
+averaged.
 """
 
 from __future__ import annotations
