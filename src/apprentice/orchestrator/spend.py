@@ -4,10 +4,10 @@ A run pays at most one endpoint: the teacher that writes the answers (`orchestra
 or the teacher that scores the student's samples (`orchestrator.teacher_model`, on-policy distillation). Every
 paid response adds its usage to a ledger; cache hits are free. Distill mode charges it per chat answer
 (orchestrator/metered.py); the scoring clients' sessions charge it per answer received (clients/session.py).
-The ledger is the run's cumulative total, kept in OUTPUT/orchestrator/usage.json (written durably after every step and when the orchestrator stops), so
-a resumed attempt counts what earlier attempts paid. Once the total reaches a cap, no new request is sent
-(`SpendCapReached`); the orchestrator writes the steps whose rollouts are all done and exits with
-`EXIT_SPEND_CAP`. Raising the cap and rerunning resumes: answers paid before the stop come from the cache.
+The ledger is the run's cumulative total, kept in OUTPUT/orchestrator/usage.json (written durably after every
+step and when the orchestrator stops), so a resumed attempt counts what earlier attempts paid. Once the total
+reaches a cap, no new request is sent (`SpendCapReached`); the orchestrator writes the steps whose rollouts are
+all done and exits with `EXIT_SPEND_CAP`. Raising the cap and rerunning resumes: answers paid before the stop come from the cache.
 
 A kill -9 loses at most the usage of the responses since the last step was written (the ledger then undercounts
 by that much; those answers are cached and not paid again).
