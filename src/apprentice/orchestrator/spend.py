@@ -7,7 +7,8 @@ paid response adds its usage to a ledger; cache hits are free. Distill mode char
 The ledger is the run's cumulative total, kept in OUTPUT/orchestrator/usage.json (written durably after every
 step and when the orchestrator stops), so a resumed attempt counts what earlier attempts paid. Once the total
 reaches a cap, no new request is sent (`SpendCapReached`); the orchestrator writes the steps whose rollouts are
-all done and exits with `EXIT_SPEND_CAP`. Raising the cap and rerunning resumes: answers paid before the stop come from the cache.
+all done and exits with `EXIT_SPEND_CAP`. Raising the cap and rerunning resumes: answers paid before the stop
+come from the cache.
 
 A kill -9 loses at most the usage of the responses since the last step was written (the ledger then undercounts
 by that much; those answers are cached and not paid again).
