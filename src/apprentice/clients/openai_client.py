@@ -229,25 +229,14 @@ class OpenAIChatClient:
         )
 
     async def _request_with_retries(self, body: dict[str, Any]) -> ChatResponse:
-        """The answer, its `usage` the sum over every answer the endpoint returned for it: an attempt retried as
-        malformed was billed too. A failure after an answer carries that sum (`ClientError.usage`)."""
-        spent = [Usage()]
+        """The answer, its `usage` the sum over every answer the endpoint returned for it (`request_paid`)."""
 
         def read(raw: RawResponse, data: Any) -> ChatResponse:
             self._check_server(raw, data, body)
-            if isinstance(data, dict):
-                spent[0] = spent[0] + Usage.from_json(data.get("usage"))
             return self._parse(data)
 
-        try:
-            response = await self._session.request(body, read)
-        except _SetAside as aside:
-            raise _SetAside(aside.kind, str(aside), spent[0]) from None
-        except ClientError as e:  # a bad logprob, a malformed answer retried to the end: paid all the same
-            if e.usage is None and spent[0] != Usage():
-                e.usage = spent[0]
-            raise
-        response.usage = spent[0]
+        response, paid = await self._session.request_paid(body, read)
+        response.usage = paid
         return response
 
     def _parse(self, data: dict[str, Any]) -> ChatResponse:

@@ -8,7 +8,8 @@
   - no retry for other 4xx (`ClientError`), nor a 5xx saying the request cannot be parsed;
   - 401/403 or an unset API-key variable: `TeacherAuthError` (the run stops, naming the variable);
   - counters (`<prefix>requests`, `retries`, `retries/<kind>`, `retry_wait_s`, `malformed`) and latencies;
-  - with a `budget` (clients/base.py): no attempt once it is spent, and every answer's usage charged to it.
+  - the usage of every answer returned, usable or not, summed per request (`request_paid`) and, with a `budget`
+    (clients/base.py), charged to it; no attempt once that is spent.
 
 What a request asks and how its answer is read are the caller's: `request(body, read)` posts `body` and hands
 the decoded JSON to `read(raw, data)`, which returns the result or raises `Retryable` (worth another attempt)
@@ -140,6 +141,25 @@ class EndpointSession:
 
     async def request(self, body: dict[str, Any], read: Reader[T], *, max_bytes: int | None = None) -> T:
         """POST `body` under the retry policy; `read`'s result. Raises ClientError / TeacherAuthError / SetAside."""
+        return (await self.request_paid(body, read, max_bytes=max_bytes))[0]
+
+    async def request_paid(self, body: dict[str, Any], read: Reader[T], *,
+                           max_bytes: int | None = None) -> tuple[T, Usage]:  # fmt: skip
+        """`request`, and the usage of every answer the endpoint returned for it: an attempt retried as malformed was
+        billed too. A failure after an answer carries that sum (`SetAside.usage`; `ClientError.usage` where it
+        has none)."""
+        paid = [Usage()]
+        try:
+            return await self._with_retries(body, read, paid, max_bytes), paid[0]
+        except SetAside as aside:
+            raise SetAside(aside.kind, str(aside), paid[0]) from None
+        except ClientError as e:  # a bad logprob, a malformed answer retried to the end: paid all the same
+            if e.usage is None and paid[0] != Usage():
+                e.usage = paid[0]
+            raise
+
+    async def _with_retries(self, body: dict[str, Any], read: Reader[T], paid: list[Usage],
+                            max_bytes: int | None) -> T:  # fmt: skip
         api_key = self.api_key()
         headers = {"Content-Type": "application/json"}
         if api_key is not None:
@@ -155,7 +175,8 @@ class EndpointSession:
                     await self._limiter.acquire()
                     if self.budget is not None:  # checked at the last moment: requests queued here see the cap
                         self.budget.check()
-                    return await self._attempt(payload, headers, api_key, read, max_bytes or self.max_response_bytes)
+                    return await self._attempt(payload, headers, api_key, read, max_bytes or self.max_response_bytes,
+                                               paid)  # fmt: skip
             except Retryable as failure:
                 if attempt == max_retries:
                     raise ClientError(
@@ -206,7 +227,7 @@ class EndpointSession:
         return delay
 
     async def _attempt(self, payload: bytes, headers: dict[str, str], api_key: str | None, read: Reader[T],
-                       max_bytes: int) -> T:  # fmt: skip
+                       max_bytes: int, paid: list[Usage]) -> T:  # fmt: skip
         self.count("requests")
         start = time.monotonic()
         timeout_s = self.endpoint.timeout_s
@@ -228,8 +249,11 @@ class EndpointSession:
             self.count("malformed")
             raise Retryable("malformed", f"response body is not JSON: {raw.body[:200]!r}") from None
         self.latencies_s.append(time.monotonic() - start)
-        if self.budget is not None and isinstance(data, dict):  # billed before it is read: usable or not
-            self.budget.add(Usage.from_json(data.get("usage")))
+        # Billed before it is read: usable or not.
+        usage = Usage.from_json(data.get("usage")) if isinstance(data, dict) else Usage()
+        paid[0] = paid[0] + usage
+        if self.budget is not None:
+            self.budget.add(usage)
         return read(raw, data)
 
     def _raise_for_status(self, raw: RawResponse, api_key: str | None) -> None:
